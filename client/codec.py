@@ -1,0 +1,251 @@
+"""Tensor codec: numpy arrays to nanodist.v1 messages and back, with no pickle.
+
+Decoding never copies tensor data: arrays are np.frombuffer views of the
+received message (read-only). Every decode checks dtype, shape and length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nanodist.client import wire
+from nanodist.v1 import tensor_pb2
+
+MAX_DIMS = 16
+
+_PROTO_TO_NUMPY: dict[int, np.dtype] = {
+    tensor_pb2.FLOAT32: np.dtype("<f4"),
+    tensor_pb2.FLOAT64: np.dtype("<f8"),
+    tensor_pb2.FLOAT16: np.dtype("<f2"),
+    tensor_pb2.INT32: np.dtype("<i4"),
+    tensor_pb2.INT64: np.dtype("<i8"),
+}
+_NUMPY_TO_PROTO = {dt: code for code, dt in _PROTO_TO_NUMPY.items()}
+FLOAT_DTYPES = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT64, tensor_pb2.FLOAT16)
+
+
+class CodecError(ValueError):
+    """A message violates the wire format; `str()` names the offending field."""
+
+
+def proto_dtype(dtype: np.dtype) -> int:
+    code = _NUMPY_TO_PROTO.get(np.dtype(dtype).newbyteorder("<"))
+    if code is None:
+        raise CodecError(f"dtype {np.dtype(dtype)} is not supported; use one of "
+                         f"{sorted(str(d) for d in _NUMPY_TO_PROTO)}")
+    return code
+
+
+def numpy_dtype(code: int, path: str = "dtype") -> np.dtype:
+    dtype = _PROTO_TO_NUMPY.get(code)
+    if dtype is None:
+        raise CodecError(f"{path}: unknown dtype {code}")
+    return dtype
+
+
+def as_wire_array(array: np.ndarray) -> np.ndarray:
+    """The array as contiguous little-endian memory (a no-op for the usual case)."""
+    array = np.asarray(array)
+    proto_dtype(array.dtype)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def raw_bytes(array: np.ndarray) -> memoryview:
+    """A byte view of a contiguous array, without copying."""
+    return array.reshape(-1).view(np.uint8).data
+
+
+def tensor_parts(array: np.ndarray, shape: tuple[int, ...] | None = None) -> wire.Parts:
+    """Tensor fields for `array`; the data is referenced, not copied."""
+    array = as_wire_array(array)
+    data = raw_bytes(array)
+    parts = wire.Parts()
+    parts.add(wire.int_field(1, proto_dtype(array.dtype)))
+    parts.add(wire.packed_ints(2, array.shape if shape is None else shape))
+    if len(data):
+        parts.add(wire.tag(3, wire.LEN) + wire.varint(len(data))).add(data)
+    return parts
+
+
+def encode_tensor(array: np.ndarray) -> bytes:
+    """A serialized nanodist.v1.Tensor."""
+    return tensor_parts(array).join()
+
+
+def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
+    """A generated Tensor message (copies the data: for small, non-hot-path use)."""
+    return tensor_pb2.Tensor.FromString(encode_tensor(array))
+
+
+def check_shape(shape: list[int], path: str) -> int:
+    """Validate a shape and return its element count."""
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"{path}.shape: {len(shape)} dimensions, at most {MAX_DIMS} allowed")
+    if any(d < 0 for d in shape):
+        raise CodecError(f"{path}.shape: negative dimension in {shape}")
+    return math.prod(shape)
+
+
+def decode_tensor(buf: memoryview, span: tuple[int, int], path: str = "tensor") -> np.ndarray:
+    """View a serialized Tensor inside `buf[span]` as an array (zero copy)."""
+    code = 0
+    shape: list[int] = []
+    data = (span[0], span[0])
+    try:
+        for number, wire_type, value in wire.fields(buf, *span):
+            if number == 1 and wire_type == wire.VARINT:
+                code = value  # type: ignore[assignment]
+            elif number == 2:
+                wire.read_ints(buf, wire_type, value, shape)
+            elif number == 3 and wire_type == wire.LEN:
+                data = value  # type: ignore[assignment]
+    except wire.WireError as exc:
+        raise CodecError(f"{path}: {exc}") from exc
+    dtype = numpy_dtype(code, f"{path}.dtype")
+    count = check_shape(shape, path)
+    length = data[1] - data[0]
+    if length != count * dtype.itemsize:
+        raise CodecError(f"{path}.data: {length} bytes, but shape {shape} of {dtype.name} "
+                         f"needs {count * dtype.itemsize}")
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=data[0]).reshape(shape)
+
+
+def from_proto(message: tensor_pb2.Tensor, path: str = "tensor") -> np.ndarray:
+    """Decode a generated Tensor message (validated)."""
+    raw = memoryview(message.SerializeToString())
+    return decode_tensor(raw, (0, len(raw)), path)
+
+
+@dataclass
+class Entry:
+    """One key's payload in a Push or Pull message: dense, a dense slice, or sparse rows."""
+
+    key: str
+    dense: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    values: np.ndarray | None = None
+    offset: int = 0
+    version: int = 0
+    shape: list[int] = field(default_factory=list)
+
+
+def _entry_parts(entry: Entry, dense_field: int, extra: wire.Parts) -> wire.Parts:
+    parts = wire.Parts().add(wire.str_field(1, entry.key))
+    if entry.rows is not None:
+        assert entry.values is not None
+        sparse = wire.Parts().add(wire.packed_ints(1, [int(r) for r in entry.rows]))
+        sparse.add_message(2, tensor_parts(entry.values))
+        parts.add_message(3, sparse)
+    elif entry.dense is not None:
+        parts.add_message(dense_field, tensor_parts(entry.dense))
+    for piece in extra.items:
+        parts.add(piece)
+    return parts
+
+
+def encode_push(entries: list[Entry], worker_id: int, step: int, request_id: str,
+                fencing_token: int = 0) -> bytes:
+    """A serialized PushRequest; tensor data is copied exactly once (the join)."""
+    message = wire.Parts()
+    for entry in entries:
+        message.add_message(1, _entry_parts(entry, 2, wire.Parts().add(wire.int_field(4, entry.offset))))
+    message.add(wire.int_field(2, worker_id)).add(wire.int_field(3, step))
+    message.add(wire.str_field(4, request_id)).add(wire.int_field(5, fencing_token))
+    return message.join()
+
+
+def encode_pull_response(entries: list[Entry]) -> bytes:
+    """A serialized PullResponse built around the values' memory."""
+    message = wire.Parts()
+    for entry in entries:
+        extra = wire.Parts().add(wire.int_field(4, entry.version)).add(wire.int_field(5, entry.offset))
+        extra.add(wire.packed_ints(6, entry.shape))
+        message.add_message(1, _entry_parts(entry, 2, extra))
+    return message.join()
+
+
+def _decode_sparse(buf: memoryview, span: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray]:
+    rows: list[int] = []
+    values: np.ndarray | None = None
+    for number, wire_type, value in wire.fields(buf, *span):
+        if number == 1:
+            wire.read_ints(buf, wire_type, value, rows)
+        elif number == 2 and wire_type == wire.LEN:
+            values = decode_tensor(buf, value, f"{path}.values")  # type: ignore[arg-type]
+    if values is None:
+        raise CodecError(f"{path}.values: missing")
+    if values.ndim != 2 or values.shape[0] != len(rows):
+        raise CodecError(f"{path}.values: shape {list(values.shape)} must be [len(rows)={len(rows)}, columns]")
+    return np.asarray(rows, dtype=np.int64), values
+
+
+def _decode_entry(buf: memoryview, span: tuple[int, int], path: str, is_value: bool) -> Entry:
+    """Decode a GradientEntry, or a ValueEntry when `is_value` (fields 4 and 5 differ)."""
+    entry = Entry(key="")
+    for number, wire_type, value in wire.fields(buf, *span):
+        if number == 1 and wire_type == wire.LEN:
+            entry.key = wire.read_str(buf, value)  # type: ignore[arg-type]
+        elif number == 2 and wire_type == wire.LEN:
+            entry.dense = decode_tensor(buf, value, f"{path}.dense")  # type: ignore[arg-type]
+        elif number == 3 and wire_type == wire.LEN:
+            entry.rows, entry.values = _decode_sparse(buf, value, f"{path}.sparse")  # type: ignore[arg-type]
+        elif number == 4 and wire_type == wire.VARINT:
+            if is_value:
+                entry.version = wire.signed64(value)  # type: ignore[arg-type]
+            else:
+                entry.offset = wire.signed64(value)  # type: ignore[arg-type]
+        elif number == 5 and wire_type == wire.VARINT and is_value:
+            entry.offset = wire.signed64(value)  # type: ignore[arg-type]
+        elif number == 6:
+            wire.read_ints(buf, wire_type, value, entry.shape)
+    return entry
+
+
+@dataclass
+class PushMessage:
+    entries: list[Entry]
+    worker_id: int = 0
+    step: int = 0
+    request_id: str = ""
+    fencing_token: int = 0
+
+
+def decode_push(data: bytes) -> PushMessage:
+    """Parse a PushRequest; gradients are views of `data`. Raises CodecError."""
+    buf = memoryview(data)
+    message = PushMessage(entries=[])
+    try:
+        for number, wire_type, value in wire.fields(buf):
+            if number == 1 and wire_type == wire.LEN:
+                path = f"entries[{len(message.entries)}]"
+                message.entries.append(_decode_entry(buf, value, path, False))  # type: ignore[arg-type]
+            elif number == 2 and wire_type == wire.VARINT:
+                message.worker_id = wire.signed64(value)  # type: ignore[arg-type]
+            elif number == 3 and wire_type == wire.VARINT:
+                message.step = wire.signed64(value)  # type: ignore[arg-type]
+            elif number == 4 and wire_type == wire.LEN:
+                message.request_id = wire.read_str(buf, value)  # type: ignore[arg-type]
+            elif number == 5 and wire_type == wire.VARINT:
+                message.fencing_token = wire.signed64(value)  # type: ignore[arg-type]
+    except wire.WireError as exc:
+        raise CodecError(f"malformed PushRequest: {exc}") from exc
+    return message
+
+
+def decode_pull_response(data: bytes) -> list[Entry]:
+    """Parse a PullResponse; values are read-only views of `data`."""
+    buf = memoryview(data)
+    entries: list[Entry] = []
+    try:
+        for number, wire_type, value in wire.fields(buf):
+            if number == 1 and wire_type == wire.LEN:
+                path = f"entries[{len(entries)}]"
+                entries.append(_decode_entry(buf, value, path, True))  # type: ignore[arg-type]
+    except wire.WireError as exc:
+        raise CodecError(f"malformed PullResponse: {exc}") from exc
+    return entries

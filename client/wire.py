@@ -1,0 +1,159 @@
+"""Minimal protobuf wire-format reader and writer for the tensor hot path.
+
+The generated classes copy every `bytes` field on parse and serialize. For
+tensors of hundreds of megabytes that copy dominates, so Push and Pull frame
+their messages by hand: the numpy buffer is joined once into the outgoing
+message and viewed in place (np.frombuffer) in the incoming one. The bytes are
+ordinary protobuf, so stock decoders in any language read them unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+VARINT = 0
+FIXED64 = 1
+LEN = 2
+FIXED32 = 5
+
+_MASK64 = (1 << 64) - 1
+
+
+class WireError(ValueError):
+    """The bytes are not a well-formed protobuf message."""
+
+
+def varint(value: int) -> bytes:
+    """Encode an int as a protobuf varint (negative numbers as 10-byte two's complement)."""
+    value &= _MASK64
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def tag(field: int, wire_type: int) -> bytes:
+    return varint((field << 3) | wire_type)
+
+
+def int_field(field: int, value: int) -> bytes:
+    """A varint field; proto3 omits zero values."""
+    return tag(field, VARINT) + varint(value) if value else b""
+
+
+def bytes_field(field: int, payload: bytes) -> bytes:
+    return tag(field, LEN) + varint(len(payload)) + payload if payload else b""
+
+
+def str_field(field: int, text: str) -> bytes:
+    return bytes_field(field, text.encode())
+
+
+def packed_ints(field: int, values: list[int] | tuple[int, ...]) -> bytes:
+    if not values:
+        return b""
+    return bytes_field(field, b"".join(varint(v) for v in values))
+
+
+class Parts:
+    """Pieces of one message, kept apart so a large buffer is copied only by the final join."""
+
+    __slots__ = ("items", "size")
+
+    def __init__(self) -> None:
+        self.items: list[bytes | memoryview] = []
+        self.size = 0
+
+    def add(self, piece: bytes | memoryview) -> Parts:
+        if piece:
+            self.items.append(piece)
+            self.size += len(piece)
+        return self
+
+    def add_message(self, field: int, inner: Parts) -> Parts:
+        """Append `inner` as a length-delimited submessage field."""
+        self.add(tag(field, LEN) + varint(inner.size))
+        self.items.extend(inner.items)
+        self.size += inner.size
+        return self
+
+    def join(self) -> bytes:
+        return b"".join(self.items)
+
+
+def read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise WireError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise WireError("varint too long")
+
+
+def signed64(value: int) -> int:
+    """Interpret a decoded varint as int64/int32 (two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int | tuple[int, int]]]:
+    """Yield (field number, wire type, value) for each field of a message.
+
+    The value is the decoded integer for varint and fixed fields, and the
+    (start, end) offsets of the payload for length-delimited fields.
+    """
+    end = len(buf) if end is None else end
+    pos = start
+    while pos < end:
+        key, pos = read_varint(buf, pos, end)
+        field, wire_type = key >> 3, key & 7
+        if field == 0:
+            raise WireError("field number 0")
+        if wire_type == VARINT:
+            value, pos = read_varint(buf, pos, end)
+            yield field, wire_type, value
+        elif wire_type == LEN:
+            length, pos = read_varint(buf, pos, end)
+            if pos + length > end:
+                raise WireError(f"field {field} runs past the end of the message")
+            yield field, wire_type, (pos, pos + length)
+            pos += length
+        elif wire_type == FIXED64:
+            if pos + 8 > end:
+                raise WireError("truncated fixed64")
+            yield field, wire_type, int.from_bytes(buf[pos : pos + 8], "little")
+            pos += 8
+        elif wire_type == FIXED32:
+            if pos + 4 > end:
+                raise WireError("truncated fixed32")
+            yield field, wire_type, int.from_bytes(buf[pos : pos + 4], "little")
+            pos += 4
+        else:
+            raise WireError(f"unsupported wire type {wire_type}")
+
+
+def read_ints(buf: memoryview, wire_type: int, value: int | tuple[int, int], out: list[int]) -> None:
+    """Append a repeated int64 field's values, packed or not, to `out`."""
+    if wire_type == VARINT:
+        out.append(signed64(value))  # type: ignore[arg-type]
+        return
+    start, end = value  # type: ignore[misc]
+    pos = start
+    while pos < end:
+        item, pos = read_varint(buf, pos, end)
+        out.append(signed64(item))
+
+
+def read_str(buf: memoryview, span: tuple[int, int]) -> str:
+    try:
+        return bytes(buf[span[0] : span[1]]).decode()
+    except UnicodeDecodeError as exc:
+        raise WireError("string field is not valid UTF-8") from exc

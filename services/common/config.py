@@ -1,0 +1,50 @@
+"""Server settings shared by every service: flags with NANODIST_* environment defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB; gRPC's hard ceiling is 2 GiB - 1
+
+
+def env_default(name: str, default: str | int | float | None) -> str | int | float | None:
+    """The value of NANODIST_<NAME> if set, else `default` (converted to its type)."""
+    raw = os.environ.get(f"NANODIST_{name.upper()}")
+    if raw is None or default is None:
+        return raw if raw is not None else default
+    return type(default)(raw)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    log_format: str = "text"
+    grace_seconds: float = 5.0
+
+
+def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """Flags every `nanodist serve` role accepts."""
+    parser.add_argument("--host", default=env_default("host", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1; env NANODIST_HOST)")
+    parser.add_argument("--port", type=int, default=env_default("port", default_port),
+                        help=f"gRPC port (default {default_port}; 0 picks a free one; env NANODIST_PORT)")
+    parser.add_argument("--metrics-port", type=int, default=env_default("metrics_port", 0),
+                        help="Prometheus /metrics port (default off; env NANODIST_METRICS_PORT)")
+    parser.add_argument("--max-message-bytes", type=int,
+                        default=env_default("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
+                        help="largest gRPC message accepted or sent (default 1 GiB)")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        default=env_default("log_format", "text"), help="log line format")
+    parser.add_argument("--grace-seconds", type=float, default=env_default("grace_seconds", 5.0),
+                        help="time in-flight calls get to finish on SIGTERM")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
+                        max_message_bytes=args.max_message_bytes, log_format=args.log_format,
+                        grace_seconds=args.grace_seconds)

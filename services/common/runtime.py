@@ -1,0 +1,66 @@
+"""The server runtime every service shares: a grpc.aio server with health,
+reflection, Prometheus metrics and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from nanodist.services.common.config import ServerConfig
+
+log = logging.getLogger("nanodist.server")
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+async def serve(
+    role: str,
+    config: ServerConfig,
+    register: Callable[[grpc.aio.Server], list[str]],
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run a service until SIGTERM or SIGINT, then drain calls and run `on_shutdown`.
+
+    `register` adds the service's handlers and returns their full names, which
+    health and reflection then advertise.
+    """
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    names = register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host)
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving on %s:%d (metrics port %s)", role, config.host, port,
+             config.metrics_port or "off")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("%s shutting down", role)
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(config.grace_seconds)
+    if on_shutdown is not None:
+        await on_shutdown()
+    log.info("%s stopped", role)

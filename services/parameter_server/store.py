@@ -1,0 +1,220 @@
+"""The parameter store: keys, versions, optimizers and the consistency rules.
+
+All methods are synchronous and run on the server's event loop, so each push
+is applied atomically with respect to every other call without locks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from nanodist.client.codec import Entry
+from nanodist.services.common.errors import failed_precondition, invalid, not_found
+from nanodist.services.parameter_server.optimizers import Optimizer, OptimizerConfig
+
+
+class Mode(str, Enum):
+    BSP = "bsp"  # average the pushes of all workers for a step, then apply once
+    ASP = "asp"  # apply every push at once
+    SSP = "ssp"  # apply at once; pulls wait for the slowest worker within a staleness bound
+
+
+@dataclass
+class _Pending:
+    """BSP accumulation of one key's gradients for one step."""
+
+    total: np.ndarray
+    workers: set[int] = field(default_factory=set)
+    touched: np.ndarray | None = None  # sparse pushes: which rows received gradient
+    dense: bool = False  # some push was dense: apply to the whole value
+
+
+@dataclass
+class Slot:
+    value: np.ndarray
+    optimizer: Optimizer
+    version: int = 0
+    applied_step: int = -1  # BSP: last step whose mean was applied
+    pending: dict[int, _Pending] = field(default_factory=dict)
+
+
+@dataclass
+class PushResult:
+    versions: list[int]
+    applied: bool
+
+
+class Store:
+    def __init__(self, mode: Mode = Mode.ASP, num_workers: int = 1, staleness: int = 0,
+                 dedup_window: int = 65536) -> None:
+        self.mode = mode
+        self.num_workers = num_workers
+        self.staleness = staleness
+        self.slots: dict[str, Slot] = {}
+        self.clocks: dict[int, int] = {}
+        self.pushes_applied = 0
+        self.pushes_deduplicated = 0
+        self.fencing_high = 0
+        self._dedup_window = dedup_window
+        self._seen: OrderedDict[str, bytes] = OrderedDict()
+
+    # --- keys -----------------------------------------------------------
+
+    def init(self, key: str, value: np.ndarray, optimizer: OptimizerConfig) -> tuple[bool, int]:
+        """Create `key` unless it exists; return (created, version). First writer wins."""
+        slot = self.slots.get(key)
+        if slot is not None:
+            return False, slot.version
+        owned = np.array(value, dtype=value.dtype, order="C", copy=True)
+        self.slots[key] = Slot(value=owned, optimizer=Optimizer(optimizer, owned))
+        return True, 0
+
+    def slot(self, key: str, path: str) -> Slot:
+        slot = self.slots.get(key)
+        if slot is None:
+            raise not_found(f"{path}: key {key!r} does not exist; Init it first")
+        return slot
+
+    def total_bytes(self) -> int:
+        return sum(s.value.nbytes for s in self.slots.values())
+
+    # --- dedup ----------------------------------------------------------
+
+    def replay(self, request_id: str) -> bytes | None:
+        """The stored response of an already-applied request, if any."""
+        response = self._seen.get(request_id)
+        if response is not None:
+            self.pushes_deduplicated += 1
+        return response
+
+    def remember(self, request_id: str, response: bytes) -> None:
+        self._seen[request_id] = response
+        if len(self._seen) > self._dedup_window:
+            self._seen.popitem(last=False)
+
+    # --- push -----------------------------------------------------------
+
+    def check_push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int) -> list[Slot]:
+        """Validate a whole push before any of it is applied, so a bad entry changes nothing."""
+        if self.mode is not Mode.ASP and not 0 <= worker_id < self.num_workers:
+            raise invalid(f"worker_id: {worker_id} is outside [0, {self.num_workers}) "
+                          f"for {self.mode.value} with num_workers={self.num_workers}")
+        if step < 0:
+            raise invalid(f"step: must be >= 0, got {step}")
+        if fencing_token and fencing_token < self.fencing_high:
+            raise failed_precondition(f"fencing_token: {fencing_token} is older than {self.fencing_high}; "
+                                      "the writer lost its lock")
+        if not entries:
+            raise invalid("entries: a push needs at least one gradient")
+        slots, seen = [], set()
+        for i, entry in enumerate(entries):
+            path = f"entries[{i}]"
+            if entry.key in seen:
+                raise invalid(f"{path}.key: {entry.key!r} appears twice in one push")
+            seen.add(entry.key)
+            slot = self.slot(entry.key, f"{path}.key")
+            self._check_gradient(slot, entry, path)
+            if self.mode is Mode.BSP and step <= slot.applied_step:
+                raise failed_precondition(f"step: step {step} of {entry.key!r} was already applied "
+                                          f"(last applied step {slot.applied_step})")
+            pending = slot.pending.get(step) if self.mode is Mode.BSP else None
+            if pending is not None and worker_id in pending.workers:
+                raise failed_precondition(f"worker {worker_id} already pushed step {step} of "
+                                          f"{entry.key!r} with another request_id")
+            slots.append(slot)
+        return slots
+
+    @staticmethod
+    def _check_gradient(slot: Slot, entry: Entry, path: str) -> None:
+        value = slot.value
+        if entry.rows is not None:
+            grad = entry.values
+            assert grad is not None
+            if value.ndim != 2:
+                raise invalid(f"{path}.sparse: key {entry.key!r} has shape {list(value.shape)}; "
+                              "sparse rows need a 2-D key")
+            if grad.shape[1] != value.shape[1]:
+                raise invalid(f"{path}.sparse.values: {grad.shape[1]} columns, key has {value.shape[1]}")
+            if len(entry.rows) and (entry.rows.min() < 0 or entry.rows.max() >= value.shape[0]):
+                raise invalid(f"{path}.sparse.rows: indices must be in [0, {value.shape[0]})")
+        elif entry.dense is not None:
+            grad = entry.dense
+            if grad.shape != value.shape:
+                raise invalid(f"{path}.dense.shape: {list(grad.shape)} differs from the key's "
+                              f"{list(value.shape)}")
+        else:
+            raise invalid(f"{path}: no gradient (set dense or sparse)")
+        if grad.dtype != value.dtype:
+            raise invalid(f"{path}: gradient dtype {grad.dtype.name} differs from the key's {value.dtype.name}")
+
+    def push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int = 0) -> PushResult:
+        """Validate, then apply (ASP/SSP) or accumulate (BSP) every entry."""
+        slots = self.check_push(entries, worker_id, step, fencing_token)
+        self.fencing_high = max(self.fencing_high, fencing_token)
+        if self.mode is not Mode.ASP:
+            self.clocks[worker_id] = max(self.clocks.get(worker_id, 0), step + 1)
+        applied = True
+        for slot, entry in zip(slots, entries, strict=True):
+            if self.mode is Mode.BSP:
+                applied = self._accumulate(slot, entry, worker_id, step) and applied
+            else:
+                self._apply(slot, entry, 1.0)
+        if applied:
+            self.pushes_applied += 1
+        return PushResult([s.version for s in slots], applied)
+
+    def _apply(self, slot: Slot, entry: Entry, scale: float) -> None:
+        if entry.rows is not None:
+            rows, inverse = np.unique(entry.rows, return_inverse=True)
+            grad = entry.values
+            if len(rows) != len(entry.rows):  # duplicate rows: sum their gradients
+                summed = np.zeros((len(rows), slot.value.shape[1]), dtype=slot.value.dtype)
+                np.add.at(summed, inverse, entry.values)
+                grad = summed
+            slot.optimizer.apply_rows(slot.value, rows, grad, scale)  # type: ignore[arg-type]
+        else:
+            slot.optimizer.apply_dense(slot.value, entry.dense, scale)  # type: ignore[arg-type]
+        slot.version += 1
+
+    def _accumulate(self, slot: Slot, entry: Entry, worker_id: int, step: int) -> bool:
+        pending = slot.pending.get(step)
+        if pending is None:
+            pending = slot.pending[step] = _Pending(total=np.zeros_like(slot.value))
+        if entry.rows is not None:
+            np.add.at(pending.total, entry.rows, entry.values)
+            if pending.touched is None:
+                pending.touched = np.zeros(slot.value.shape[0], dtype=bool)
+            pending.touched[entry.rows] = True
+        else:
+            np.add(pending.total, entry.dense, out=pending.total)
+            pending.dense = True
+        pending.workers.add(worker_id)
+        if len(pending.workers) < self.num_workers:
+            return False
+        del slot.pending[step]
+        scale = 1.0 / self.num_workers
+        if not pending.dense and pending.touched is not None:
+            rows = np.flatnonzero(pending.touched)
+            slot.optimizer.apply_rows(slot.value, rows, pending.total[rows], scale)
+        else:
+            slot.optimizer.apply_dense(slot.value, pending.total, scale)
+        slot.version += 1
+        slot.applied_step = step
+        return True
+
+    # --- pull -----------------------------------------------------------
+
+    def ready(self, slots: list[Slot], min_version: int, clock: int) -> bool:
+        """Whether a pull may return now (BSP version, SSP staleness)."""
+        if any(slot.version < min_version for slot in slots):
+            return False
+        if self.mode is Mode.SSP and clock:
+            return self.slowest_clock() >= clock - self.staleness
+        return True
+
+    def slowest_clock(self) -> int:
+        return min(self.clocks.get(w, 0) for w in range(self.num_workers))

@@ -1,0 +1,35 @@
+"""The `nanodist` command."""
+
+from __future__ import annotations
+
+import argparse
+
+from nanodist import __version__
+from nanodist.services.common.logs import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanodist", description="nanodist: gRPC parameter server toolkit")
+    parser.add_argument("--version", action="version", version=f"nanodist {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run one service")
+    roles = serve.add_subparsers(dest="role", required=True)
+
+    from nanodist.services.parameter_server import server as ps_server
+
+    ps_server.add_arguments(roles.add_parser("ps", help="parameter-server shard"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        setup_logging(args.log_format)
+        if args.role == "ps":
+            from nanodist.services.parameter_server import server as ps_server
+
+            ps_server.run(args)
+
+
+if __name__ == "__main__":
+    main()
