@@ -23,7 +23,21 @@ from nanodist.client.retry import RetryPolicy
 from nanodist.client.sharding import shard_of
 
 __all__ = [
-    "Aborted", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "NanodistError", "NotFound",
-    "ParameterServerClient", "ResourceExhausted", "RetryPolicy", "SparseGradient", "Unavailable", "Values",
-    "adagrad", "adam", "momentum", "sgd", "shard_of",
+    "Aborted",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NanodistError",
+    "NotFound",
+    "ParameterServerClient",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "SparseGradient",
+    "Unavailable",
+    "Values",
+    "adagrad",
+    "adam",
+    "momentum",
+    "sgd",
+    "shard_of",
 ]

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from nanodist.client import wire
 from nanodist.v1 import tensor_pb2
 
@@ -34,8 +33,10 @@ class CodecError(ValueError):
 def proto_dtype(dtype: np.dtype) -> int:
     code = _NUMPY_TO_PROTO.get(np.dtype(dtype).newbyteorder("<"))
     if code is None:
-        raise CodecError(f"dtype {np.dtype(dtype)} is not supported; use one of "
-                         f"{sorted(str(d) for d in _NUMPY_TO_PROTO)}")
+        raise CodecError(
+            f"dtype {np.dtype(dtype)} is not supported; use one of "
+            f"{sorted(str(d) for d in _NUMPY_TO_PROTO)}"
+        )
     return code
 
 
@@ -52,7 +53,8 @@ def as_wire_array(array: np.ndarray) -> np.ndarray:
     proto_dtype(array.dtype)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
+    # np.ascontiguousarray would turn a 0-d array into a 1-d one.
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
 
 
 def raw_bytes(array: np.ndarray) -> memoryview:
@@ -110,9 +112,11 @@ def decode_tensor(buf: memoryview, span: tuple[int, int], path: str = "tensor") 
     count = check_shape(shape, path)
     length = data[1] - data[0]
     if length != count * dtype.itemsize:
-        raise CodecError(f"{path}.data: {length} bytes, but shape {shape} of {dtype.name} "
-                         f"needs {count * dtype.itemsize}")
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=data[0]).reshape(shape)
+        raise CodecError(
+            f"{path}.data: {length} bytes, but shape {shape} of {dtype.name} "
+            f"needs {count * dtype.itemsize}"
+        )
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=data[0]).reshape(tuple(shape))
 
 
 def from_proto(message: tensor_pb2.Tensor, path: str = "tensor") -> np.ndarray:
@@ -148,12 +152,15 @@ def _entry_parts(entry: Entry, dense_field: int, extra: wire.Parts) -> wire.Part
     return parts
 
 
-def encode_push(entries: list[Entry], worker_id: int, step: int, request_id: str,
-                fencing_token: int = 0) -> bytes:
+def encode_push(
+    entries: list[Entry], worker_id: int, step: int, request_id: str, fencing_token: int = 0
+) -> bytes:
     """A serialized PushRequest; tensor data is copied exactly once (the join)."""
     message = wire.Parts()
     for entry in entries:
-        message.add_message(1, _entry_parts(entry, 2, wire.Parts().add(wire.int_field(4, entry.offset))))
+        message.add_message(
+            1, _entry_parts(entry, 2, wire.Parts().add(wire.int_field(4, entry.offset)))
+        )
     message.add(wire.int_field(2, worker_id)).add(wire.int_field(3, step))
     message.add(wire.str_field(4, request_id)).add(wire.int_field(5, fencing_token))
     return message.join()
@@ -163,13 +170,17 @@ def encode_pull_response(entries: list[Entry]) -> bytes:
     """A serialized PullResponse built around the values' memory."""
     message = wire.Parts()
     for entry in entries:
-        extra = wire.Parts().add(wire.int_field(4, entry.version)).add(wire.int_field(5, entry.offset))
+        extra = (
+            wire.Parts().add(wire.int_field(4, entry.version)).add(wire.int_field(5, entry.offset))
+        )
         extra.add(wire.packed_ints(6, entry.shape))
         message.add_message(1, _entry_parts(entry, 2, extra))
     return message.join()
 
 
-def _decode_sparse(buf: memoryview, span: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray]:
+def _decode_sparse(
+    buf: memoryview, span: tuple[int, int], path: str
+) -> tuple[np.ndarray, np.ndarray]:
     rows: list[int] = []
     values: np.ndarray | None = None
     for number, wire_type, value in wire.fields(buf, *span):
@@ -180,7 +191,9 @@ def _decode_sparse(buf: memoryview, span: tuple[int, int], path: str) -> tuple[n
     if values is None:
         raise CodecError(f"{path}.values: missing")
     if values.ndim != 2 or values.shape[0] != len(rows):
-        raise CodecError(f"{path}.values: shape {list(values.shape)} must be [len(rows)={len(rows)}, columns]")
+        raise CodecError(
+            f"{path}.values: shape {list(values.shape)} must be [len(rows)={len(rows)}, columns]"
+        )
     return np.asarray(rows, dtype=np.int64), values
 
 

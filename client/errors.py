@@ -48,8 +48,18 @@ class Unavailable(NanodistError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, Aborted,
-                                      DeadlineExceeded, ResourceExhausted, Unavailable)}
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        Aborted,
+        DeadlineExceeded,
+        ResourceExhausted,
+        Unavailable,
+    )
+}
 
 
 def from_rpc_error(error: grpc.RpcError, target: str = "") -> NanodistError:

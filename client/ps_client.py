@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-
 from nanodist.client import codec
 from nanodist.client.errors import NanodistError, from_rpc_error
 from nanodist.client.retry import RetryPolicy
@@ -35,9 +34,16 @@ def momentum(learning_rate: float, momentum: float = 0.9) -> ps.Optimizer:
     return ps.Optimizer(kind=ps.Optimizer.MOMENTUM, learning_rate=learning_rate, momentum=momentum)
 
 
-def adam(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8) -> ps.Optimizer:
-    return ps.Optimizer(kind=ps.Optimizer.ADAM, learning_rate=learning_rate, beta1=beta1, beta2=beta2,
-                        epsilon=epsilon)
+def adam(
+    learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8
+) -> ps.Optimizer:
+    return ps.Optimizer(
+        kind=ps.Optimizer.ADAM,
+        learning_rate=learning_rate,
+        beta1=beta1,
+        beta2=beta2,
+        epsilon=epsilon,
+    )
 
 
 def adagrad(learning_rate: float, epsilon: float = 1e-10) -> ps.Optimizer:
@@ -53,24 +59,44 @@ class Values(dict[str, np.ndarray]):
 class _Shard:
     def __init__(self, address: str, max_message_bytes: int) -> None:
         self.address = address
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
         self.channel = grpc.insecure_channel(address, options=options)
-        self.init = self.channel.unary_unary(SERVICE + "Init", request_serializer=ps.InitRequest.SerializeToString,
-                                             response_deserializer=ps.InitResponse.FromString)
-        self.push = self.channel.unary_unary(SERVICE + "Push", request_serializer=None,
-                                             response_deserializer=ps.PushResponse.FromString)
-        self.push_stream = self.channel.stream_unary(SERVICE + "PushStream", request_serializer=None,
-                                                     response_deserializer=ps.PushResponse.FromString)
-        self.pull = self.channel.unary_unary(SERVICE + "Pull", request_serializer=ps.PullRequest.SerializeToString,
-                                             response_deserializer=None)
-        self.pull_stream = self.channel.unary_stream(SERVICE + "PullStream",
-                                                     request_serializer=ps.PullRequest.SerializeToString)
-        self.list_keys = self.channel.unary_unary(SERVICE + "ListKeys",
-                                                  request_serializer=ps.ListKeysRequest.SerializeToString,
-                                                  response_deserializer=ps.ListKeysResponse.FromString)
-        self.stats = self.channel.unary_unary(SERVICE + "Stats", request_serializer=ps.StatsRequest.SerializeToString,
-                                              response_deserializer=ps.StatsResponse.FromString)
+        self.init = self.channel.unary_unary(
+            SERVICE + "Init",
+            request_serializer=ps.InitRequest.SerializeToString,
+            response_deserializer=ps.InitResponse.FromString,
+        )
+        self.push = self.channel.unary_unary(
+            SERVICE + "Push",
+            request_serializer=None,
+            response_deserializer=ps.PushResponse.FromString,
+        )
+        self.push_stream = self.channel.stream_unary(
+            SERVICE + "PushStream",
+            request_serializer=None,
+            response_deserializer=ps.PushResponse.FromString,
+        )
+        self.pull = self.channel.unary_unary(
+            SERVICE + "Pull",
+            request_serializer=ps.PullRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self.pull_stream = self.channel.unary_stream(
+            SERVICE + "PullStream", request_serializer=ps.PullRequest.SerializeToString
+        )
+        self.list_keys = self.channel.unary_unary(
+            SERVICE + "ListKeys",
+            request_serializer=ps.ListKeysRequest.SerializeToString,
+            response_deserializer=ps.ListKeysResponse.FromString,
+        )
+        self.stats = self.channel.unary_unary(
+            SERVICE + "Stats",
+            request_serializer=ps.StatsRequest.SerializeToString,
+            response_deserializer=ps.StatsResponse.FromString,
+        )
 
 
 class ParameterServerClient:
@@ -79,12 +105,21 @@ class ParameterServerClient:
     Keys are placed with `shard_of` (CRC-32 modulo shard count); calls to
     different shards run in parallel. UNAVAILABLE is retried with backoff, and
     a retried push reuses its request_id so the server applies it once.
-    Payloads above `stream_bytes` go through the chunked streaming RPCs.
+    Payloads above `chunk_bytes` go through the streaming RPCs in slices of
+    that size: on these machines gRPC moves 2 MiB messages several times faster
+    per byte than 64 MiB ones (see bench/ps_throughput.py).
     """
 
-    def __init__(self, addresses: Iterable[str] | str, *, worker_id: int = 0, timeout: float = 60.0,
-                 retry: RetryPolicy | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 stream_bytes: int = 256 << 20, chunk_bytes: int = 16 << 20) -> None:
+    def __init__(
+        self,
+        addresses: Iterable[str] | str,
+        *,
+        worker_id: int = 0,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        chunk_bytes: int = 2 << 20,
+    ) -> None:
         addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not addresses:
             raise ValueError("ParameterServerClient needs at least one shard address")
@@ -92,8 +127,7 @@ class ParameterServerClient:
         self.worker_id = worker_id
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.stream_bytes = min(stream_bytes, max_message_bytes // 2)
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = min(chunk_bytes, max_message_bytes // 2)
         self._nbytes: dict[str, int] = {}  # value sizes seen, to route large pulls to PullStream
 
     def close(self) -> None:
@@ -121,8 +155,10 @@ class ParameterServerClient:
             try:
                 grpc.channel_ready_future(shard.channel).result(timeout=timeout)
             except grpc.FutureTimeoutError:
-                raise NanodistError(f"parameter server {shard.address} unreachable after {timeout}s",
-                                    grpc.StatusCode.UNAVAILABLE) from None
+                raise NanodistError(
+                    f"parameter server {shard.address} unreachable after {timeout}s",
+                    grpc.StatusCode.UNAVAILABLE,
+                ) from None
 
     def _fan_out(self, calls: dict[int, object], start: object) -> dict[int, object]:
         """Start one call per shard at once, then collect; UNAVAILABLE shards are retried."""
@@ -143,21 +179,33 @@ class ParameterServerClient:
 
     # --- API ------------------------------------------------------------
 
-    def init(self, params: Mapping[str, np.ndarray], optimizer: ps.Optimizer | Mapping[str, ps.Optimizer] | None = None
-             ) -> dict[str, bool]:
+    def init(
+        self,
+        params: Mapping[str, np.ndarray],
+        optimizer: ps.Optimizer | Mapping[str, ps.Optimizer] | None = None,
+    ) -> dict[str, bool]:
         """Create keys (first writer wins). Returns, per key, whether this call created it."""
         requests: dict[int, ps.InitRequest] = {}
         for key, value in params.items():
             opt = optimizer.get(key) if isinstance(optimizer, Mapping) else optimizer
             index = self.shard_index(key)
             requests.setdefault(index, ps.InitRequest()).entries.add(
-                key=key, value=codec.to_proto(value), optimizer=opt or sgd(0.01))
+                key=key, value=codec.to_proto(value), optimizer=opt or sgd(0.01)
+            )
             self._nbytes[key] = np.asarray(value).nbytes
-        results = self._fan_out(requests, lambda i, r: self.shards[i].init.future(r, timeout=self.timeout))
+        results = self._fan_out(
+            requests, lambda i, r: self.shards[i].init.future(r, timeout=self.timeout)
+        )
         return {r.key: r.created for response in results.values() for r in response.results}  # type: ignore[attr-defined]
 
-    def push(self, grads: Mapping[str, np.ndarray | SparseGradient], *, step: int = 0,
-             request_id: str | None = None, fencing_token: int = 0) -> dict[str, int]:
+    def push(
+        self,
+        grads: Mapping[str, np.ndarray | SparseGradient],
+        *,
+        step: int = 0,
+        request_id: str | None = None,
+        fencing_token: int = 0,
+    ) -> dict[str, int]:
         """Push gradients; returns each key's version after the push.
 
         The request_id (one per shard, derived from `request_id` if given) is
@@ -167,7 +215,9 @@ class ParameterServerClient:
         payloads: dict[int, list[codec.Entry]] = {}
         for key, grad in grads.items():
             if isinstance(grad, SparseGradient):
-                entry = codec.Entry(key=key, rows=np.asarray(grad.rows, dtype=np.int64), values=grad.values)
+                entry = codec.Entry(
+                    key=key, rows=np.asarray(grad.rows, dtype=np.int64), values=grad.values
+                )
             else:
                 entry = codec.Entry(key=key, dense=codec.as_wire_array(grad))
             payloads.setdefault(self.shard_index(key), []).append(entry)
@@ -176,9 +226,10 @@ class ParameterServerClient:
         def start(i: int, entries: list[codec.Entry]) -> object:
             rid = f"{base}/{i}"
             size = sum((e.dense if e.dense is not None else e.values).nbytes for e in entries)  # type: ignore[union-attr]
-            if size > self.stream_bytes:
-                return self.shards[i].push_stream.future(self._push_chunks(entries, step, rid, fencing_token),
-                                                         timeout=self.timeout)
+            if size > self.chunk_bytes:
+                return self.shards[i].push_stream.future(
+                    self._push_chunks(entries, step, rid, fencing_token), timeout=self.timeout
+                )
             data = codec.encode_push(entries, self.worker_id, step, rid, fencing_token)
             return self.shards[i].push.future(data, timeout=self.timeout)
 
@@ -188,7 +239,9 @@ class ParameterServerClient:
             versions.update(zip(order[i], response.versions, strict=True))  # type: ignore[attr-defined]
         return versions
 
-    def _push_chunks(self, entries: list[codec.Entry], step: int, request_id: str, token: int) -> Iterator[bytes]:
+    def _push_chunks(
+        self, entries: list[codec.Entry], step: int, request_id: str, token: int
+    ) -> Iterator[bytes]:
         for entry in entries:
             if entry.dense is None:
                 yield codec.encode_push([entry], self.worker_id, step, request_id, token)
@@ -196,11 +249,20 @@ class ParameterServerClient:
             flat = entry.dense.reshape(-1)
             per_chunk = max(1, self.chunk_bytes // flat.itemsize)
             for start in range(0, max(flat.size, 1), per_chunk):
-                piece = codec.Entry(key=entry.key, dense=flat[start : start + per_chunk], offset=start)
+                piece = codec.Entry(
+                    key=entry.key, dense=flat[start : start + per_chunk], offset=start
+                )
                 yield codec.encode_push([piece], self.worker_id, step, request_id, token)
 
-    def pull(self, keys: Iterable[str], *, min_version: int = 0, clock: int = 0,
-             rows: Mapping[str, np.ndarray] | None = None, timeout_ms: int = 0) -> Values:
+    def pull(
+        self,
+        keys: Iterable[str],
+        *,
+        min_version: int = 0,
+        clock: int = 0,
+        rows: Mapping[str, np.ndarray] | None = None,
+        timeout_ms: int = 0,
+    ) -> Values:
         """Pull values (read-only arrays) and their versions.
 
         min_version (BSP) and clock (SSP) make the server wait, up to
@@ -211,42 +273,62 @@ class ParameterServerClient:
         rows = rows or {}
         requests: dict[int, ps.PullRequest] = {}
         for key, index in ((k, self.shard_index(k)) for k in keys):
-            request = requests.setdefault(index, ps.PullRequest(
-                min_version=min_version, clock=clock, timeout_ms=timeout_ms, worker_id=self.worker_id,
-                chunk_bytes=self.chunk_bytes))
+            request = requests.setdefault(
+                index,
+                ps.PullRequest(
+                    min_version=min_version,
+                    clock=clock,
+                    timeout_ms=timeout_ms,
+                    worker_id=self.worker_id,
+                    chunk_bytes=self.chunk_bytes,
+                ),
+            )
             request.entries.add(key=key, rows=[int(r) for r in rows.get(key, [])])
         deadline = self.timeout + (timeout_ms or 30_000) / 1000
 
         def start(i: int, request: ps.PullRequest) -> object:
             size = sum(self._nbytes.get(e.key, 0) for e in request.entries if not e.rows)
-            if size > self.stream_bytes:
+            if size > self.chunk_bytes:
                 return _StreamResult(self.shards[i].pull_stream(request, timeout=deadline))
             return self.shards[i].pull.future(request, timeout=deadline)
 
         values = Values()
         values.versions = {}
         for entries in self._fan_out(requests, start).values():
-            for entry in (codec.decode_pull_response(entries) if isinstance(entries, bytes) else entries):  # type: ignore[union-attr]
+            for entry in (
+                codec.decode_pull_response(entries) if isinstance(entries, bytes) else entries
+            ):  # type: ignore[union-attr]
                 values[entry.key] = entry.dense if entry.dense is not None else entry.values  # type: ignore[assignment]
                 values.versions[entry.key] = entry.version
                 if entry.dense is not None:
                     self._nbytes[entry.key] = entry.dense.nbytes
         return _ordered(values, keys)
 
-    def push_pull(self, grads: Mapping[str, np.ndarray | SparseGradient], *, step: int = 0,
-                  min_version: int = 0, clock: int = 0, timeout_ms: int = 0) -> Values:
+    def push_pull(
+        self,
+        grads: Mapping[str, np.ndarray | SparseGradient],
+        *,
+        step: int = 0,
+        min_version: int = 0,
+        clock: int = 0,
+        timeout_ms: int = 0,
+    ) -> Values:
         """Push, then pull the same keys (waiting for min_version / clock as in pull)."""
         self.push(grads, step=step)
         return self.pull(list(grads), min_version=min_version, clock=clock, timeout_ms=timeout_ms)
 
     def list_keys(self) -> list[ps.KeyInfo]:
-        results = self._fan_out(dict.fromkeys(range(len(self.shards)), ps.ListKeysRequest()),
-                                lambda i, r: self.shards[i].list_keys.future(r, timeout=self.timeout))
+        results = self._fan_out(
+            dict.fromkeys(range(len(self.shards)), ps.ListKeysRequest()),
+            lambda i, r: self.shards[i].list_keys.future(r, timeout=self.timeout),
+        )
         return sorted((k for r in results.values() for k in r.keys), key=lambda k: k.key)  # type: ignore[attr-defined]
 
     def stats(self) -> list[ps.StatsResponse]:
-        results = self._fan_out(dict.fromkeys(range(len(self.shards)), ps.StatsRequest()),
-                                lambda i, r: self.shards[i].stats.future(r, timeout=self.timeout))
+        results = self._fan_out(
+            dict.fromkeys(range(len(self.shards)), ps.StatsRequest()),
+            lambda i, r: self.shards[i].stats.future(r, timeout=self.timeout),
+        )
         return [results[i] for i in range(len(self.shards))]  # type: ignore[misc]
 
 
@@ -277,13 +359,17 @@ class _StreamResult:
                     continue
                 buffer = buffers.get(piece.key)
                 if buffer is None:
-                    buffer = buffers[piece.key] = np.empty(int(np.prod(piece.shape)), dtype=piece.dense.dtype)
-                    out[piece.key] = codec.Entry(key=piece.key, dense=buffer.reshape(piece.shape),
-                                                 version=piece.version)
+                    buffer = buffers[piece.key] = np.empty(
+                        int(np.prod(piece.shape)), dtype=piece.dense.dtype
+                    )
+                    out[piece.key] = codec.Entry(
+                        key=piece.key, dense=buffer.reshape(piece.shape), version=piece.version
+                    )
                 elif out[piece.key].version != piece.version:
-                    raise NanodistError(f"{piece.key!r} changed during a streamed pull "
-                                        f"(versions {out[piece.key].version} and {piece.version}); pull again",
-                                        grpc.StatusCode.ABORTED)
+                    raise NanodistError(
+                        f"{piece.key!r} changed during a streamed pull "
+                        f"(versions {out[piece.key].version} and {piece.version}); pull again",
+                        grpc.StatusCode.ABORTED,
+                    )
                 buffer[piece.offset : piece.offset + piece.dense.size] = piece.dense.reshape(-1)
         return list(out.values())
-

@@ -9,7 +9,9 @@ from nanodist.services.common.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanodist", description="nanodist: gRPC parameter server toolkit")
+    parser = argparse.ArgumentParser(
+        prog="nanodist", description="nanodist: gRPC parameter server toolkit"
+    )
     parser.add_argument("--version", action="version", version=f"nanodist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run one service")

@@ -29,22 +29,49 @@ class ServerConfig:
 
 def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     """Flags every `nanodist serve` role accepts."""
-    parser.add_argument("--host", default=env_default("host", "127.0.0.1"),
-                        help="address to bind (default 127.0.0.1; env NANODIST_HOST)")
-    parser.add_argument("--port", type=int, default=env_default("port", default_port),
-                        help=f"gRPC port (default {default_port}; 0 picks a free one; env NANODIST_PORT)")
-    parser.add_argument("--metrics-port", type=int, default=env_default("metrics_port", 0),
-                        help="Prometheus /metrics port (default off; env NANODIST_METRICS_PORT)")
-    parser.add_argument("--max-message-bytes", type=int,
-                        default=env_default("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
-                        help="largest gRPC message accepted or sent (default 1 GiB)")
-    parser.add_argument("--log-format", choices=["text", "json"],
-                        default=env_default("log_format", "text"), help="log line format")
-    parser.add_argument("--grace-seconds", type=float, default=env_default("grace_seconds", 5.0),
-                        help="time in-flight calls get to finish on SIGTERM")
+    parser.add_argument(
+        "--host",
+        default=env_default("host", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1; env NANODIST_HOST)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=env_default("port", default_port),
+        help=f"gRPC port (default {default_port}; 0 picks a free one; env NANODIST_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_default("metrics_port", 0),
+        help="Prometheus /metrics port (default off; env NANODIST_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=env_default("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
+        help="largest gRPC message accepted or sent (default 1 GiB)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=env_default("log_format", "text"),
+        help="log line format",
+    )
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=env_default("grace_seconds", 5.0),
+        help="time in-flight calls get to finish on SIGTERM",
+    )
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
-                        max_message_bytes=args.max_message_bytes, log_format=args.log_format,
-                        grace_seconds=args.grace_seconds)
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_bytes,
+        log_format=args.log_format,
+        grace_seconds=args.grace_seconds,
+    )

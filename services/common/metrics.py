@@ -9,14 +9,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from prometheus_client import Counter, Gauge, Histogram
-
 from nanodist.client.codec import CodecError
 from nanodist.services.common.errors import ServiceError
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("nanodist_requests_total", "RPCs handled", ["service", "method", "code"])
-LATENCY = Histogram("nanodist_request_seconds", "RPC handling time", ["service", "method"],
-                    buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+LATENCY = Histogram(
+    "nanodist_request_seconds",
+    "RPC handling time",
+    ["service", "method"],
+    buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
 BYTES = Counter("nanodist_bytes_total", "Tensor payload bytes", ["service", "direction"])
 KEYS = Gauge("nanodist_ps_keys", "Keys held by this parameter-server shard")
 KEY_BYTES = Gauge("nanodist_ps_key_bytes", "Bytes of values held by this shard")
@@ -35,7 +38,9 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
-def rpc(service: str, method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+def rpc(
+    service: str, method: str
+) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
     """Wrap a unary handler: count and time it, and turn errors into a gRPC status."""
 
     def decorate(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -58,12 +63,16 @@ def rpc(service: str, method: str) -> Callable[[Callable[..., Awaitable[T]]], Ca
     return decorate
 
 
-def rpc_stream(service: str, method: str) -> Callable[[Callable[..., AsyncIterator[T]]], Callable[..., AsyncIterator[T]]]:
+def rpc_stream(
+    service: str, method: str
+) -> Callable[[Callable[..., AsyncIterator[T]]], Callable[..., AsyncIterator[T]]]:
     """The same as `rpc`, for server-streaming handlers."""
 
     def decorate(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
         @functools.wraps(handler)
-        async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+        async def wrapped(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[T]:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:

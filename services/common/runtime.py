@@ -11,9 +11,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
-
 from nanodist.services.common.config import ServerConfig
+from prometheus_client import start_http_server
 
 log = logging.getLogger("nanodist.server")
 
@@ -40,7 +39,9 @@ async def serve(
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
 
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if config.metrics_port:
@@ -48,8 +49,13 @@ async def serve(
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s serving on %s:%d (metrics port %s)", role, config.host, port,
-             config.metrics_port or "off")
+    log.info(
+        "%s serving on %s:%d (metrics port %s)",
+        role,
+        config.host,
+        port,
+        config.metrics_port or "off",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 from nanodist.services.common.errors import invalid
 from nanodist.v1 import parameter_server_pb2 as ps
 
@@ -40,19 +39,34 @@ class OptimizerConfig:
         if not (math.isfinite(message.epsilon) and message.epsilon >= 0):
             raise invalid(f"{path}.epsilon: must be finite and >= 0, got {message.epsilon}")
         default_eps = 1e-10 if message.kind == ps.Optimizer.ADAGRAD else 1e-8
-        return cls(kind=message.kind, learning_rate=lr, momentum=message.momentum or 0.9,
-                   beta1=message.beta1 or 0.9, beta2=message.beta2 or 0.999,
-                   epsilon=message.epsilon or default_eps)
+        return cls(
+            kind=message.kind,
+            learning_rate=lr,
+            momentum=message.momentum or 0.9,
+            beta1=message.beta1 or 0.9,
+            beta2=message.beta2 or 0.999,
+            epsilon=message.epsilon or default_eps,
+        )
 
     def to_proto(self) -> ps.Optimizer:
-        return ps.Optimizer(kind=self.kind, learning_rate=self.learning_rate, momentum=self.momentum,
-                            beta1=self.beta1, beta2=self.beta2, epsilon=self.epsilon)
+        return ps.Optimizer(
+            kind=self.kind,
+            learning_rate=self.learning_rate,
+            momentum=self.momentum,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            epsilon=self.epsilon,
+        )
 
     @property
     def state_count(self) -> int:
         """How many arrays of the parameter's shape the rule keeps."""
-        return {ps.Optimizer.SGD: 0, ps.Optimizer.MOMENTUM: 1, ps.Optimizer.ADAM: 2,
-                ps.Optimizer.ADAGRAD: 1}[self.kind]
+        return {
+            ps.Optimizer.SGD: 0,
+            ps.Optimizer.MOMENTUM: 1,
+            ps.Optimizer.ADAM: 2,
+            ps.Optimizer.ADAGRAD: 1,
+        }[self.kind]
 
 
 class Optimizer:
@@ -65,7 +79,9 @@ class Optimizer:
         self._scratch = np.empty(min(param.size, CHUNK_ELEMENTS), dtype=param.dtype)
         self._scratch2 = np.empty_like(self._scratch) if config.kind == ps.Optimizer.ADAM else None
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, states: list[np.ndarray], scale: float = 1.0) -> None:
+    def apply(
+        self, param: np.ndarray, grad: np.ndarray, states: list[np.ndarray], scale: float = 1.0
+    ) -> None:
         """param -= update(grad * scale); `states` are this rule's state arrays, same layout."""
         self.steps += 1
         c = self.config
@@ -97,8 +113,15 @@ class Optimizer:
             else:
                 self._adam_chunk(p, g, s[0], s[1], t, scale)
 
-    def _adam_chunk(self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,
-                    t: np.ndarray, scale: float) -> None:
+    def _adam_chunk(
+        self,
+        p: np.ndarray,
+        g: np.ndarray,
+        m: np.ndarray,
+        v: np.ndarray,
+        t: np.ndarray,
+        scale: float,
+    ) -> None:
         c = self.config
         t2 = self._scratch2[: t.size]  # type: ignore[index]
         np.multiply(g, scale, out=t)  # t = g
@@ -121,11 +144,18 @@ class Optimizer:
     def apply_dense(self, param: np.ndarray, grad: np.ndarray, scale: float = 1.0) -> None:
         self.apply(param.reshape(-1), grad.reshape(-1), [s.reshape(-1) for s in self.states], scale)
 
-    def apply_rows(self, param: np.ndarray, rows: np.ndarray, grad: np.ndarray, scale: float = 1.0) -> None:
+    def apply_rows(
+        self, param: np.ndarray, rows: np.ndarray, grad: np.ndarray, scale: float = 1.0
+    ) -> None:
         """Update only `rows` of a 2-D parameter (rows unique); state rows follow."""
         p = param[rows]
         states = [s[rows] for s in self.states]
-        self.apply(p.reshape(-1), np.ascontiguousarray(grad).reshape(-1), [s.reshape(-1) for s in states], scale)
+        self.apply(
+            p.reshape(-1),
+            np.ascontiguousarray(grad).reshape(-1),
+            [s.reshape(-1) for s in states],
+            scale,
+        )
         param[rows] = p
         for state, rows_state in zip(self.states, states, strict=True):
             state[rows] = rows_state

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
-
 from nanodist.client import codec
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import ServiceError, invalid
@@ -42,7 +41,9 @@ class ParameterServerService:
     # --- Init -----------------------------------------------------------
 
     @rpc("ps", "Init")
-    async def init(self, request: ps.InitRequest, context: grpc.aio.ServicerContext) -> ps.InitResponse:
+    async def init(
+        self, request: ps.InitRequest, context: grpc.aio.ServicerContext
+    ) -> ps.InitResponse:
         check_count(len(request.entries), "entries", MAX_ENTRIES)
         prepared = []
         names = set()
@@ -56,8 +57,12 @@ class ParameterServerService:
                 raise invalid(f"{path}.value: missing")
             value = codec.from_proto(entry.value, f"{path}.value")
             if value.dtype.kind != "f":
-                raise invalid(f"{path}.value.dtype: parameters must be floating point, got {value.dtype.name}")
-            prepared.append((entry.key, value, OptimizerConfig.from_proto(entry.optimizer, f"{path}.optimizer")))
+                raise invalid(
+                    f"{path}.value.dtype: parameters must be floating point, got {value.dtype.name}"
+                )
+            prepared.append(
+                (entry.key, value, OptimizerConfig.from_proto(entry.optimizer, f"{path}.optimizer"))
+            )
         response = ps.InitResponse()
         for key, value, optimizer in prepared:
             created, version = self.store.init(key, value, optimizer)
@@ -76,9 +81,22 @@ class ParameterServerService:
         return await self._commit(message)
 
     @rpc("ps", "PushStream")
-    async def push_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        header: codec.PushMessage | None = None
+    async def push_stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> bytes:
         dense: dict[str, tuple[np.ndarray, int, Slot]] = {}
+        try:
+            return await self._assemble_stream(requests, dense)
+        finally:
+            # The store copies or applies gradients before returning, so the buffers are free again.
+            for buffer, _, slot in dense.values():
+                if len(slot.spare) < 2 and buffer.size == slot.value.size:
+                    slot.spare.append(buffer)
+
+    async def _assemble_stream(
+        self, requests: AsyncIterator[bytes], dense: dict[str, tuple[np.ndarray, int, Slot]]
+    ) -> bytes:
+        header: codec.PushMessage | None = None
         sparse: list[codec.Entry] = []
         async for data in requests:
             BYTES.labels("ps", "in").inc(len(data))
@@ -91,8 +109,8 @@ class ParameterServerService:
             for entry in message.entries:
                 if entry.rows is not None:
                     sparse.append(entry)
-                    continue
-                self._assemble(entry, dense)
+                else:
+                    self._assemble(entry, dense)
         if header is None:
             raise invalid("PushStream: the stream carried no messages")
         entries = list(sparse)
@@ -108,23 +126,37 @@ class ParameterServerService:
         check_name(entry.key, "entries.key")
         if entry.dense is None:
             raise invalid(f"PushStream: entry for {entry.key!r} has no gradient")
-        buffer, filled, slot = dense.get(entry.key) or (None, 0, self.store.slot(entry.key, "entries.key"))
+        buffer, filled, slot = dense.get(entry.key) or (
+            None,
+            0,
+            self.store.slot(entry.key, "entries.key"),
+        )
         if buffer is None:
-            buffer = np.empty(slot.value.size, dtype=slot.value.dtype)
+            buffer = (
+                slot.spare.pop()
+                if slot.spare
+                else np.empty(slot.value.size, dtype=slot.value.dtype)
+            )
         piece = entry.dense.reshape(-1)
         if piece.dtype != buffer.dtype:
-            raise invalid(f"PushStream: {entry.key!r} slice dtype {piece.dtype.name} differs from "
-                          f"the key's {buffer.dtype.name}")
+            raise invalid(
+                f"PushStream: {entry.key!r} slice dtype {piece.dtype.name} differs from "
+                f"the key's {buffer.dtype.name}"
+            )
         if entry.offset != filled or filled + piece.size > buffer.size:
-            raise invalid(f"PushStream: {entry.key!r} slice at offset {entry.offset} with "
-                          f"{piece.size} elements does not continue at {filled} of {buffer.size}")
+            raise invalid(
+                f"PushStream: {entry.key!r} slice at offset {entry.offset} with "
+                f"{piece.size} elements does not continue at {filled} of {buffer.size}"
+            )
         buffer[filled : filled + piece.size] = piece
         dense[entry.key] = (buffer, filled + piece.size, slot)
 
     async def _commit(self, message: codec.PushMessage) -> bytes:
         if message.request_id:
             if len(message.request_id) > MAX_REQUEST_ID:
-                raise invalid(f"request_id: {len(message.request_id)} characters, at most {MAX_REQUEST_ID}")
+                raise invalid(
+                    f"request_id: {len(message.request_id)} characters, at most {MAX_REQUEST_ID}"
+                )
             replay = self.store.replay(message.request_id)
             if replay is not None:
                 return replay
@@ -132,11 +164,14 @@ class ParameterServerService:
             check_name(entry.key, f"entries[{i}].key")
             if entry.offset:
                 raise invalid(f"entries[{i}].offset: only PushStream takes slices")
-        result = self.store.push(message.entries, message.worker_id, message.step, message.fencing_token)
+        result = self.store.push(
+            message.entries, message.worker_id, message.step, message.fencing_token
+        )
         response = ps.PushResponse(versions=result.versions, applied=result.applied)
         if message.request_id:
-            response_bytes = ps.PushResponse(versions=result.versions, applied=result.applied,
-                                             duplicate=True).SerializeToString()
+            response_bytes = ps.PushResponse(
+                versions=result.versions, applied=result.applied, duplicate=True
+            ).SerializeToString()
             self.store.remember(message.request_id, response_bytes)
         async with self.changed:
             self.changed.notify_all()
@@ -144,7 +179,9 @@ class ParameterServerService:
 
     # --- Pull -----------------------------------------------------------
 
-    async def _await_ready(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> list[Slot]:
+    async def _await_ready(
+        self, request: ps.PullRequest, context: grpc.aio.ServicerContext
+    ) -> list[Slot]:
         check_count(len(request.entries), "entries", MAX_ENTRIES)
         if not request.entries:
             raise invalid("entries: a pull needs at least one key")
@@ -163,15 +200,23 @@ class ParameterServerService:
         try:
             async with self.changed:
                 await asyncio.wait_for(
-                    self.changed.wait_for(lambda: self.store.ready(slots, request.min_version, request.clock)),
-                    timeout)
+                    self.changed.wait_for(
+                        lambda: self.store.ready(slots, request.min_version, request.clock)
+                    ),
+                    timeout,
+                )
         except TimeoutError:
-            behind = [f"{e.key}@{s.version}" for e, s in zip(request.entries, slots, strict=True)
-                      if s.version < request.min_version]
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"pull waited {timeout:.1f}s: min_version={request.min_version}, behind: "
-                               f"{behind or 'none'}; slowest worker clock {self.store.slowest_clock()} "
-                               f"(clock={request.clock}, staleness={self.store.staleness})") from None
+            behind = [
+                f"{e.key}@{s.version}"
+                for e, s in zip(request.entries, slots, strict=True)
+                if s.version < request.min_version
+            ]
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"pull waited {timeout:.1f}s: min_version={request.min_version}, behind: "
+                f"{behind or 'none'}; slowest worker clock {self.store.slowest_clock()} "
+                f"(clock={request.clock}, staleness={self.store.staleness})",
+            ) from None
         return slots
 
     def _value(self, key: str, slot: Slot, rows: list[int], path: str) -> codec.Entry:
@@ -187,26 +232,36 @@ class ParameterServerService:
     @rpc("ps", "Pull")
     async def pull(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> bytes:
         slots = await self._await_ready(request, context)
-        entries = [self._value(e.key, s, list(e.rows), f"entries[{i}]")
-                   for i, (e, s) in enumerate(zip(request.entries, slots, strict=True))]
+        entries = [
+            self._value(e.key, s, list(e.rows), f"entries[{i}]")
+            for i, (e, s) in enumerate(zip(request.entries, slots, strict=True))
+        ]
         size = sum(e.dense.nbytes if e.dense is not None else e.values.nbytes for e in entries)  # type: ignore[union-attr]
         if size > self.max_message_bytes:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"pull of {size} bytes exceeds the message limit of "
-                               f"{self.max_message_bytes} bytes; use PullStream")
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"pull of {size} bytes exceeds the message limit of "
+                f"{self.max_message_bytes} bytes; use PullStream",
+            )
         data = codec.encode_pull_response(entries)
         BYTES.labels("ps", "out").inc(len(data))
         return data
 
     @rpc_stream("ps", "PullStream")
-    async def pull_stream(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def pull_stream(
+        self, request: ps.PullRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         slots = await self._await_ready(request, context)
         chunk_bytes = request.chunk_bytes or DEFAULT_CHUNK_BYTES
         if not 1024 <= chunk_bytes <= self.max_message_bytes - 4096:
-            raise invalid(f"chunk_bytes: {chunk_bytes} is outside [1024, {self.max_message_bytes - 4096}]")
+            raise invalid(
+                f"chunk_bytes: {chunk_bytes} is outside [1024, {self.max_message_bytes - 4096}]"
+            )
         for i, (entry, slot) in enumerate(zip(request.entries, slots, strict=True)):
             if entry.rows:
-                data = codec.encode_pull_response([self._value(entry.key, slot, list(entry.rows), f"entries[{i}]")])
+                data = codec.encode_pull_response(
+                    [self._value(entry.key, slot, list(entry.rows), f"entries[{i}]")]
+                )
                 BYTES.labels("ps", "out").inc(len(data))
                 yield data
                 continue
@@ -215,8 +270,13 @@ class ParameterServerService:
             for start in range(0, max(flat.size, 1), step):
                 # Each slice is encoded synchronously, so it is one consistent version;
                 # the client checks that all slices of a key carry the same version.
-                piece = codec.Entry(key=entry.key, dense=flat[start : start + step], version=slot.version,
-                                    offset=start, shape=list(slot.value.shape))
+                piece = codec.Entry(
+                    key=entry.key,
+                    dense=flat[start : start + step],
+                    version=slot.version,
+                    offset=start,
+                    shape=list(slot.value.shape),
+                )
                 data = codec.encode_pull_response([piece])
                 BYTES.labels("ps", "out").inc(len(data))
                 yield data
@@ -224,22 +284,37 @@ class ParameterServerService:
     # --- metadata -------------------------------------------------------
 
     @rpc("ps", "ListKeys")
-    async def list_keys(self, request: ps.ListKeysRequest, context: grpc.aio.ServicerContext) -> ps.ListKeysResponse:
+    async def list_keys(
+        self, request: ps.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> ps.ListKeysResponse:
         response = ps.ListKeysResponse()
         for key in sorted(self.store.slots):
             slot = self.store.slots[key]
-            response.keys.add(key=key, dtype=codec.proto_dtype(slot.value.dtype), shape=slot.value.shape,
-                              version=slot.version, optimizer=slot.optimizer.config.to_proto())
+            response.keys.add(
+                key=key,
+                dtype=codec.proto_dtype(slot.value.dtype),
+                shape=slot.value.shape,
+                version=slot.version,
+                optimizer=slot.optimizer.config.to_proto(),
+            )
         return response
 
     @rpc("ps", "Stats")
-    async def stats(self, request: ps.StatsRequest, context: grpc.aio.ServicerContext) -> ps.StatsResponse:
+    async def stats(
+        self, request: ps.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> ps.StatsResponse:
         s = self.store
         clocks = [s.clocks.get(w, 0) for w in range(max(s.clocks, default=-1) + 1)]
-        return ps.StatsResponse(mode=s.mode.value, num_workers=s.num_workers, staleness=s.staleness,
-                                num_keys=len(s.slots), total_bytes=s.total_bytes(),
-                                pushes_applied=s.pushes_applied, pushes_deduplicated=s.pushes_deduplicated,
-                                worker_clocks=clocks)
+        return ps.StatsResponse(
+            mode=s.mode.value,
+            num_workers=s.num_workers,
+            staleness=s.staleness,
+            num_keys=len(s.slots),
+            total_bytes=s.total_bytes(),
+            pushes_applied=s.pushes_applied,
+            pushes_deduplicated=s.pushes_deduplicated,
+            worker_clocks=clocks,
+        )
 
     def _update_gauges(self) -> None:
         KEYS.set(len(self.store.slots))
@@ -250,31 +325,52 @@ class ParameterServerService:
             return grpc.unary_unary_rpc_method_handler(
                 handler,
                 request_deserializer=request_type.FromString if request_type else None,
-                response_serializer=response_type.SerializeToString if response_type else None)
+                response_serializer=response_type.SerializeToString if response_type else None,
+            )
 
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Init": unary(self.init, ps.InitRequest, ps.InitResponse),
-            "Push": unary(self.push),
-            "PushStream": grpc.stream_unary_rpc_method_handler(self.push_stream),
-            "Pull": unary(self.pull, ps.PullRequest),
-            "PullStream": grpc.unary_stream_rpc_method_handler(
-                self.pull_stream, request_deserializer=ps.PullRequest.FromString),
-            "ListKeys": unary(self.list_keys, ps.ListKeysRequest, ps.ListKeysResponse),
-            "Stats": unary(self.stats, ps.StatsRequest, ps.StatsResponse),
-        })
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Init": unary(self.init, ps.InitRequest, ps.InitResponse),
+                "Push": unary(self.push),
+                "PushStream": grpc.stream_unary_rpc_method_handler(self.push_stream),
+                "Pull": unary(self.pull, ps.PullRequest),
+                "PullStream": grpc.unary_stream_rpc_method_handler(
+                    self.pull_stream, request_deserializer=ps.PullRequest.FromString
+                ),
+                "ListKeys": unary(self.list_keys, ps.ListKeysRequest, ps.ListKeysResponse),
+                "Stats": unary(self.stats, ps.StatsRequest, ps.StatsResponse),
+            },
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = common_config.env_default
     common_config.add_server_flags(parser, default_port=50051)
-    parser.add_argument("--mode", choices=[m.value for m in Mode], default=env("mode", "asp"),
-                        help="consistency: bsp, asp or ssp (default asp; env NANODIST_MODE)")
-    parser.add_argument("--num-workers", type=int, default=env("num_workers", 1),
-                        help="pushes per step under BSP, and workers tracked by SSP")
-    parser.add_argument("--staleness", type=int, default=env("staleness", 0),
-                        help="SSP bound s: a pull at clock c waits for every worker to reach c - s")
-    parser.add_argument("--dedup-window", type=int, default=env("dedup_window", 65536),
-                        help="how many recent request_ids are remembered for exactly-once pushes")
+    parser.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=env("mode", "asp"),
+        help="consistency: bsp, asp or ssp (default asp; env NANODIST_MODE)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=env("num_workers", 1),
+        help="pushes per step under BSP, and workers tracked by SSP",
+    )
+    parser.add_argument(
+        "--staleness",
+        type=int,
+        default=env("staleness", 0),
+        help="SSP bound s: a pull at clock c waits for every worker to reach c - s",
+    )
+    parser.add_argument(
+        "--dedup-window",
+        type=int,
+        default=env("dedup_window", 65536),
+        help="how many recent request_ids are remembered for exactly-once pushes",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
-
 from nanodist.client.codec import Entry
 from nanodist.services.common.errors import failed_precondition, invalid, not_found
 from nanodist.services.parameter_server.optimizers import Optimizer, OptimizerConfig
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     BSP = "bsp"  # average the pushes of all workers for a step, then apply once
     ASP = "asp"  # apply every push at once
     SSP = "ssp"  # apply at once; pulls wait for the slowest worker within a staleness bound
@@ -40,6 +39,7 @@ class Slot:
     version: int = 0
     applied_step: int = -1  # BSP: last step whose mean was applied
     pending: dict[int, _Pending] = field(default_factory=dict)
+    spare: list[np.ndarray] = field(default_factory=list)  # PushStream assembly buffers, reused
 
 
 @dataclass
@@ -49,8 +49,13 @@ class PushResult:
 
 
 class Store:
-    def __init__(self, mode: Mode = Mode.ASP, num_workers: int = 1, staleness: int = 0,
-                 dedup_window: int = 65536) -> None:
+    def __init__(
+        self,
+        mode: Mode = Mode.ASP,
+        num_workers: int = 1,
+        staleness: int = 0,
+        dedup_window: int = 65536,
+    ) -> None:
         self.mode = mode
         self.num_workers = num_workers
         self.staleness = staleness
@@ -98,16 +103,22 @@ class Store:
 
     # --- push -----------------------------------------------------------
 
-    def check_push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int) -> list[Slot]:
+    def check_push(
+        self, entries: list[Entry], worker_id: int, step: int, fencing_token: int
+    ) -> list[Slot]:
         """Validate a whole push before any of it is applied, so a bad entry changes nothing."""
         if self.mode is not Mode.ASP and not 0 <= worker_id < self.num_workers:
-            raise invalid(f"worker_id: {worker_id} is outside [0, {self.num_workers}) "
-                          f"for {self.mode.value} with num_workers={self.num_workers}")
+            raise invalid(
+                f"worker_id: {worker_id} is outside [0, {self.num_workers}) "
+                f"for {self.mode.value} with num_workers={self.num_workers}"
+            )
         if step < 0:
             raise invalid(f"step: must be >= 0, got {step}")
         if fencing_token and fencing_token < self.fencing_high:
-            raise failed_precondition(f"fencing_token: {fencing_token} is older than {self.fencing_high}; "
-                                      "the writer lost its lock")
+            raise failed_precondition(
+                f"fencing_token: {fencing_token} is older than {self.fencing_high}; "
+                "the writer lost its lock"
+            )
         if not entries:
             raise invalid("entries: a push needs at least one gradient")
         slots, seen = [], set()
@@ -119,12 +130,16 @@ class Store:
             slot = self.slot(entry.key, f"{path}.key")
             self._check_gradient(slot, entry, path)
             if self.mode is Mode.BSP and step <= slot.applied_step:
-                raise failed_precondition(f"step: step {step} of {entry.key!r} was already applied "
-                                          f"(last applied step {slot.applied_step})")
+                raise failed_precondition(
+                    f"step: step {step} of {entry.key!r} was already applied "
+                    f"(last applied step {slot.applied_step})"
+                )
             pending = slot.pending.get(step) if self.mode is Mode.BSP else None
             if pending is not None and worker_id in pending.workers:
-                raise failed_precondition(f"worker {worker_id} already pushed step {step} of "
-                                          f"{entry.key!r} with another request_id")
+                raise failed_precondition(
+                    f"worker {worker_id} already pushed step {step} of "
+                    f"{entry.key!r} with another request_id"
+                )
             slots.append(slot)
         return slots
 
@@ -135,23 +150,33 @@ class Store:
             grad = entry.values
             assert grad is not None
             if value.ndim != 2:
-                raise invalid(f"{path}.sparse: key {entry.key!r} has shape {list(value.shape)}; "
-                              "sparse rows need a 2-D key")
+                raise invalid(
+                    f"{path}.sparse: key {entry.key!r} has shape {list(value.shape)}; "
+                    "sparse rows need a 2-D key"
+                )
             if grad.shape[1] != value.shape[1]:
-                raise invalid(f"{path}.sparse.values: {grad.shape[1]} columns, key has {value.shape[1]}")
+                raise invalid(
+                    f"{path}.sparse.values: {grad.shape[1]} columns, key has {value.shape[1]}"
+                )
             if len(entry.rows) and (entry.rows.min() < 0 or entry.rows.max() >= value.shape[0]):
                 raise invalid(f"{path}.sparse.rows: indices must be in [0, {value.shape[0]})")
         elif entry.dense is not None:
             grad = entry.dense
             if grad.shape != value.shape:
-                raise invalid(f"{path}.dense.shape: {list(grad.shape)} differs from the key's "
-                              f"{list(value.shape)}")
+                raise invalid(
+                    f"{path}.dense.shape: {list(grad.shape)} differs from the key's "
+                    f"{list(value.shape)}"
+                )
         else:
             raise invalid(f"{path}: no gradient (set dense or sparse)")
         if grad.dtype != value.dtype:
-            raise invalid(f"{path}: gradient dtype {grad.dtype.name} differs from the key's {value.dtype.name}")
+            raise invalid(
+                f"{path}: gradient dtype {grad.dtype.name} differs from the key's {value.dtype.name}"
+            )
 
-    def push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int = 0) -> PushResult:
+    def push(
+        self, entries: list[Entry], worker_id: int, step: int, fencing_token: int = 0
+    ) -> PushResult:
         """Validate, then apply (ASP/SSP) or accumulate (BSP) every entry."""
         slots = self.check_push(entries, worker_id, step, fencing_token)
         self.fencing_high = max(self.fencing_high, fencing_token)

@@ -1,0 +1,96 @@
+"""Fixtures that start real nanodist servers on free 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def health_status(address: str, timeout: float = 1.0) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+
+
+def wait_healthy(
+    address: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+) -> None:
+    """Poll the standard gRPC health check until SERVING (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before becoming healthy")
+        try:
+            if health_status(address, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{address} not healthy after {timeout}s")
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    args: list[str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def nanodist_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nanodist.workers.cli", *args]
+
+
+@pytest.fixture
+def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
+    """start_server("ps", "--mode", "bsp", ...) -> a healthy Server; all are stopped at teardown."""
+    servers: list[Server] = []
+
+    def start(
+        role: str, *args: str, port: int | None = None, env: dict[str, str] | None = None
+    ) -> Server:
+        port = port or free_port()
+        command = nanodist_command("serve", role, "--port", str(port), *args)
+        log = open(tmp_path / f"{role}-{port}.log", "ab")  # noqa: SIM115
+        process = subprocess.Popen(
+            command, stdout=log, stderr=log, env={**os.environ, **(env or {})}
+        )
+        server = Server(process, port, list(args))
+        servers.append(server)
+        wait_healthy(server.address, process)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

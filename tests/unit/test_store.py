@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+from nanodist.client.codec import Entry
+from nanodist.services.common.errors import ServiceError
+from nanodist.services.parameter_server.optimizers import OptimizerConfig
+from nanodist.services.parameter_server.store import Mode, Store
+
+SGD1 = OptimizerConfig(learning_rate=1.0)
+
+
+def store(mode: Mode, workers: int = 1, staleness: int = 0) -> Store:
+    s = Store(mode, workers, staleness)
+    s.init("w", np.zeros(2), SGD1)
+    return s
+
+
+def grad(*values: float) -> list[Entry]:
+    return [Entry("w", dense=np.array(values, dtype=np.float64))]
+
+
+def test_init_is_idempotent_and_first_writer_wins():
+    s = store(Mode.ASP)
+    assert s.init("w", np.ones(2), SGD1) == (False, 0)
+    assert s.slots["w"].value.tolist() == [0, 0]
+
+
+def test_asp_applies_each_push_at_once():
+    s = store(Mode.ASP)
+    assert s.push(grad(1, 2), worker_id=0, step=0).versions == [1]
+    assert s.push(grad(1, 2), worker_id=5, step=0).versions == [2]
+    assert s.slots["w"].value.tolist() == [-2, -4]
+
+
+def test_bsp_applies_the_mean_once_all_workers_pushed_the_step():
+    s = store(Mode.BSP, workers=3)
+    assert not s.push(grad(3, 0), 0, 0).applied
+    assert not s.push(grad(0, 3), 1, 0).applied
+    assert s.slots["w"].version == 0 and s.slots["w"].value.tolist() == [0, 0]
+    result = s.push(grad(3, 3), 2, 0)
+    assert result.applied and result.versions == [1]
+    assert s.slots["w"].value.tolist() == [-2, -2]
+    assert s.slots["w"].pending == {}
+
+
+def test_bsp_rejects_a_second_push_of_the_same_step_by_a_worker():
+    s = store(Mode.BSP, workers=2)
+    s.push(grad(1, 1), 0, 0)
+    with pytest.raises(ServiceError, match="already pushed step 0"):
+        s.push(grad(1, 1), 0, 0)
+
+
+def test_bsp_rejects_a_step_that_was_already_applied():
+    s = store(Mode.BSP, workers=1)
+    s.push(grad(1, 1), 0, 0)
+    with pytest.raises(ServiceError, match="already applied"):
+        s.push(grad(1, 1), 0, 0)
+
+
+def test_bsp_keeps_steps_apart_when_a_worker_runs_ahead():
+    s = store(Mode.BSP, workers=2)
+    s.push(grad(2, 2), 0, 0)
+    s.push(grad(10, 10), 0, 1)  # worker 0 already on step 1
+    s.push(grad(4, 4), 1, 0)
+    assert s.slots["w"].value.tolist() == [-3, -3] and s.slots["w"].version == 1
+    s.push(grad(0, 0), 1, 1)
+    assert s.slots["w"].value.tolist() == [-8, -8] and s.slots["w"].version == 2
+
+
+def test_bsp_worker_ids_are_bounded():
+    with pytest.raises(ServiceError, match=r"worker_id: 2 is outside \[0, 2\)"):
+        store(Mode.BSP, workers=2).push(grad(1, 1), 2, 0)
+
+
+def test_bsp_sparse_rows_average_and_touch_only_those_rows():
+    s = Store(Mode.BSP, 2)
+    s.init("t", np.zeros((3, 1)), SGD1)
+    s.push([Entry("t", rows=np.array([0, 0]), values=np.array([[1.0], [1.0]]))], 0, 0)
+    s.push([Entry("t", rows=np.array([2]), values=np.array([[4.0]]))], 1, 0)
+    assert s.slots["t"].value.ravel().tolist() == [-1, 0, -2]
+
+
+def test_ssp_pull_is_ready_only_within_the_staleness_bound():
+    s = store(Mode.SSP, workers=2, staleness=1)
+    slots = [s.slots["w"]]
+    s.push(grad(0, 0), 0, 0)
+    s.push(grad(0, 0), 0, 1)  # worker 0 at clock 2, worker 1 at clock 0
+    assert s.ready(slots, 0, clock=1)  # 0 >= 1 - 1
+    assert not s.ready(slots, 0, clock=2)  # needs slowest >= 1
+    s.push(grad(0, 0), 1, 0)
+    assert s.ready(slots, 0, clock=2)
+    assert s.slowest_clock() == 1
+
+
+def test_a_bad_entry_rejects_the_whole_push_and_changes_nothing():
+    s = store(Mode.ASP)
+    s.init("v", np.zeros(3), SGD1)
+    with pytest.raises(ServiceError, match=r"entries\[1\].dense.shape"):
+        s.push([Entry("v", dense=np.ones(3)), Entry("w", dense=np.ones(5))], 0, 0)
+    assert s.slots["v"].value.tolist() == [0, 0, 0] and s.slots["v"].version == 0
+
+
+def test_stale_fencing_token_is_refused():
+    s = store(Mode.ASP)
+    s.push(grad(1, 1), 0, 0, fencing_token=5)
+    with pytest.raises(ServiceError, match="older than 5"):
+        s.push(grad(1, 1), 0, 0, fencing_token=4)
+
+
+def test_dedup_window_forgets_the_oldest_request():
+    s = Store(dedup_window=2)
+    for rid in ("a", "b", "c"):
+        s.remember(rid, rid.encode())
+    assert s.replay("a") is None and s.replay("c") == b"c"
+    assert s.pushes_deduplicated == 1
