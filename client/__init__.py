@@ -1,5 +1,6 @@
 """The nanodist Python client library."""
 
+from nanodist.client.barrier_client import BarrierBroken, BarrierClient, Released
 from nanodist.client.errors import (
     Aborted,
     DeadlineExceeded,
@@ -10,6 +11,8 @@ from nanodist.client.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from nanodist.client.kv_client import KVStore
+from nanodist.client.lock_client import Held, LockClient
 from nanodist.client.ps_client import (
     ParameterServerClient,
     SparseGradient,
@@ -23,6 +26,12 @@ from nanodist.client.retry import RetryPolicy
 from nanodist.client.sharding import shard_of
 
 __all__ = [
+    "BarrierBroken",
+    "BarrierClient",
+    "Held",
+    "KVStore",
+    "LockClient",
+    "Released",
     "Aborted",
     "DeadlineExceeded",
     "FailedPrecondition",

@@ -17,9 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run one service")
     roles = serve.add_subparsers(dest="role", required=True)
 
+    from nanodist.services.barrier import server as barrier_server
+    from nanodist.services.lock import server as lock_server
     from nanodist.services.parameter_server import server as ps_server
 
     ps_server.add_arguments(roles.add_parser("ps", help="parameter-server shard"))
+    barrier_server.add_arguments(roles.add_parser("barrier", help="barrier service"))
+    lock_server.add_arguments(
+        roles.add_parser("lock", help="lock, atomic counter and key-value service")
+    )
     return parser
 
 
@@ -28,9 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         setup_logging(args.log_format)
         if args.role == "ps":
-            from nanodist.services.parameter_server import server as ps_server
+            from nanodist.services.parameter_server import server
 
-            ps_server.run(args)
+        elif args.role == "barrier":
+            from nanodist.services.barrier import server
+        else:
+            from nanodist.services.lock import server
+        server.run(args)
 
 
 if __name__ == "__main__":

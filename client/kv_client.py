@@ -1,0 +1,80 @@
+"""KVStore: the lock server's key-value store, shaped like torch.distributed's Store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from nanodist.client.retry import RetryPolicy
+from nanodist.client.rpc import call, open_channel
+from nanodist.v1 import lock_pb2 as pb
+from nanodist.v1 import lock_pb2_grpc
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+class KVStore:
+    """set/get/add/compare_set/wait/delete_key on bytes values (str is UTF-8 encoded)."""
+
+    def __init__(
+        self, address: str, *, timeout: float = 30.0, retry: RetryPolicy | None = None
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = open_channel(address)
+        self._stub = lock_pb2_grpc.KeyValueStub(self._channel)
+
+    def set(self, key: str, value: bytes | str) -> None:
+        call(
+            self._stub.Set,
+            pb.SetRequest(key=key, value=_bytes(value)),
+            self.timeout,
+            self.address,
+            self.retry,
+        )
+
+    def get(self, key: str) -> bytes:
+        """The value; NotFound if absent (use wait() to block for it)."""
+        return call(
+            self._stub.Get, pb.GetRequest(key=key), self.timeout, self.address, self.retry
+        ).value
+
+    def add(self, key: str, delta: int = 1) -> int:
+        """Atomically add to a counter (absent = 0) and return the new value. Not retried: not idempotent."""
+        return call(
+            self._stub.Add, pb.AddRequest(key=key, delta=delta), self.timeout, self.address
+        ).value
+
+    def compare_set(
+        self, key: str, expected: bytes | str | None, desired: bytes | str
+    ) -> tuple[bool, bytes | None]:
+        """Store `desired` if the key holds `expected` (None: if absent). Returns (swapped, value now)."""
+        request = pb.CompareAndSwapRequest(
+            key=key,
+            expected=_bytes(expected or b""),
+            expect_absent=expected is None,
+            desired=_bytes(desired),
+        )
+        response = call(self._stub.CompareAndSwap, request, self.timeout, self.address)
+        return response.swapped, response.value if response.exists else None
+
+    def delete_key(self, key: str) -> bool:
+        return call(
+            self._stub.Delete, pb.DeleteRequest(key=key), self.timeout, self.address, self.retry
+        ).deleted
+
+    def wait(self, keys: Iterable[str], timeout: float = 60.0) -> None:
+        """Block until every key exists; DeadlineExceeded names the missing keys."""
+        request = pb.WaitKeysRequest(keys=list(keys), timeout_ms=max(1, int(timeout * 1000)))
+        call(self._stub.Wait, request, timeout + 10, self.address, self.retry)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KVStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,139 @@
+"""LockClient: leased locks with fencing tokens, kept alive in the background."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from nanodist.client.barrier_client import default_member_id
+from nanodist.client.errors import NanodistError, NotFound
+from nanodist.client.retry import RetryPolicy
+from nanodist.client.rpc import call, open_channel
+from nanodist.v1 import lock_pb2 as pb
+from nanodist.v1 import lock_pb2_grpc
+
+
+@dataclass
+class Held:
+    """A granted lock. `lost` is set if the lease lapsed before release (the token is then stale)."""
+
+    name: str
+    lease_id: str
+    fencing_token: int
+    ttl: float
+    lost: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+class LockClient:
+    def __init__(
+        self,
+        address: str,
+        owner: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.address = address
+        self.owner = owner or default_member_id()
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = open_channel(address)
+        self._stub = lock_pb2_grpc.LockStub(self._channel)
+
+    def _request(self, name: str, ttl: float, shared: bool, wait: float = 0) -> pb.AcquireRequest:
+        return pb.AcquireRequest(
+            name=name,
+            owner=self.owner,
+            ttl_ms=int(ttl * 1000),
+            wait_timeout_ms=int(wait * 1000),
+            mode=pb.SHARED if shared else pb.EXCLUSIVE,
+        )
+
+    @staticmethod
+    def _held(name: str, response: pb.AcquireResponse) -> Held:
+        return Held(name, response.lease_id, response.fencing_token, response.ttl_ms / 1000)
+
+    def acquire(
+        self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False
+    ) -> Held:
+        """Wait up to `timeout` seconds for the lock (FIFO); DeadlineExceeded names the holder."""
+        response = call(
+            self._stub.Acquire,
+            self._request(name, ttl, shared, timeout),
+            timeout + 10,
+            self.address,
+        )
+        return self._held(name, response)
+
+    def try_acquire(self, name: str, ttl: float = 10.0, shared: bool = False) -> Held | None:
+        response = call(
+            self._stub.TryAcquire, self._request(name, ttl, shared), self.timeout, self.address
+        )
+        return self._held(name, response) if response.acquired else None
+
+    def release(self, held: Held) -> None:
+        held._stop.set()
+        call(
+            self._stub.Release,
+            pb.ReleaseRequest(name=held.name, lease_id=held.lease_id),
+            self.timeout,
+            self.address,
+            self.retry,
+        )
+
+    def keep_alive(self, held: Held) -> None:
+        call(
+            self._stub.KeepAlive,
+            pb.KeepAliveRequest(lease_ids=[held.lease_id]),
+            self.timeout,
+            self.address,
+        )
+
+    def _renew_until_released(self, held: Held) -> None:
+        while not held._stop.wait(held.ttl / 3):
+            try:
+                self.keep_alive(held)
+            except NotFound:
+                held.lost = True
+                return
+            except NanodistError:
+                continue
+
+    @contextmanager
+    def lock(
+        self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False
+    ) -> Iterator[Held]:
+        """`with client.lock("name") as held:` — the lease is renewed until the block exits."""
+        held = self.acquire(name, ttl, timeout, shared)
+        renewer = threading.Thread(target=self._renew_until_released, args=(held,), daemon=True)
+        renewer.start()
+        try:
+            yield held
+        finally:
+            held._stop.set()
+            renewer.join()
+            if not held.lost:
+                self.release(held)
+
+    def status(self, name: str = "") -> list[pb.LockState]:
+        return list(
+            call(
+                self._stub.Status,
+                pb.LockStatusRequest(name=name),
+                self.timeout,
+                self.address,
+                self.retry,
+            ).locks
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LockClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,172 @@
+"""The Barrier gRPC service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+from nanodist.services.barrier.state import Barrier, BarrierBroken
+from nanodist.services.common import config as common_config
+from nanodist.services.common.errors import invalid, not_found
+from nanodist.services.common.leases import Lease, LeaseTable, check_ttl
+from nanodist.services.common.metrics import rpc
+from nanodist.services.common.runtime import serve
+from nanodist.services.common.validation import check_count, check_name, check_range
+from nanodist.v1 import barrier_pb2 as pb
+from nanodist.v1 import barrier_pb2_grpc
+
+DEFAULT_TIMEOUT_MS = 60_000
+MAX_PARTIES = 100_000
+MAX_REASON = 1024
+log = logging.getLogger("nanodist.barrier")
+
+
+class BarrierService(barrier_pb2_grpc.BarrierServicer):
+    def __init__(self) -> None:
+        self.barriers: dict[str, Barrier] = {}
+        self.sessions = LeaseTable()
+
+    def barrier(self, name: str) -> Barrier:
+        check_name(name, "name")
+        barrier = self.barriers.get(name)
+        if barrier is None:
+            barrier = self.barriers[name] = Barrier(name)
+        return barrier
+
+    def _existing(self, name: str) -> Barrier:
+        check_name(name, "name")
+        barrier = self.barriers.get(name)
+        if barrier is None:
+            raise not_found(f"name: no barrier {name!r}")
+        return barrier
+
+    def _session_lapsed(self, lease: Lease) -> None:
+        member = str(lease.payload["member"])
+        for barrier in self.barriers.values():
+            if member in barrier.known and barrier.break_(
+                f"member {member!r} stopped heartbeating "
+                f"(session lease of {lease.ttl_ms} ms lapsed)"
+            ):
+                log.warning("barrier %s broken: session of %s lapsed", barrier.name, member)
+
+    @rpc("barrier", "OpenSession")
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        check_name(request.member_id, "member_id")
+        check_ttl(request.ttl_ms)
+        check_count(len(request.barriers), "barriers", 1000)
+        for i, name in enumerate(request.barriers):
+            check_name(name, f"barriers[{i}]")
+        self.sessions.start()
+        for name in request.barriers:
+            self.barrier(name).known.add(request.member_id)
+        lease = self.sessions.grant(request.ttl_ms, self._session_lapsed, member=request.member_id)
+        return pb.OpenSessionResponse(session_id=lease.lease_id, ttl_ms=lease.ttl_ms)
+
+    @rpc("barrier", "KeepAlive")
+    async def KeepAlive(
+        self, request: pb.KeepAliveSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.KeepAliveSessionResponse:
+        return pb.KeepAliveSessionResponse(ttl_ms=self.sessions.renew(request.session_id).ttl_ms)
+
+    @rpc("barrier", "CloseSession")
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        self.sessions.revoke(request.session_id)
+        return pb.CloseSessionResponse()
+
+    @rpc("barrier", "Wait")
+    async def Wait(
+        self, request: pb.WaitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WaitResponse:
+        check_name(request.member_id, "member_id")
+        check_range(request.parties, "parties", 1, MAX_PARTIES)
+        if request.timeout_ms < 0:
+            raise invalid(f"timeout_ms: must be >= 0, got {request.timeout_ms}")
+        if request.session_id and request.session_id not in self.sessions.leases:
+            raise not_found(
+                f"session_id: session {request.session_id!r} has lapsed or never existed"
+            )
+        barrier = self.barrier(request.name)
+        try:
+            future, index = barrier.arrive(request.member_id, request.parties)
+            timeout = (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
+            try:
+                generation = await asyncio.wait_for(asyncio.shield(future), timeout)
+            except TimeoutError:
+                barrier.break_(f"member {request.member_id!r} timed out after {timeout:g}s")
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    generation = future.result()  # released at the same instant
+                else:
+                    error = barrier.broken or future.exception()
+                    assert isinstance(error, BarrierBroken)
+                    raise BarrierBroken(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, error.message, error.missing
+                    ) from None
+        except BarrierBroken as error:
+            context.set_trailing_metadata((("nanodist-missing", ",".join(error.missing)),))
+            raise
+        return pb.WaitResponse(generation=generation, arrival_index=index)
+
+    @rpc("barrier", "Abort")
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        barrier = self._existing(request.name)
+        if request.member_id:
+            check_name(request.member_id, "member_id")
+        if len(request.reason) > MAX_REASON:
+            raise invalid(f"reason: {len(request.reason)} characters, at most {MAX_REASON}")
+        who = repr(request.member_id) if request.member_id else "a client"
+        barrier.break_(f"aborted by {who}" + (f": {request.reason}" if request.reason else ""))
+        return pb.AbortResponse(generation=barrier.generation)
+
+    @rpc("barrier", "Reset")
+    async def Reset(
+        self, request: pb.ResetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetResponse:
+        return pb.ResetResponse(generation=self._existing(request.name).reset())
+
+    @rpc("barrier", "Status")
+    async def Status(
+        self, request: pb.BarrierStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BarrierStatusResponse:
+        barriers = (
+            [self._existing(request.name)]
+            if request.name
+            else [self.barriers[n] for n in sorted(self.barriers)]
+        )
+        response = pb.BarrierStatusResponse()
+        for b in barriers:
+            response.barriers.add(
+                name=b.name,
+                parties=b.parties,
+                generation=b.generation,
+                arrived=sorted(b.arrived, key=b.arrived.__getitem__),
+                missing=b.missing(),
+                broken_reason=b.broken.message if b.broken else "",
+            )
+        return response
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common_config.add_server_flags(parser, default_port=50061)
+
+
+def run(args: argparse.Namespace) -> None:
+    config = common_config.server_config(args)
+
+    async def main() -> None:
+        service = BarrierService()
+
+        def register(server: grpc.aio.Server) -> list[str]:
+            barrier_pb2_grpc.add_BarrierServicer_to_server(service, server)
+            return [pb.DESCRIPTOR.services_by_name["Barrier"].full_name]
+
+        await serve("barrier", config, register)
+
+    asyncio.run(main())

@@ -1,0 +1,95 @@
+"""Barrier state: generations, arrivals, and breaking with the missing members named."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+from nanodist.services.common.errors import ServiceError, failed_precondition
+
+
+class BarrierBroken(ServiceError):
+    """A generation broke; `missing` names the members that had not arrived."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, missing: list[str]) -> None:
+        super().__init__(code, message)
+        self.missing = missing
+
+
+@dataclass
+class Barrier:
+    name: str
+    parties: int = 0
+    generation: int = 0
+    arrived: dict[str, int] = field(default_factory=dict)  # member -> arrival index
+    known: set[str] = field(default_factory=set)  # members seen in sessions or earlier generations
+    broken: BarrierBroken | None = None
+    released: asyncio.Future[int] | None = None
+
+    def missing(self) -> list[str]:
+        return sorted(self.known - set(self.arrived))
+
+    def describe_missing(self) -> str:
+        absent = self.parties - len(self.arrived)
+        names = self.missing()
+        if names:
+            return f"missing {absent} of {self.parties}: {', '.join(names)}"
+        return f"missing {absent} of {self.parties} (members not yet known)"
+
+    def arrive(self, member: str, parties: int) -> tuple[asyncio.Future[int], int]:
+        """Register an arrival; returns the future of this generation and the arrival index."""
+        if self.broken is not None:
+            raise BarrierBroken(
+                grpc.StatusCode.ABORTED,
+                f"barrier {self.name!r} is broken "
+                f"({self.broken.message}); call Reset to start a fresh generation",
+                self.broken.missing,
+            )
+        if self.arrived and parties != self.parties:
+            raise failed_precondition(
+                f"parties: {parties} differs from {self.parties} of generation "
+                f"{self.generation} of barrier {self.name!r}, in progress"
+            )
+        if self.released is None or self.released.done():
+            self.released = asyncio.get_running_loop().create_future()
+        self.parties = parties
+        self.known.add(member)
+        index = self.arrived.setdefault(member, len(self.arrived))
+        future = self.released
+        if len(self.arrived) >= parties:
+            future.set_result(self.generation)
+            self.generation += 1
+            self.arrived = {}
+        return future, index
+
+    def break_(self, reason: str) -> BarrierBroken | None:
+        """Break the barrier; current waiters and later arrivals get ABORTED until Reset."""
+        if self.broken is not None:
+            return None
+        missing = self.missing()
+        error = BarrierBroken(
+            grpc.StatusCode.ABORTED,
+            f"barrier {self.name!r} generation {self.generation} broke: {reason}; "
+            f"{self.describe_missing()}",
+            missing,
+        )
+        self.broken = error
+        if self.released is not None and not self.released.done():
+            self.released.set_exception(error)
+            self.released.exception()  # mark retrieved: a waiter may already be gone
+        return error
+
+    def reset(self) -> int:
+        if self.released is not None and not self.released.done():
+            self.released.set_exception(
+                BarrierBroken(
+                    grpc.StatusCode.ABORTED, f"barrier {self.name!r} was reset", self.missing()
+                )
+            )
+            self.released.exception()
+        self.broken = None
+        self.arrived = {}
+        self.released = None
+        self.generation += 1
+        return self.generation
