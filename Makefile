@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nanodist/v1/*.proto)
 
-.PHONY: setup proto test lint bench clean
+.PHONY: setup proto test lint bench bench-setup clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The anchors need torch, redis-py and Debian's redis-server; a missing one is reported as skipped.
 bench: $(STAMP)
 	$(BIN)/python bench/ps_throughput.py
+	$(BIN)/python bench/coordination.py
+
+bench-setup: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

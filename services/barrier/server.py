@@ -96,14 +96,15 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
             future, index = barrier.arrive(request.member_id, request.parties)
             timeout = (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
             try:
-                generation = await asyncio.wait_for(asyncio.shield(future), timeout)
+                async with asyncio.timeout(timeout):
+                    generation = await future
             except TimeoutError:
-                barrier.break_(f"member {request.member_id!r} timed out after {timeout:g}s")
                 if future.done() and not future.cancelled() and future.exception() is None:
-                    generation = future.result()  # released at the same instant
+                    generation = future.result()  # released in the same instant
                 else:
-                    error = barrier.broken or future.exception()
-                    assert isinstance(error, BarrierBroken)
+                    barrier.break_(f"member {request.member_id!r} timed out after {timeout:g}s")
+                    error = barrier.broken
+                    assert error is not None
                     raise BarrierBroken(
                         grpc.StatusCode.DEADLINE_EXCEEDED, error.message, error.missing
                     ) from None

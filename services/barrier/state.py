@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,7 +26,9 @@ class Barrier:
     arrived: dict[str, int] = field(default_factory=dict)  # member -> arrival index
     known: set[str] = field(default_factory=set)  # members seen in sessions or earlier generations
     broken: BarrierBroken | None = None
-    released: asyncio.Future[int] | None = None
+    waiters: list[asyncio.Future[int]] = field(
+        default_factory=list
+    )  # one per Wait call in progress
 
     def missing(self) -> list[str]:
         return sorted(self.known - set(self.arrived))
@@ -38,7 +41,7 @@ class Barrier:
         return f"missing {absent} of {self.parties} (members not yet known)"
 
     def arrive(self, member: str, parties: int) -> tuple[asyncio.Future[int], int]:
-        """Register an arrival; returns the future of this generation and the arrival index."""
+        """Register an arrival; returns a future for the generation's release and the arrival index."""
         if self.broken is not None:
             raise BarrierBroken(
                 grpc.StatusCode.ABORTED,
@@ -51,17 +54,22 @@ class Barrier:
                 f"parties: {parties} differs from {self.parties} of generation "
                 f"{self.generation} of barrier {self.name!r}, in progress"
             )
-        if self.released is None or self.released.done():
-            self.released = asyncio.get_running_loop().create_future()
         self.parties = parties
         self.known.add(member)
         index = self.arrived.setdefault(member, len(self.arrived))
-        future = self.released
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.waiters.append(future)
         if len(self.arrived) >= parties:
-            future.set_result(self.generation)
+            self._settle(lambda f: f.set_result(self.generation))
             self.generation += 1
             self.arrived = {}
         return future, index
+
+    def _settle(self, settle: Callable[[asyncio.Future[int]], None]) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():  # a waiter that timed out has cancelled its own future
+                settle(waiter)
+        self.waiters = []
 
     def break_(self, reason: str) -> BarrierBroken | None:
         """Break the barrier; current waiters and later arrivals get ABORTED until Reset."""
@@ -70,26 +78,20 @@ class Barrier:
         missing = self.missing()
         error = BarrierBroken(
             grpc.StatusCode.ABORTED,
-            f"barrier {self.name!r} generation {self.generation} broke: {reason}; "
-            f"{self.describe_missing()}",
+            f"barrier {self.name!r} generation {self.generation} broke: "
+            f"{reason}; {self.describe_missing()}",
             missing,
         )
         self.broken = error
-        if self.released is not None and not self.released.done():
-            self.released.set_exception(error)
-            self.released.exception()  # mark retrieved: a waiter may already be gone
+        self._settle(lambda f: f.set_exception(error))
         return error
 
     def reset(self) -> int:
-        if self.released is not None and not self.released.done():
-            self.released.set_exception(
-                BarrierBroken(
-                    grpc.StatusCode.ABORTED, f"barrier {self.name!r} was reset", self.missing()
-                )
-            )
-            self.released.exception()
+        error = BarrierBroken(
+            grpc.StatusCode.ABORTED, f"barrier {self.name!r} was reset", self.missing()
+        )
+        self._settle(lambda f: f.set_exception(error))
         self.broken = None
         self.arrived = {}
-        self.released = None
         self.generation += 1
         return self.generation

@@ -44,19 +44,27 @@ def rpc(
     """Wrap a unary handler: count and time it, and turn errors into a gRPC status."""
 
     def decorate(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        # Label lookups cost microseconds; resolve the common ones once.
+        latency = LATENCY.labels(service, method)
+        ok = REQUESTS.labels(service, method, "OK")
+
         @functools.wraps(handler)
         async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
             try:
-                return await handler(self, request, context)
+                result = await handler(self, request, context)
             except (ServiceError, CodecError, TimeoutError, ValueError) as exc:
                 code, message = _status(exc)
+                REQUESTS.labels(service, method, code.name).inc()
+                latency.observe(time.perf_counter() - start)
                 await context.abort(code, message)
                 raise  # unreachable: abort raises
-            finally:
-                REQUESTS.labels(service, method, code.name).inc()
-                LATENCY.labels(service, method).observe(time.perf_counter() - start)
+            except Exception:
+                REQUESTS.labels(service, method, "UNKNOWN").inc()
+                raise
+            ok.inc()
+            latency.observe(time.perf_counter() - start)
+            return result
 
         return wrapped
 

@@ -1,0 +1,214 @@
+"""Barrier, lock and counter latency, each as a multiple of one gRPC Python echo round trip.
+
+Anchors in the same run: a 100-byte raw gRPC echo, mpi4py Barrier (mpiexec -n 2),
+a torch.distributed gloo barrier, redis-py SET NX PX + DEL against Debian's
+redis-server, and torch.distributed.TCPStore.add. An anchor whose software is
+missing is reported as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import free_port, nanodist, start, table, wait_ready  # noqa: E402
+from nanodist.client import KVStore, LockClient  # noqa: E402
+from nanodist.v1 import barrier_pb2, barrier_pb2_grpc  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def median_call_us(call: Callable[[], object], count: int) -> float:
+    for _ in range(min(50, count)):
+        call()
+    times = []
+    for _ in range(count):
+        begin = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1e6
+
+
+async def barrier_rounds(address: str, members: int, rounds: int) -> float:
+    """Median µs between consecutive releases seen by member 0, all members as asyncio tasks."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = barrier_pb2_grpc.BarrierStub(channel)
+        releases: list[float] = []
+
+        async def member(index: int) -> None:
+            request = barrier_pb2.WaitRequest(
+                name=f"bench-{members}", parties=members, member_id=f"m{index}", timeout_ms=60_000
+            )
+            for _ in range(rounds):
+                await stub.Wait(request)
+                if index == 0:
+                    releases.append(time.perf_counter())
+
+        await asyncio.gather(*(member(i) for i in range(members)))
+    gaps = [b - a for a, b in zip(releases[10:], releases[11:], strict=False)]
+    return statistics.median(gaps) * 1e6
+
+
+def mpi_barrier_us() -> float | str:
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which(
+        "mpiexec"
+    )
+    if mpiexec is None:
+        return "skipped: mpiexec not found (pip install mpich)"
+    out = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, os.path.join(HERE, "anchors.py"), "mpi-barrier"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return (
+        float(out.stdout.split()[-1])
+        if out.returncode == 0
+        else f"skipped: {out.stderr.strip()[-200:]}"
+    )
+
+
+def torch_anchor(kind: str) -> float | str:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "skipped: torch not installed (pip install torch; bench only)"
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "anchors.py"), kind],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return (
+        float(out.stdout.split()[-1])
+        if out.returncode == 0
+        else f"skipped: {out.stderr.strip()[-200:]}"
+    )
+
+
+def redis_lock_us(count: int) -> float | str:
+    server_bin = shutil.which("redis-server")
+    try:
+        import redis
+    except ImportError:
+        return "skipped: redis-py not installed (pip install redis; bench only)"
+    if server_bin is None:
+        return "skipped: redis-server not installed (apt-get install redis-server)"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as work:
+        server = subprocess.Popen(
+            [
+                server_bin,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                work,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            client = redis.Redis(port=port)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+
+            def take_and_release() -> None:
+                assert client.set("lock", "me", nx=True, px=10_000)
+                client.delete("lock")
+
+            return median_call_us(take_and_release, count)
+        finally:
+            server.terminate()
+            server.wait()
+
+
+def ratio(value: float | str, unit: float) -> str:
+    return f"{value / unit:.2f}" if isinstance(value, float) else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+
+    echo_port, barrier_port, lock_port = free_port(), free_port(), free_port()
+    servers = [
+        start([sys.executable, os.path.join(HERE, "raw_echo_server.py"), str(echo_port)]),
+        nanodist("serve", "barrier", "--port", str(barrier_port)),
+        nanodist("serve", "lock", "--port", str(lock_port)),
+    ]
+    try:
+        for port in (echo_port, barrier_port, lock_port):
+            wait_ready(f"127.0.0.1:{port}")
+        channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
+        echo = channel.unary_unary("/raw.Raw/Echo")
+        payload = b"x" * 100
+        echo_us = median_call_us(lambda: echo(payload), args.calls)
+
+        rows: list[list[object]] = [["gRPC Python echo, 100 B (the unit)", echo_us, "1.00"]]
+        for members in (2, 8, 32):
+            rounds = args.rounds if members < 32 else args.rounds // 2
+            us = asyncio.run(barrier_rounds(f"127.0.0.1:{barrier_port}", members, rounds))
+            rows.append([f"nanodist barrier round, {members} members", us, ratio(us, echo_us)])
+            print(f"  barrier {members} done", file=sys.stderr)
+        for name, value in (
+            ("mpi4py Barrier, 2 ranks", mpi_barrier_us()),
+            ("torch gloo barrier, 2 ranks", torch_anchor("gloo-barrier")),
+        ):
+            rows.append([name, value, ratio(value, echo_us)])
+
+        locks = LockClient(f"127.0.0.1:{lock_port}", "bench")
+
+        def acquire_release() -> None:
+            locks.release(locks.acquire("bench-lock", ttl=10))
+
+        lock_us = median_call_us(acquire_release, args.calls)
+        rows.append(["nanodist acquire+release", lock_us, ratio(lock_us, echo_us)])
+        redis_us = redis_lock_us(args.calls)
+        rows.append(["redis-py SET NX PX + DEL", redis_us, ratio(redis_us, echo_us)])
+
+        store = KVStore(f"127.0.0.1:{lock_port}")
+        add_us = median_call_us(lambda: store.add("bench-counter", 1), args.calls)
+        rows.append(["nanodist KV Add", add_us, ratio(add_us, echo_us)])
+        tcp_add = torch_anchor("tcpstore-add")
+        rows.append(["torch TCPStore.add", tcp_add, ratio(tcp_add, echo_us)])
+
+        print("coordination latency (medians, µs), and as a multiple of one gRPC echo round trip")
+        print(
+            table(
+                ["operation", "µs", "× echo"],
+                [[r[0], r[1] if isinstance(r[1], float) else r[1], r[2]] for r in rows],
+            )
+        )
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
