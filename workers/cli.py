@@ -26,11 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
     lock_server.add_arguments(
         roles.add_parser("lock", help="lock, atomic counter and key-value service")
     )
+    from nanodist.workers.comm import check
+
+    check.add_arguments(
+        commands.add_parser("comm-check", help="check collectives and print bandwidth")
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "comm-check":
+        from nanodist.workers.comm import check
+
+        check.run(args)
     if args.command == "serve":
         setup_logging(args.log_format)
         if args.role == "ps":

@@ -1,0 +1,88 @@
+"""A rank of the communication tests: python -m tests.integration.comm_ranks SCENARIO [BACKEND]
+
+Backends come from the environment (mpiexec, or NANODIST_* for TCP). Exits 0
+when every check passes; on a CommError prints it and exits 3.
+"""
+
+import os
+import sys
+
+import numpy as np
+from nanodist.workers.comm import CommError, Communicator, ReduceOp
+
+DTYPES = [np.float32, np.float64, np.int64]
+
+
+def counts(dtype: type) -> list[int]:
+    itemsize = np.dtype(dtype).itemsize
+    return [0, 1, 7, (1 << 20) // itemsize, (64 << 20) // itemsize]
+
+
+def value(rank: int, count: int, dtype: type) -> np.ndarray:
+    return ((np.arange(count) * (rank + 3)) % 1000 + rank).astype(dtype)
+
+
+def check_all(comm: Communicator) -> None:
+    n = comm.size
+    for dtype in DTYPES:
+        for count in counts(dtype):
+            inputs = [value(r, count, dtype) for r in range(n)]
+            stacked = np.stack(inputs) if count else np.zeros((n, 0), dtype)
+            ops = [ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN] + (
+                [ReduceOp.MEAN] if dtype != np.int64 else []
+            )
+            for op in ops:
+                array = inputs[comm.rank].copy()
+                comm.allreduce(array, op)
+                expected = {
+                    ReduceOp.SUM: stacked.sum(0),
+                    ReduceOp.MAX: stacked.max(0),
+                    ReduceOp.MIN: stacked.min(0),
+                    ReduceOp.MEAN: stacked.sum(0) / n,
+                }[op].astype(dtype)
+                np.testing.assert_allclose(
+                    array, expected, rtol=1e-6, err_msg=f"{op} {dtype} {count}"
+                )
+            for root in {0, n - 1}:
+                array = inputs[comm.rank].copy()
+                comm.broadcast(array, root)
+                np.testing.assert_array_equal(array, inputs[root])
+            np.testing.assert_array_equal(comm.allgather(inputs[comm.rank]), stacked)
+    comm.barrier()
+    matrix = value(comm.rank, 12, np.float64).reshape(3, 4)
+    if comm.rank == 0:
+        comm.send(matrix, 1)
+    elif comm.rank == 1:
+        received = np.empty((3, 4))
+        comm.recv(received, 0)
+        np.testing.assert_array_equal(received, value(0, 12, np.float64).reshape(3, 4))
+    comm.barrier()
+
+
+def loop_until_killed(comm: Communicator) -> None:
+    array = np.ones((16 << 20) // 4, np.float32)
+    print(f"looping {comm.rank}", flush=True)
+    while True:
+        comm.allreduce(array)
+
+
+def mismatch(comm: Communicator) -> None:
+    comm.allreduce(np.ones(10, np.float32 if comm.rank == 0 else np.float64))
+
+
+def main() -> None:
+    scenario = sys.argv[1]
+    comm = Communicator.from_env(sys.argv[2] if len(sys.argv) > 2 else None)
+    try:
+        {"all": check_all, "loop": loop_until_killed, "mismatch": mismatch}[scenario](comm)
+    except CommError as error:
+        print(f"CommError: {error}", flush=True)
+        sys.exit(3)
+    print(
+        f"rank {comm.rank} of {comm.size} ok ({type(comm).__name__}, pid {os.getpid()})", flush=True
+    )
+    comm.close()
+
+
+if __name__ == "__main__":
+    main()

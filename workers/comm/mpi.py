@@ -1,0 +1,95 @@
+"""MPI backend over mpi4py, using only the buffer (upper-case) methods: nothing is pickled.
+
+Large allreduces run in place over 2 MiB pieces: MPICH allocates a fresh
+temporary for each call, and on these machines a whole 64 MiB call spends most
+of its time faulting those pages in (see bench/allreduce.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from nanodist.workers.comm.base import CommError, Communicator, ReduceOp, check_array, signature
+
+CHUNK_BYTES = 2 << 20
+_OPCODES = {"allreduce": 1, "broadcast": 2, "allgather": 3}
+
+
+class MPICommunicator(Communicator):
+    def __init__(self, comm: object | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm or MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.chunk_bytes = chunk_bytes
+        self._ops = {
+            ReduceOp.SUM: MPI.SUM,
+            ReduceOp.MEAN: MPI.SUM,
+            ReduceOp.MAX: MPI.MAX,
+            ReduceOp.MIN: MPI.MIN,
+        }
+        self._sig = np.empty(6, dtype=np.int64)
+
+    def _agree(self, name: str, array: np.ndarray) -> None:
+        """Check with one tiny Allreduce that all ranks call the same collective on the same data."""
+        if self.size == 1:
+            return
+        sig = signature(array, _OPCODES[name])
+        self._sig[:3] = sig
+        self._sig[3:] = [-v for v in sig]
+        mine = self._sig.copy()
+        self.comm.Allreduce(self.MPI.IN_PLACE, self._sig, op=self.MPI.MAX)
+        if not np.array_equal(self._sig, mine):
+            raise CommError(
+                f"rank {self.rank}: ranks disagree on {name}: this rank has "
+                f"{array.dtype.name}[{array.size}], another has (op, dtype, count) in "
+                f"{self._sig[:3].tolist()}..{(-self._sig[3:]).tolist()}"
+            )
+
+    def allreduce(self, array: np.ndarray, op: ReduceOp = ReduceOp.SUM) -> np.ndarray:
+        flat = check_array(array, op)
+        self._agree("allreduce", flat)
+        step = max(1, self.chunk_bytes // flat.itemsize)
+        for start in range(0, flat.size, step):
+            self.comm.Allreduce(self.MPI.IN_PLACE, flat[start : start + step], op=self._ops[op])
+        if op is ReduceOp.MEAN:
+            np.divide(flat, self.size, out=flat)
+        return array
+
+    def broadcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
+        flat = check_array(array)
+        self._agree("broadcast", flat)
+        step = max(1, self.chunk_bytes // flat.itemsize)
+        for start in range(0, flat.size, step):
+            self.comm.Bcast(flat[start : start + step], root=root)
+        return array
+
+    def allgather(self, array: np.ndarray) -> np.ndarray:
+        flat = check_array(np.ascontiguousarray(array))
+        self._agree("allgather", flat)
+        out = np.empty((self.size, *array.shape), dtype=array.dtype)
+        self.comm.Allgather(flat, out.reshape(self.size, -1))
+        return out
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def send(self, array: np.ndarray, dest: int) -> None:
+        self.comm.Send(check_array(np.ascontiguousarray(array)), dest=dest)
+
+    def recv(self, array: np.ndarray, source: int) -> np.ndarray:
+        flat = check_array(array)
+        status = self.MPI.Status()
+        try:
+            self.comm.Recv(flat, source=source, status=status)
+        except self.MPI.Exception as error:
+            raise CommError(
+                f"rank {self.rank}: receive from rank {source} failed: {error}"
+            ) from None
+        if status.Get_count(self.MPI.BYTE) != flat.nbytes:
+            raise CommError(
+                f"rank {self.rank}: received {status.Get_count(self.MPI.BYTE)} bytes from rank "
+                f"{source}, expected {flat.nbytes}"
+            )
+        return array
