@@ -23,6 +23,7 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import free_port, nanodist, start, table, wait_ready  # noqa: E402
+
 from nanodist.client import KVStore, LockClient  # noqa: E402
 from nanodist.v1 import barrier_pb2, barrier_pb2_grpc  # noqa: E402
 

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import MALLOC_ENV, free_port, nanodist, start, table, wait_ready  # noqa: E402
+
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 
 MAX = 1 << 30

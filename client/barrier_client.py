@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 
 import grpc
+
 from nanodist.client.errors import NanodistError, NotFound, from_rpc_error
 from nanodist.client.retry import RetryPolicy
 from nanodist.client.rpc import call, open_channel, trailing

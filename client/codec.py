@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from nanodist.client import wire
 from nanodist.v1 import tensor_pb2
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from nanodist.client import codec
 from nanodist.client.errors import NanodistError, from_rpc_error
 from nanodist.client.retry import RetryPolicy

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from nanodist.client.errors import from_rpc_error
 from nanodist.client.retry import RetryPolicy
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 import grpc
+
 from nanodist.services.barrier.state import Barrier, BarrierBroken
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import invalid, not_found

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+
 from nanodist.services.common.errors import ServiceError, failed_precondition
 
 

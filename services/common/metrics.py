@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
 from nanodist.client.codec import CodecError
 from nanodist.services.common.errors import ServiceError
-from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("nanodist_requests_total", "RPCs handled", ["service", "method", "code"])
 LATENCY = Histogram(

@@ -11,8 +11,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from nanodist.services.common.config import ServerConfig
 from prometheus_client import start_http_server
+
+from nanodist.services.common.config import ServerConfig
 
 log = logging.getLogger("nanodist.server")
 

@@ -7,6 +7,7 @@ import asyncio
 import os
 
 import grpc
+
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import ServiceError, invalid
 from nanodist.services.common.leases import check_ttl

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from nanodist.services.common.errors import invalid
 from nanodist.v1 import parameter_server_pb2 as ps
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
+
 from nanodist.client import codec
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import ServiceError, invalid

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
+
 from nanodist.client.codec import Entry
 from nanodist.services.common.errors import failed_precondition, invalid, not_found
 from nanodist.services.parameter_server.optimizers import Optimizer, OptimizerConfig

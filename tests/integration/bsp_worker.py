@@ -3,6 +3,7 @@
 import sys
 
 import numpy as np
+
 from nanodist.client import ParameterServerClient
 
 SHAPES = {"layer0/w": (64, 32), "layer0/b": (32,), "layer1/w": (32, 10), "emb": (300_000,)}

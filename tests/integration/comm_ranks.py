@@ -8,6 +8,7 @@ import os
 import sys
 
 import numpy as np
+
 from nanodist.workers.comm import CommError, Communicator, ReduceOp
 
 DTYPES = [np.float32, np.float64, np.int64]
@@ -78,8 +79,10 @@ def main() -> None:
     except CommError as error:
         print(f"CommError: {error}", flush=True)
         sys.exit(3)
+    shm = "on" if getattr(comm, "shared_memory", False) else "off"
     print(
-        f"rank {comm.rank} of {comm.size} ok ({type(comm).__name__}, pid {os.getpid()})", flush=True
+        f"rank {comm.rank} of {comm.size} ok ({type(comm).__name__}, shared memory {shm}, pid {os.getpid()})",
+        flush=True,
     )
     comm.close()
 

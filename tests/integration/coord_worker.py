@@ -5,6 +5,7 @@ import sys
 import threading
 
 import grpc
+
 from nanodist.client import BarrierClient, KVStore, LockClient
 from nanodist.v1 import barrier_pb2, barrier_pb2_grpc
 

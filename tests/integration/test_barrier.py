@@ -6,9 +6,9 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+
 from nanodist.client import BarrierBroken, BarrierClient, FailedPrecondition, InvalidArgument
 from nanodist.v1 import barrier_pb2, barrier_pb2_grpc
-
 from tests.conftest import health_status
 
 

@@ -8,6 +8,7 @@ import uuid
 
 import numpy as np
 import pytest
+
 from nanodist.workers.comm import CommError, Communicator, ReduceOp, SingleProcess
 from nanodist.workers.comm.rendezvous import via_kv
 
@@ -22,16 +23,16 @@ def mpiexec(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedPro
     )
 
 
-def tcp_group(
-    lock_address: str, n: int, *args: str, group: str | None = None
-) -> list[subprocess.Popen]:
+def tcp_group(lock_address: str, n: int, *args: str, shm: bool = True) -> list[subprocess.Popen]:
     env = {
         **os.environ,
         "NANODIST_LOCK_ADDRESS": lock_address,
         "NANODIST_WORLD_SIZE": str(n),
-        "NANODIST_GROUP": group or uuid.uuid4().hex,
+        "NANODIST_GROUP": uuid.uuid4().hex,
         "NANODIST_COMM_TIMEOUT": "30",
+        "NANODIST_COMM_SHM": str(int(shm)),
     }
+
     env.pop("NANODIST_RANK", None)
     return [
         subprocess.Popen(
@@ -54,14 +55,17 @@ def test_mpi_dtype_mismatch_is_reported():
     assert "disagree on allreduce" in result.stdout
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_tcp_collectives_match_numpy_after_rendezvous_through_the_lock_service(start_server, n):
+@pytest.mark.parametrize(("n", "shm"), [(2, True), (3, True), (4, True), (3, False)])
+def test_tcp_collectives_match_numpy_after_rendezvous_through_the_lock_service(
+    start_server, n, shm
+):
     lock = start_server("lock")
-    procs = tcp_group(lock.address, n, "all", "tcp")
+    procs = tcp_group(lock.address, n, "all", "tcp", shm=shm)
     outputs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0] * n, outputs
     ranks = sorted(out.split()[1] for out, _ in outputs)
     assert ranks == [str(r) for r in range(n)], "ranks come from the counter, each exactly once"
+    assert all(f"shared memory {'on' if shm else 'off'}" in out for out, _ in outputs), outputs
 
 
 def test_tcp_peer_killed_mid_allreduce_is_named_by_every_survivor(start_server):

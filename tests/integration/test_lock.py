@@ -3,6 +3,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+
 from nanodist.client import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -12,7 +13,6 @@ from nanodist.client import (
     NotFound,
 )
 from nanodist.v1 import lock_pb2, lock_pb2_grpc
-
 from tests.conftest import health_status
 from tests.integration.test_barrier import in_thread, worker
 

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+
 from nanodist.client import (
     DeadlineExceeded,
     InvalidArgument,
@@ -24,7 +25,6 @@ from nanodist.client import (
 )
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.v1 import tensor_pb2
-
 from tests.conftest import free_port, health_status, nanodist_command, wait_healthy
 from tests.integration import bsp_worker
 

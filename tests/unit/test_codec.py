@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from nanodist.client import codec
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.v1 import tensor_pb2

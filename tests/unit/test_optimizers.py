@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+
 from nanodist.services.parameter_server.optimizers import CHUNK_ELEMENTS, Optimizer, OptimizerConfig
 from nanodist.v1 import parameter_server_pb2 as ps
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from nanodist.client.codec import Entry
 from nanodist.services.common.errors import ServiceError
 from nanodist.services.parameter_server.optimizers import OptimizerConfig

@@ -6,6 +6,7 @@ import abc
 from enum import StrEnum
 
 import numpy as np
+
 from nanodist.client.codec import proto_dtype
 
 

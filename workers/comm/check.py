@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+
 from nanodist.workers.comm import CommError, Communicator, ReduceOp
 
 
@@ -80,8 +81,9 @@ def _check(comm: Communicator, size_mb: int) -> None:
         times.append(time.perf_counter() - begin)
     best = min(times)
     if comm.rank == 0:
+        transport = " over same-host shared memory" if getattr(comm, "shared_memory", False) else ""
         print(
-            f"{type(comm).__name__}, {comm.size} ranks: allgather, allreduce and broadcast match numpy; "
+            f"{type(comm).__name__}{transport}, {comm.size} ranks: allgather, allreduce and broadcast match numpy; "
             f"allreduce of {size_mb} MiB float32 in {best * 1e3:.1f} ms = {array.nbytes / best / 1e9:.2f} GB/s",
             flush=True,
         )

@@ -8,6 +8,7 @@ of its time faulting those pages in (see bench/allreduce.py).
 from __future__ import annotations
 
 import numpy as np
+
 from nanodist.workers.comm.base import CommError, Communicator, ReduceOp, check_array, signature
 
 CHUNK_BYTES = 2 << 20

@@ -14,6 +14,7 @@ naming the same culprit instead of blaming its neighbour.
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import struct
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from nanodist.client.codec import numpy_dtype
 from nanodist.workers.comm.base import (
     UFUNCS,
@@ -31,14 +33,16 @@ from nanodist.workers.comm.base import (
     check_array,
     signature,
 )
+from nanodist.workers.comm.shm import WINDOW_BYTES, SharedWindows
 
 FRAME = struct.Struct("<B7xQ")  # kind, payload length
 META = struct.Struct("<qqqqq")  # sequence, opcode, dtype, count, root
 HELLO = struct.Struct("<qq")  # group hash, rank
-DATA, META_KIND, ABORT, HELLO_KIND = 1, 2, 3, 4
+DATA, META_KIND, ABORT, HELLO_KIND, SYNC = 1, 2, 3, 4, 5
 OPCODES = {"allreduce": 1, "broadcast": 2, "allgather": 3, "barrier": 4, "send": 5}
 CHUNK_BYTES = 1 << 20
 DEFAULT_TIMEOUT = 60.0
+SHM_MIN_BYTES = 256 << 10  # below this the socket ring's lower latency wins
 
 
 class _Sender:
@@ -121,6 +125,9 @@ class TCPCommunicator(Communicator):
         for sock in sockets.values():
             sock.settimeout(timeout)
         self._sender = _Sender(self._describe)
+        self._shm: SharedWindows | None = None
+        self._shm_state = "untried" if os.environ.get("NANODIST_COMM_SHM", "1") != "0" else "off"
+        self._empty = memoryview(b"")
 
     # --- building the mesh -------------------------------------------------
 
@@ -311,7 +318,10 @@ class TCPCommunicator(Communicator):
 
         def body() -> None:
             self._agree("allreduce", flat)
-            if flat.size:
+            if flat.nbytes >= SHM_MIN_BYTES and self._shared_windows() is not None:
+                assert self._shm is not None
+                self._shm.allreduce(flat, UFUNCS[op], self.size, self._sync)
+            elif flat.size:
                 n, r = self.size, self.rank
                 bounds = [flat.size * i // n for i in range(n + 1)]
                 reduce_scatter = [((r - t) % n, (r - t - 1) % n, True) for t in range(n - 1)]
@@ -370,6 +380,74 @@ class TCPCommunicator(Communicator):
     def barrier(self) -> None:
         self.allreduce(np.zeros(1, dtype=np.int64))
 
+    def _sync(self) -> None:
+        """A two-hop barrier through rank 0, for the shared-memory windows."""
+        if self.rank == 0:
+            for peer in range(1, self.size):
+                self._recv_frame(peer, SYNC, self._empty)
+            for peer in range(1, self.size):
+                self._send(peer, SYNC, b"")
+            self._sender.flush()
+        else:
+            self._send(0, SYNC, b"")
+            self._sender.flush()
+            self._recv_frame(0, SYNC, self._empty)
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether large allreduces go through same-host shared memory (decided on first use)."""
+        return self._shm is not None
+
+    def _shared_windows(self) -> SharedWindows | None:
+        """Set up shared memory once, collectively; every rank reaches the same answer."""
+        if self._shm_state != "untried":
+            return self._shm
+        own, record = None, np.zeros(64, np.uint8)
+        try:
+            own, raw = SharedWindows.create(WINDOW_BYTES)
+            record = np.frombuffer(raw, np.uint8).copy()
+        except OSError:
+            pass  # no /dev/shm, or it is full: the others learn it from the empty record
+        records = self._gather_plain(record)
+        everyone_created = own is not None and bool(
+            records[:, 0].all()
+        )  # an empty record means "failed"
+        segments = SharedWindows.attach(records, self.rank, own) if everyone_created else None
+        ok = np.array([1 if segments is not None else 0], np.int64)
+        self._ring_allreduce_plain(ok, ReduceOp.MIN)
+        if own is not None:
+            own.unlink()  # every rank has mapped it (or given up): the name is no longer needed
+        if ok[0] and segments is not None and own is not None:
+            self._shm = SharedWindows(own, segments, self.rank, WINDOW_BYTES)
+            self._shm_state = "on"
+        else:
+            for segment in segments or ([own] if own is not None else []):
+                segment.close()
+            self._shm_state = "off"
+        return self._shm
+
+    def _gather_plain(self, record: np.ndarray) -> np.ndarray:
+        out = np.empty((self.size, record.size), record.dtype)
+        out[self.rank] = record
+        n, r = self.size, self.rank
+        bounds = [record.size * i for i in range(n + 1)]
+        self._ring(
+            out.reshape(-1),
+            bounds,
+            [((r - t) % n, (r - t - 1) % n, False) for t in range(n - 1)],
+            None,
+        )
+        self._sender.flush()
+        return out
+
+    def _ring_allreduce_plain(self, flat: np.ndarray, op: ReduceOp) -> None:
+        n, r = self.size, self.rank
+        bounds = [flat.size * i // n for i in range(n + 1)]
+        steps = [((r - t) % n, (r - t - 1) % n, True) for t in range(n - 1)]
+        steps += [((r + 1 - t) % n, (r - t) % n, False) for t in range(n - 1)]
+        self._ring(flat, bounds, steps, UFUNCS[op])
+        self._sender.flush()
+
     def send(self, array: np.ndarray, dest: int) -> None:
         flat = check_array(np.ascontiguousarray(array))
         self._check_peer(dest)
@@ -408,6 +486,8 @@ class TCPCommunicator(Communicator):
             self._sender.flush()
             self._broken = "communicator closed"
         self._sender.stop()
+        if self._shm is not None:
+            self._shm.close()
         for sock in self.sockets.values():
             sock.close()
 
