@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ps_throughput.py
 	$(BIN)/python bench/coordination.py
+	$(BIN)/python bench/allreduce.py
 
 bench-setup: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
