@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nanodist/v1/*.proto)
 
-.PHONY: setup proto test lint bench bench-setup clean
+.PHONY: setup proto test lint demo bench bench-setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ proto: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The whole cluster as local processes: 2 parameter-server shards, barrier, lock,
+# an MPI group and a TCP group of 2 workers each, training on scikit-learn's digits.
+demo: $(STAMP)
+	$(BIN)/nanodist up
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,10 +20,7 @@ RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allreduce_rank
 
 
 def run_group(commands: list[list[str]], timeout: float = 600) -> dict[int, float] | str:
-    procs = [
-        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for c in commands
-    ]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
     outputs = [p.communicate(timeout=timeout) for p in procs]
     if any(p.returncode for p in procs):
         return "failed: " + " | ".join(err.strip()[-200:] for _, err in outputs if err.strip())
@@ -46,19 +43,13 @@ def main() -> None:
     for n in args.ranks:
         results: dict[str, dict[int, float] | str] = {
             "mpi4py raw": run_group([[mpiexec, "-n", str(n), sys.executable, RANKS, "mpi-raw"]]),
-            "nanodist mpi": run_group(
-                [[mpiexec, "-n", str(n), sys.executable, RANKS, "mpi-nanodist"]]
-            ),
+            "nanodist mpi": run_group([[mpiexec, "-n", str(n), sys.executable, RANKS, "mpi-nanodist"]]),
         }
         peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(n))
-        results["nanodist tcp"] = run_group(
-            [[sys.executable, RANKS, "tcp", str(r), peers] for r in range(n)]
-        )
+        results["nanodist tcp"] = run_group([[sys.executable, RANKS, "tcp", str(r), peers] for r in range(n)])
         if have_torch:
             port = str(free_port())
-            results["torch gloo"] = run_group(
-                [[sys.executable, RANKS, "gloo", str(r), str(n), port] for r in range(n)]
-            )
+            results["torch gloo"] = run_group([[sys.executable, RANKS, "gloo", str(r), str(n), port] for r in range(n)])
         else:
             results["torch gloo"] = "skipped: torch not installed (make bench-setup)"
         print(f"  {n} ranks done", file=sys.stderr)
@@ -69,9 +60,7 @@ def main() -> None:
             for mib, seconds in sorted(result.items()):
                 gbs = (mib << 20) / seconds / 1e9
                 rows.append([n, name, mib, seconds * 1e3, gbs, _ratio(results, name, mib, seconds)])
-    print(
-        "allreduce of float32 (medians): ms, algorithm bandwidth GB/s, and the ratio to the anchor"
-    )
+    print("allreduce of float32 (medians): ms, algorithm bandwidth GB/s, and the ratio to the anchor")
     print("(nanodist mpi vs mpi4py raw; nanodist tcp vs torch gloo)")
     print(table(["ranks", "implementation", "MiB", "ms", "GB/s", "× anchor"], rows))
 

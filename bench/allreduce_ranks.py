@@ -20,9 +20,7 @@ SIZES_MIB = [int(s) for s in os.environ.get("BENCH_SIZES_MIB", "1,16,64").split(
 REPEATS = int(os.environ.get("BENCH_REPEATS", "10"))
 
 
-def measure(
-    allreduce: Callable[[np.ndarray], object], barrier: Callable[[], object], rank: int
-) -> None:
+def measure(allreduce: Callable[[np.ndarray], object], barrier: Callable[[], object], rank: int) -> None:
     results = {}
     for mib in SIZES_MIB:
         array = np.ones((mib << 20) // 4, dtype=np.float32)

@@ -76,6 +76,4 @@ def tcpstore_add() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    {"mpi-barrier": mpi_barrier, "gloo-barrier": gloo_barrier, "tcpstore-add": tcpstore_add}[
-        sys.argv[1]
-    ]()
+    {"mpi-barrier": mpi_barrier, "gloo-barrier": gloo_barrier, "tcpstore-add": tcpstore_add}[sys.argv[1]]()

@@ -62,9 +62,7 @@ async def barrier_rounds(address: str, members: int, rounds: int) -> float:
 
 
 def mpi_barrier_us() -> float | str:
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which(
-        "mpiexec"
-    )
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None:
         return "skipped: mpiexec not found (pip install mpich)"
     out = subprocess.run(
@@ -73,11 +71,7 @@ def mpi_barrier_us() -> float | str:
         text=True,
         timeout=120,
     )
-    return (
-        float(out.stdout.split()[-1])
-        if out.returncode == 0
-        else f"skipped: {out.stderr.strip()[-200:]}"
-    )
+    return float(out.stdout.split()[-1]) if out.returncode == 0 else f"skipped: {out.stderr.strip()[-200:]}"
 
 
 def torch_anchor(kind: str) -> float | str:
@@ -91,11 +85,7 @@ def torch_anchor(kind: str) -> float | str:
         text=True,
         timeout=300,
     )
-    return (
-        float(out.stdout.split()[-1])
-        if out.returncode == 0
-        else f"skipped: {out.stderr.strip()[-200:]}"
-    )
+    return float(out.stdout.split()[-1]) if out.returncode == 0 else f"skipped: {out.stderr.strip()[-200:]}"
 
 
 def redis_lock_us(count: int) -> float | str:

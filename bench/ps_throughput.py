@@ -38,9 +38,7 @@ def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def measure(
-    client: ParameterServerClient, channel: grpc.Channel, mb: int, rounds: int
-) -> list[object]:
+def measure(client: ParameterServerClient, channel: grpc.Channel, mb: int, rounds: int) -> list[object]:
     size = mb << 20
     payload = np.random.default_rng(0).random(size // 4, dtype=np.float32)
     blob = payload.tobytes()
@@ -74,9 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument(
-        "--no-malloc-env", action="store_true", help="run without the allocator settings"
-    )
+    parser.add_argument("--no-malloc-env", action="store_true", help="run without the allocator settings")
     args = parser.parse_args()
     env = {} if args.no_malloc_env else MALLOC_ENV
     if any(os.environ.get(k) != v for k, v in env.items()):
@@ -100,9 +96,7 @@ def main() -> None:
             rounds = args.rounds if mb <= 64 else max(3, args.rounds // 3)
             rows.append(measure(client, channel, mb, rounds))
             print(f"  measured {mb} MB", file=sys.stderr)
-        print(
-            f"parameter server (ASP, SGD) vs raw gRPC bytes, GB/s; allocator env: {env or 'glibc default'}"
-        )
+        print(f"parameter server (ASP, SGD) vs raw gRPC bytes, GB/s; allocator env: {env or 'glibc default'}")
         print(
             table(
                 ["MB", "raw push", "ps push", "push ratio", "raw pull", "ps pull", "pull ratio"],

@@ -33,9 +33,7 @@ async def main(port: int) -> None:
             for name, fn in (("Push", push), ("Pull", pull), ("Echo", echo))
         },
     )
-    server = grpc.aio.server(
-        options=[("grpc.max_send_message_length", MAX), ("grpc.max_receive_message_length", MAX)]
-    )
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX), ("grpc.max_receive_message_length", MAX)])
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

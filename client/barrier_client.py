@@ -59,9 +59,7 @@ class BarrierClient:
         self._stub = barrier_pb2_grpc.BarrierStub(self._channel)
         opened = call(
             self._stub.OpenSession,
-            pb.OpenSessionRequest(
-                member_id=self.member_id, ttl_ms=int(session_ttl * 1000), barriers=list(barriers)
-            ),
+            pb.OpenSessionRequest(member_id=self.member_id, ttl_ms=int(session_ttl * 1000), barriers=list(barriers)),
             timeout,
             address,
             self.retry,
@@ -124,9 +122,7 @@ class BarrierClient:
         ).generation
 
     def reset(self, name: str) -> int:
-        return call(
-            self._stub.Reset, pb.ResetRequest(name=name), self.timeout, self.address
-        ).generation
+        return call(self._stub.Reset, pb.ResetRequest(name=name), self.timeout, self.address).generation
 
     def status(self, name: str = "") -> list[pb.BarrierState]:
         return list(

@@ -35,8 +35,7 @@ def proto_dtype(dtype: np.dtype) -> int:
     code = _NUMPY_TO_PROTO.get(np.dtype(dtype).newbyteorder("<"))
     if code is None:
         raise CodecError(
-            f"dtype {np.dtype(dtype)} is not supported; use one of "
-            f"{sorted(str(d) for d in _NUMPY_TO_PROTO)}"
+            f"dtype {np.dtype(dtype)} is not supported; use one of {sorted(str(d) for d in _NUMPY_TO_PROTO)}"
         )
     return code
 
@@ -114,8 +113,7 @@ def decode_tensor(buf: memoryview, span: tuple[int, int], path: str = "tensor") 
     length = data[1] - data[0]
     if length != count * dtype.itemsize:
         raise CodecError(
-            f"{path}.data: {length} bytes, but shape {shape} of {dtype.name} "
-            f"needs {count * dtype.itemsize}"
+            f"{path}.data: {length} bytes, but shape {shape} of {dtype.name} needs {count * dtype.itemsize}"
         )
     return np.frombuffer(buf, dtype=dtype, count=count, offset=data[0]).reshape(tuple(shape))
 
@@ -153,35 +151,27 @@ def _entry_parts(entry: Entry, dense_field: int, extra: wire.Parts) -> wire.Part
     return parts
 
 
-def encode_push(
-    entries: list[Entry], worker_id: int, step: int, request_id: str, fencing_token: int = 0
-) -> bytes:
+def encode_push(entries: list[Entry], worker_id: int, step: int, request_id: str, fencing_token: int = 0) -> bytes:
     """A serialized PushRequest; tensor data is copied exactly once (the join)."""
     message = wire.Parts()
     for entry in entries:
-        message.add_message(
-            1, _entry_parts(entry, 2, wire.Parts().add(wire.int_field(4, entry.offset)))
-        )
+        message.add_message(1, _entry_parts(entry, 2, wire.Parts().add(wire.int_field(4, entry.offset))))
     message.add(wire.int_field(2, worker_id)).add(wire.int_field(3, step))
     message.add(wire.str_field(4, request_id)).add(wire.int_field(5, fencing_token))
     return message.join()
 
 
-def encode_pull_response(entries: list[Entry]) -> bytes:
+def encode_pull_response(entries: list[Entry], slowest_clock: int = 0) -> bytes:
     """A serialized PullResponse built around the values' memory."""
-    message = wire.Parts()
+    message = wire.Parts().add(wire.int_field(2, slowest_clock))
     for entry in entries:
-        extra = (
-            wire.Parts().add(wire.int_field(4, entry.version)).add(wire.int_field(5, entry.offset))
-        )
+        extra = wire.Parts().add(wire.int_field(4, entry.version)).add(wire.int_field(5, entry.offset))
         extra.add(wire.packed_ints(6, entry.shape))
         message.add_message(1, _entry_parts(entry, 2, extra))
     return message.join()
 
 
-def _decode_sparse(
-    buf: memoryview, span: tuple[int, int], path: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _decode_sparse(buf: memoryview, span: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray]:
     rows: list[int] = []
     values: np.ndarray | None = None
     for number, wire_type, value in wire.fields(buf, *span):
@@ -192,9 +182,7 @@ def _decode_sparse(
     if values is None:
         raise CodecError(f"{path}.values: missing")
     if values.ndim != 2 or values.shape[0] != len(rows):
-        raise CodecError(
-            f"{path}.values: shape {list(values.shape)} must be [len(rows)={len(rows)}, columns]"
-        )
+        raise CodecError(f"{path}.values: shape {list(values.shape)} must be [len(rows)={len(rows)}, columns]")
     return np.asarray(rows, dtype=np.int64), values
 
 
@@ -251,15 +239,18 @@ def decode_push(data: bytes) -> PushMessage:
     return message
 
 
-def decode_pull_response(data: bytes) -> list[Entry]:
-    """Parse a PullResponse; values are read-only views of `data`."""
+def decode_pull_response(data: bytes) -> tuple[list[Entry], int]:
+    """Parse a PullResponse into (entries, slowest_clock); values are read-only views of `data`."""
     buf = memoryview(data)
     entries: list[Entry] = []
+    slowest_clock = 0
     try:
         for number, wire_type, value in wire.fields(buf):
             if number == 1 and wire_type == wire.LEN:
                 path = f"entries[{len(entries)}]"
                 entries.append(_decode_entry(buf, value, path, True))  # type: ignore[arg-type]
+            elif number == 2 and wire_type == wire.VARINT:
+                slowest_clock = wire.signed64(value)  # type: ignore[arg-type]
     except wire.WireError as exc:
         raise CodecError(f"malformed PullResponse: {exc}") from exc
-    return entries
+    return entries, slowest_clock

@@ -17,9 +17,7 @@ def _bytes(value: bytes | str) -> bytes:
 class KVStore:
     """set/get/add/compare_set/wait/delete_key on bytes values (str is UTF-8 encoded)."""
 
-    def __init__(
-        self, address: str, *, timeout: float = 30.0, retry: RetryPolicy | None = None
-    ) -> None:
+    def __init__(self, address: str, *, timeout: float = 30.0, retry: RetryPolicy | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -37,19 +35,13 @@ class KVStore:
 
     def get(self, key: str) -> bytes:
         """The value; NotFound if absent (use wait() to block for it)."""
-        return call(
-            self._stub.Get, pb.GetRequest(key=key), self.timeout, self.address, self.retry
-        ).value
+        return call(self._stub.Get, pb.GetRequest(key=key), self.timeout, self.address, self.retry).value
 
     def add(self, key: str, delta: int = 1) -> int:
         """Atomically add to a counter (absent = 0) and return the new value. Not retried: not idempotent."""
-        return call(
-            self._stub.Add, pb.AddRequest(key=key, delta=delta), self.timeout, self.address
-        ).value
+        return call(self._stub.Add, pb.AddRequest(key=key, delta=delta), self.timeout, self.address).value
 
-    def compare_set(
-        self, key: str, expected: bytes | str | None, desired: bytes | str
-    ) -> tuple[bool, bytes | None]:
+    def compare_set(self, key: str, expected: bytes | str | None, desired: bytes | str) -> tuple[bool, bytes | None]:
         """Store `desired` if the key holds `expected` (None: if absent). Returns (swapped, value now)."""
         request = pb.CompareAndSwapRequest(
             key=key,
@@ -61,9 +53,7 @@ class KVStore:
         return response.swapped, response.value if response.exists else None
 
     def delete_key(self, key: str) -> bool:
-        return call(
-            self._stub.Delete, pb.DeleteRequest(key=key), self.timeout, self.address, self.retry
-        ).deleted
+        return call(self._stub.Delete, pb.DeleteRequest(key=key), self.timeout, self.address, self.retry).deleted
 
     def wait(self, keys: Iterable[str], timeout: float = 60.0) -> None:
         """Block until every key exists; DeadlineExceeded names the missing keys."""

@@ -56,9 +56,7 @@ class LockClient:
     def _held(name: str, response: pb.AcquireResponse) -> Held:
         return Held(name, response.lease_id, response.fencing_token, response.ttl_ms / 1000)
 
-    def acquire(
-        self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False
-    ) -> Held:
+    def acquire(self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False) -> Held:
         """Wait up to `timeout` seconds for the lock (FIFO); DeadlineExceeded names the holder."""
         response = call(
             self._stub.Acquire,
@@ -69,9 +67,7 @@ class LockClient:
         return self._held(name, response)
 
     def try_acquire(self, name: str, ttl: float = 10.0, shared: bool = False) -> Held | None:
-        response = call(
-            self._stub.TryAcquire, self._request(name, ttl, shared), self.timeout, self.address
-        )
+        response = call(self._stub.TryAcquire, self._request(name, ttl, shared), self.timeout, self.address)
         return self._held(name, response) if response.acquired else None
 
     def release(self, held: Held) -> None:
@@ -103,9 +99,7 @@ class LockClient:
                 continue
 
     @contextmanager
-    def lock(
-        self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False
-    ) -> Iterator[Held]:
+    def lock(self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False) -> Iterator[Held]:
         """`with client.lock("name") as held:` — the lease is renewed until the block exits."""
         held = self.acquire(name, ttl, timeout, shared)
         renewer = threading.Thread(target=self._renew_until_released, args=(held,), daemon=True)

@@ -35,9 +35,7 @@ def momentum(learning_rate: float, momentum: float = 0.9) -> ps.Optimizer:
     return ps.Optimizer(kind=ps.Optimizer.MOMENTUM, learning_rate=learning_rate, momentum=momentum)
 
 
-def adam(
-    learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8
-) -> ps.Optimizer:
+def adam(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8) -> ps.Optimizer:
     return ps.Optimizer(
         kind=ps.Optimizer.ADAM,
         learning_rate=learning_rate,
@@ -52,9 +50,13 @@ def adagrad(learning_rate: float, epsilon: float = 1e-10) -> ps.Optimizer:
 
 
 class Values(dict[str, np.ndarray]):
-    """Pulled values by key (read-only views of the received message), with their versions."""
+    """Pulled values by key (read-only views of the received message), with their versions.
+
+    `slowest_clock` is the lowest worker clock the shards reported (SSP/BSP bookkeeping).
+    """
 
     versions: dict[str, int]
+    slowest_clock: int = 0
 
 
 class _Shard:
@@ -194,9 +196,7 @@ class ParameterServerClient:
                 key=key, value=codec.to_proto(value), optimizer=opt or sgd(0.01)
             )
             self._nbytes[key] = np.asarray(value).nbytes
-        results = self._fan_out(
-            requests, lambda i, r: self.shards[i].init.future(r, timeout=self.timeout)
-        )
+        results = self._fan_out(requests, lambda i, r: self.shards[i].init.future(r, timeout=self.timeout))
         return {r.key: r.created for response in results.values() for r in response.results}  # type: ignore[attr-defined]
 
     def push(
@@ -216,9 +216,7 @@ class ParameterServerClient:
         payloads: dict[int, list[codec.Entry]] = {}
         for key, grad in grads.items():
             if isinstance(grad, SparseGradient):
-                entry = codec.Entry(
-                    key=key, rows=np.asarray(grad.rows, dtype=np.int64), values=grad.values
-                )
+                entry = codec.Entry(key=key, rows=np.asarray(grad.rows, dtype=np.int64), values=grad.values)
             else:
                 entry = codec.Entry(key=key, dense=codec.as_wire_array(grad))
             payloads.setdefault(self.shard_index(key), []).append(entry)
@@ -240,9 +238,7 @@ class ParameterServerClient:
             versions.update(zip(order[i], response.versions, strict=True))  # type: ignore[attr-defined]
         return versions
 
-    def _push_chunks(
-        self, entries: list[codec.Entry], step: int, request_id: str, token: int
-    ) -> Iterator[bytes]:
+    def _push_chunks(self, entries: list[codec.Entry], step: int, request_id: str, token: int) -> Iterator[bytes]:
         for entry in entries:
             if entry.dense is None:
                 yield codec.encode_push([entry], self.worker_id, step, request_id, token)
@@ -250,9 +246,7 @@ class ParameterServerClient:
             flat = entry.dense.reshape(-1)
             per_chunk = max(1, self.chunk_bytes // flat.itemsize)
             for start in range(0, max(flat.size, 1), per_chunk):
-                piece = codec.Entry(
-                    key=entry.key, dense=flat[start : start + per_chunk], offset=start
-                )
+                piece = codec.Entry(key=entry.key, dense=flat[start : start + per_chunk], offset=start)
                 yield codec.encode_push([piece], self.worker_id, step, request_id, token)
 
     def pull(
@@ -295,14 +289,16 @@ class ParameterServerClient:
 
         values = Values()
         values.versions = {}
-        for entries in self._fan_out(requests, start).values():
-            for entry in (
-                codec.decode_pull_response(entries) if isinstance(entries, bytes) else entries
-            ):  # type: ignore[union-attr]
+        clocks = []
+        for result in self._fan_out(requests, start).values():
+            entries, slowest = codec.decode_pull_response(result) if isinstance(result, bytes) else result  # type: ignore[misc]
+            clocks.append(slowest)
+            for entry in entries:
                 values[entry.key] = entry.dense if entry.dense is not None else entry.values  # type: ignore[assignment]
                 values.versions[entry.key] = entry.version
                 if entry.dense is not None:
                     self._nbytes[entry.key] = entry.dense.nbytes
+        values.slowest_clock = min(clocks, default=0)
         return _ordered(values, keys)
 
     def push_pull(
@@ -336,6 +332,7 @@ class ParameterServerClient:
 def _ordered(values: Values, keys: list[str]) -> Values:
     ordered = Values((k, values[k]) for k in keys)
     ordered.versions = values.versions
+    ordered.slowest_clock = values.slowest_clock
     return ordered
 
 
@@ -350,19 +347,19 @@ class _StreamResult:
     def __init__(self, responses: Iterator[bytes]) -> None:
         self.responses = responses
 
-    def result(self) -> list[codec.Entry]:
+    def result(self) -> tuple[list[codec.Entry], int]:
         out: dict[str, codec.Entry] = {}
         buffers: dict[str, np.ndarray] = {}
+        slowest = 0
         for data in self.responses:
-            for piece in codec.decode_pull_response(data):
+            pieces, slowest = codec.decode_pull_response(data)
+            for piece in pieces:
                 if piece.dense is None or not piece.shape:
                     out[piece.key] = piece
                     continue
                 buffer = buffers.get(piece.key)
                 if buffer is None:
-                    buffer = buffers[piece.key] = np.empty(
-                        int(np.prod(piece.shape)), dtype=piece.dense.dtype
-                    )
+                    buffer = buffers[piece.key] = np.empty(int(np.prod(piece.shape)), dtype=piece.dense.dtype)
                     out[piece.key] = codec.Entry(
                         key=piece.key, dense=buffer.reshape(piece.shape), version=piece.version
                     )
@@ -373,4 +370,4 @@ class _StreamResult:
                         grpc.StatusCode.ABORTED,
                     )
                 buffer[piece.offset : piece.offset + piece.dense.size] = piece.dense.reshape(-1)
-        return list(out.values())
+        return list(out.values()), slowest

@@ -104,9 +104,7 @@ def signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def fields(
-    buf: memoryview, start: int = 0, end: int | None = None
-) -> Iterator[tuple[int, int, int | tuple[int, int]]]:
+def fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int | tuple[int, int]]]:
     """Yield (field number, wire type, value) for each field of a message.
 
     The value is the decoded integer for varint and fixed fields, and the
@@ -142,9 +140,7 @@ def fields(
             raise WireError(f"unsupported wire type {wire_type}")
 
 
-def read_ints(
-    buf: memoryview, wire_type: int, value: int | tuple[int, int], out: list[int]
-) -> None:
+def read_ints(buf: memoryview, wire_type: int, value: int | tuple[int, int], out: list[int]) -> None:
     """Append a repeated int64 field's values, packed or not, to `out`."""
     if wire_type == VARINT:
         out.append(signed64(value))  # type: ignore[arg-type]

@@ -30,9 +30,7 @@ def health_status(address: str, timeout: float = 1.0) -> int:
         return stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
 
 
-def wait_healthy(
-    address: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
-) -> None:
+def wait_healthy(address: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
     """Poll the standard gRPC health check until SERVING (no fixed sleeps)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -77,15 +75,11 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
     """start_server("ps", "--mode", "bsp", ...) -> a healthy Server; all are stopped at teardown."""
     servers: list[Server] = []
 
-    def start(
-        role: str, *args: str, port: int | None = None, env: dict[str, str] | None = None
-    ) -> Server:
+    def start(role: str, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> Server:
         port = port or free_port()
         command = nanodist_command("serve", role, "--port", str(port), *args)
         log = open(tmp_path / f"{role}-{port}.log", "ab")  # noqa: SIM115
-        process = subprocess.Popen(
-            command, stdout=log, stderr=log, env={**os.environ, **(env or {})}
-        )
+        process = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, **(env or {})})
         server = Server(process, port, list(args))
         servers.append(server)
         wait_healthy(server.address, process)

@@ -47,8 +47,7 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
         member = str(lease.payload["member"])
         for barrier in self.barriers.values():
             if member in barrier.known and barrier.break_(
-                f"member {member!r} stopped heartbeating "
-                f"(session lease of {lease.ttl_ms} ms lapsed)"
+                f"member {member!r} stopped heartbeating (session lease of {lease.ttl_ms} ms lapsed)"
             ):
                 log.warning("barrier %s broken: session of %s lapsed", barrier.name, member)
 
@@ -81,17 +80,13 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
         return pb.CloseSessionResponse()
 
     @rpc("barrier", "Wait")
-    async def Wait(
-        self, request: pb.WaitRequest, context: grpc.aio.ServicerContext
-    ) -> pb.WaitResponse:
+    async def Wait(self, request: pb.WaitRequest, context: grpc.aio.ServicerContext) -> pb.WaitResponse:
         check_name(request.member_id, "member_id")
         check_range(request.parties, "parties", 1, MAX_PARTIES)
         if request.timeout_ms < 0:
             raise invalid(f"timeout_ms: must be >= 0, got {request.timeout_ms}")
         if request.session_id and request.session_id not in self.sessions.leases:
-            raise not_found(
-                f"session_id: session {request.session_id!r} has lapsed or never existed"
-            )
+            raise not_found(f"session_id: session {request.session_id!r} has lapsed or never existed")
         barrier = self.barrier(request.name)
         try:
             future, index = barrier.arrive(request.member_id, request.parties)
@@ -106,18 +101,14 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
                     barrier.break_(f"member {request.member_id!r} timed out after {timeout:g}s")
                     error = barrier.broken
                     assert error is not None
-                    raise BarrierBroken(
-                        grpc.StatusCode.DEADLINE_EXCEEDED, error.message, error.missing
-                    ) from None
+                    raise BarrierBroken(grpc.StatusCode.DEADLINE_EXCEEDED, error.message, error.missing) from None
         except BarrierBroken as error:
             context.set_trailing_metadata((("nanodist-missing", ",".join(error.missing)),))
             raise
         return pb.WaitResponse(generation=generation, arrival_index=index)
 
     @rpc("barrier", "Abort")
-    async def Abort(
-        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AbortResponse:
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         barrier = self._existing(request.name)
         if request.member_id:
             check_name(request.member_id, "member_id")
@@ -128,20 +119,14 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
         return pb.AbortResponse(generation=barrier.generation)
 
     @rpc("barrier", "Reset")
-    async def Reset(
-        self, request: pb.ResetRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ResetResponse:
+    async def Reset(self, request: pb.ResetRequest, context: grpc.aio.ServicerContext) -> pb.ResetResponse:
         return pb.ResetResponse(generation=self._existing(request.name).reset())
 
     @rpc("barrier", "Status")
     async def Status(
         self, request: pb.BarrierStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.BarrierStatusResponse:
-        barriers = (
-            [self._existing(request.name)]
-            if request.name
-            else [self.barriers[n] for n in sorted(self.barriers)]
-        )
+        barriers = [self._existing(request.name)] if request.name else [self.barriers[n] for n in sorted(self.barriers)]
         response = pb.BarrierStatusResponse()
         for b in barriers:
             response.barriers.add(

@@ -27,9 +27,7 @@ class Barrier:
     arrived: dict[str, int] = field(default_factory=dict)  # member -> arrival index
     known: set[str] = field(default_factory=set)  # members seen in sessions or earlier generations
     broken: BarrierBroken | None = None
-    waiters: list[asyncio.Future[int]] = field(
-        default_factory=list
-    )  # one per Wait call in progress
+    waiters: list[asyncio.Future[int]] = field(default_factory=list)  # one per Wait call in progress
 
     def missing(self) -> list[str]:
         return sorted(self.known - set(self.arrived))
@@ -46,8 +44,7 @@ class Barrier:
         if self.broken is not None:
             raise BarrierBroken(
                 grpc.StatusCode.ABORTED,
-                f"barrier {self.name!r} is broken "
-                f"({self.broken.message}); call Reset to start a fresh generation",
+                f"barrier {self.name!r} is broken ({self.broken.message}); call Reset to start a fresh generation",
                 self.broken.missing,
             )
         if self.arrived and parties != self.parties:
@@ -79,8 +76,7 @@ class Barrier:
         missing = self.missing()
         error = BarrierBroken(
             grpc.StatusCode.ABORTED,
-            f"barrier {self.name!r} generation {self.generation} broke: "
-            f"{reason}; {self.describe_missing()}",
+            f"barrier {self.name!r} generation {self.generation} broke: {reason}; {self.describe_missing()}",
             missing,
         )
         self.broken = error
@@ -88,9 +84,7 @@ class Barrier:
         return error
 
     def reset(self) -> int:
-        error = BarrierBroken(
-            grpc.StatusCode.ABORTED, f"barrier {self.name!r} was reset", self.missing()
-        )
+        error = BarrierBroken(grpc.StatusCode.ABORTED, f"barrier {self.name!r} was reset", self.missing())
         self._settle(lambda f: f.set_exception(error))
         self.broken = None
         self.arrived = {}

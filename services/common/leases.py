@@ -17,9 +17,7 @@ SWEEP_SECONDS = 0.05
 
 def check_ttl(ttl_ms: int, field_name: str = "ttl_ms") -> int:
     if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
-        raise invalid(
-            f"{field_name}: {ttl_ms} is outside [{MIN_TTL_MS}, {MAX_TTL_MS}] milliseconds"
-        )
+        raise invalid(f"{field_name}: {ttl_ms} is outside [{MIN_TTL_MS}, {MAX_TTL_MS}] milliseconds")
     return ttl_ms
 
 
@@ -43,9 +41,7 @@ class LeaseTable:
         self._task: asyncio.Task[None] | None = None
 
     def grant(self, ttl_ms: int, on_expire: Callable[[Lease], None], **payload: object) -> Lease:
-        lease = Lease(
-            uuid.uuid4().hex, ttl_ms, time.monotonic() + ttl_ms / 1000, on_expire, dict(payload)
-        )
+        lease = Lease(uuid.uuid4().hex, ttl_ms, time.monotonic() + ttl_ms / 1000, on_expire, dict(payload))
         self.leases[lease.lease_id] = lease
         return lease
 

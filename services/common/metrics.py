@@ -39,9 +39,7 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
-def rpc(
-    service: str, method: str
-) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+def rpc(service: str, method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
     """Wrap a unary handler: count and time it, and turn errors into a gRPC status."""
 
     def decorate(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -79,9 +77,7 @@ def rpc_stream(
 
     def decorate(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
         @functools.wraps(handler)
-        async def wrapped(
-            self: Any, request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[T]:
+        async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:

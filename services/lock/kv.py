@@ -51,9 +51,7 @@ class KeyValueStore:
         try:
             value = int(raw)
         except ValueError:
-            raise failed_precondition(
-                f"key: {key!r} holds {raw[:32]!r}, not a decimal integer"
-            ) from None
+            raise failed_precondition(f"key: {key!r} holds {raw[:32]!r}, not a decimal integer") from None
         value += delta
         if not -(1 << 63) <= value < 1 << 63:
             raise failed_precondition(f"key: adding {delta} to {key!r} overflows int64")
@@ -66,9 +64,7 @@ class KeyValueStore:
         while missing := [k for k in keys if k not in self.values]:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TimeoutError(
-                    f"waited {timeout:g}s; keys still missing: {', '.join(missing[:20])}"
-                )
+                raise TimeoutError(f"waited {timeout:g}s; keys still missing: {', '.join(missing[:20])}")
             try:
                 await asyncio.wait_for(self.changed.wait(), remaining)
             except TimeoutError:

@@ -34,9 +34,7 @@ class FencingTokens:
         self.last = start
         self.ceiling = start
         if self.path is None:
-            log.warning(
-                "no --state-dir: fencing tokens after a restart rely on the wall clock moving forward"
-            )
+            log.warning("no --state-dir: fencing tokens after a restart rely on the wall clock moving forward")
 
     def next(self) -> int:
         self.last += 1
@@ -78,9 +76,7 @@ class NamedLock:
     def compatible(self, mode: int) -> bool:
         if not self.holders:
             return True
-        return mode == pb.SHARED and all(
-            h.payload["mode"] == pb.SHARED for h in self.holders.values()
-        )
+        return mode == pb.SHARED and all(h.payload["mode"] == pb.SHARED for h in self.holders.values())
 
 
 class LockTable:
@@ -98,9 +94,7 @@ class LockTable:
     def _grant(self, lock: NamedLock, owner: str, mode: int, ttl_ms: int) -> Lease:
         token = self.tokens.next()
         lock.last_token = token
-        lease = self.leases.grant(
-            ttl_ms, self._lapsed, lock=lock.name, owner=owner, mode=mode, token=token
-        )
+        lease = self.leases.grant(ttl_ms, self._lapsed, lock=lock.name, owner=owner, mode=mode, token=token)
         lock.holders[lease.lease_id] = lease
         return lease
 
@@ -145,6 +139,4 @@ class LockTable:
             request = lock.queue.popleft()
             if request.granted.done():  # the waiter already gave up
                 continue
-            request.granted.set_result(
-                self._grant(lock, request.owner, request.mode, request.ttl_ms)
-            )
+            request.granted.set_result(self._grant(lock, request.owner, request.mode, request.ttl_ms))

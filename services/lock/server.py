@@ -56,17 +56,13 @@ class LockService(lock_pb2_grpc.LockServicer):
         )
 
     @rpc("lock", "TryAcquire")
-    async def TryAcquire(
-        self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AcquireResponse:
+    async def TryAcquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         self._check(request)
         lease = self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms)
         return self._granted(lease) if lease else pb.AcquireResponse(acquired=False)
 
     @rpc("lock", "Acquire")
-    async def Acquire(
-        self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AcquireResponse:
+    async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         self._check(request)
         timeout = _check_timeout(request.wait_timeout_ms, "wait_timeout_ms")
         lease = self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms)
@@ -79,9 +75,7 @@ class LockService(lock_pb2_grpc.LockServicer):
             self.table.withdraw(request.name, waiter)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            holders = ", ".join(
-                str(h.payload["owner"]) for h in self.table.locks[request.name].holders.values()
-            )
+            holders = ", ".join(str(h.payload["owner"]) for h in self.table.locks[request.name].holders.values())
             raise ServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"lock {request.name!r} not granted within {timeout:g}s; held by {holders or 'nobody'}",
@@ -89,17 +83,13 @@ class LockService(lock_pb2_grpc.LockServicer):
         return self._granted(lease)
 
     @rpc("lock", "Release")
-    async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         check_name(request.name, "name")
         self.table.release(request.name, request.lease_id)
         return pb.ReleaseResponse()
 
     @rpc("lock", "KeepAlive")
-    async def KeepAlive(
-        self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.KeepAliveResponse:
+    async def KeepAlive(self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext) -> pb.KeepAliveResponse:
         check_count(len(request.lease_ids), "lease_ids", 10_000)
         if not request.lease_ids:
             raise invalid("lease_ids: name at least one lease")
@@ -107,9 +97,7 @@ class LockService(lock_pb2_grpc.LockServicer):
         return pb.KeepAliveResponse(ttl_ms=min(lease.ttl_ms for lease in leases))
 
     @rpc("lock", "Status")
-    async def Status(
-        self, request: pb.LockStatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LockStatusResponse:
+    async def Status(self, request: pb.LockStatusRequest, context: grpc.aio.ServicerContext) -> pb.LockStatusResponse:
         names = [check_name(request.name, "name")] if request.name else sorted(self.table.locks)
         response = pb.LockStatusResponse()
         for name in names:
@@ -132,22 +120,16 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
         self.store = store
 
     @rpc("kv", "Get")
-    async def Get(
-        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetResponse:
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
         return pb.GetResponse(value=self.store.get(check_name(request.key, "key")))
 
     @rpc("kv", "Set")
-    async def Set(
-        self, request: pb.SetRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SetResponse:
+    async def Set(self, request: pb.SetRequest, context: grpc.aio.ServicerContext) -> pb.SetResponse:
         self.store.set(check_name(request.key, "key"), request.value)
         return pb.SetResponse()
 
     @rpc("kv", "Delete")
-    async def Delete(
-        self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DeleteResponse:
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         return pb.DeleteResponse(deleted=self.store.delete(check_name(request.key, "key")))
 
     @rpc("kv", "CompareAndSwap")
@@ -157,20 +139,14 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
         swapped, value = self.store.compare_and_swap(
             check_name(request.key, "key"), request.expected, request.expect_absent, request.desired
         )
-        return pb.CompareAndSwapResponse(
-            swapped=swapped, value=value or b"", exists=value is not None
-        )
+        return pb.CompareAndSwapResponse(swapped=swapped, value=value or b"", exists=value is not None)
 
     @rpc("kv", "Add")
-    async def Add(
-        self, request: pb.AddRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AddResponse:
+    async def Add(self, request: pb.AddRequest, context: grpc.aio.ServicerContext) -> pb.AddResponse:
         return pb.AddResponse(value=self.store.add(check_name(request.key, "key"), request.delta))
 
     @rpc("kv", "Wait")
-    async def Wait(
-        self, request: pb.WaitKeysRequest, context: grpc.aio.ServicerContext
-    ) -> pb.WaitKeysResponse:
+    async def Wait(self, request: pb.WaitKeysRequest, context: grpc.aio.ServicerContext) -> pb.WaitKeysResponse:
         if not request.keys:
             raise invalid("keys: name at least one key")
         check_count(len(request.keys), "keys", MAX_WAIT_KEYS)

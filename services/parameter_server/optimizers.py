@@ -80,9 +80,7 @@ class Optimizer:
         self._scratch = np.empty(min(param.size, CHUNK_ELEMENTS), dtype=param.dtype)
         self._scratch2 = np.empty_like(self._scratch) if config.kind == ps.Optimizer.ADAM else None
 
-    def apply(
-        self, param: np.ndarray, grad: np.ndarray, states: list[np.ndarray], scale: float = 1.0
-    ) -> None:
+    def apply(self, param: np.ndarray, grad: np.ndarray, states: list[np.ndarray], scale: float = 1.0) -> None:
         """param -= update(grad * scale); `states` are this rule's state arrays, same layout."""
         self.steps += 1
         c = self.config
@@ -145,9 +143,7 @@ class Optimizer:
     def apply_dense(self, param: np.ndarray, grad: np.ndarray, scale: float = 1.0) -> None:
         self.apply(param.reshape(-1), grad.reshape(-1), [s.reshape(-1) for s in self.states], scale)
 
-    def apply_rows(
-        self, param: np.ndarray, rows: np.ndarray, grad: np.ndarray, scale: float = 1.0
-    ) -> None:
+    def apply_rows(self, param: np.ndarray, rows: np.ndarray, grad: np.ndarray, scale: float = 1.0) -> None:
         """Update only `rows` of a 2-D parameter (rows unique); state rows follow."""
         p = param[rows]
         states = [s[rows] for s in self.states]

@@ -42,9 +42,7 @@ class ParameterServerService:
     # --- Init -----------------------------------------------------------
 
     @rpc("ps", "Init")
-    async def init(
-        self, request: ps.InitRequest, context: grpc.aio.ServicerContext
-    ) -> ps.InitResponse:
+    async def init(self, request: ps.InitRequest, context: grpc.aio.ServicerContext) -> ps.InitResponse:
         check_count(len(request.entries), "entries", MAX_ENTRIES)
         prepared = []
         names = set()
@@ -58,12 +56,8 @@ class ParameterServerService:
                 raise invalid(f"{path}.value: missing")
             value = codec.from_proto(entry.value, f"{path}.value")
             if value.dtype.kind != "f":
-                raise invalid(
-                    f"{path}.value.dtype: parameters must be floating point, got {value.dtype.name}"
-                )
-            prepared.append(
-                (entry.key, value, OptimizerConfig.from_proto(entry.optimizer, f"{path}.optimizer"))
-            )
+                raise invalid(f"{path}.value.dtype: parameters must be floating point, got {value.dtype.name}")
+            prepared.append((entry.key, value, OptimizerConfig.from_proto(entry.optimizer, f"{path}.optimizer")))
         response = ps.InitResponse()
         for key, value, optimizer in prepared:
             created, version = self.store.init(key, value, optimizer)
@@ -82,9 +76,7 @@ class ParameterServerService:
         return await self._commit(message)
 
     @rpc("ps", "PushStream")
-    async def push_stream(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> bytes:
+    async def push_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         dense: dict[str, tuple[np.ndarray, int, Slot]] = {}
         try:
             return await self._assemble_stream(requests, dense)
@@ -133,16 +125,11 @@ class ParameterServerService:
             self.store.slot(entry.key, "entries.key"),
         )
         if buffer is None:
-            buffer = (
-                slot.spare.pop()
-                if slot.spare
-                else np.empty(slot.value.size, dtype=slot.value.dtype)
-            )
+            buffer = slot.spare.pop() if slot.spare else np.empty(slot.value.size, dtype=slot.value.dtype)
         piece = entry.dense.reshape(-1)
         if piece.dtype != buffer.dtype:
             raise invalid(
-                f"PushStream: {entry.key!r} slice dtype {piece.dtype.name} differs from "
-                f"the key's {buffer.dtype.name}"
+                f"PushStream: {entry.key!r} slice dtype {piece.dtype.name} differs from the key's {buffer.dtype.name}"
             )
         if entry.offset != filled or filled + piece.size > buffer.size:
             raise invalid(
@@ -155,9 +142,7 @@ class ParameterServerService:
     async def _commit(self, message: codec.PushMessage) -> bytes:
         if message.request_id:
             if len(message.request_id) > MAX_REQUEST_ID:
-                raise invalid(
-                    f"request_id: {len(message.request_id)} characters, at most {MAX_REQUEST_ID}"
-                )
+                raise invalid(f"request_id: {len(message.request_id)} characters, at most {MAX_REQUEST_ID}")
             replay = self.store.replay(message.request_id)
             if replay is not None:
                 return replay
@@ -165,9 +150,7 @@ class ParameterServerService:
             check_name(entry.key, f"entries[{i}].key")
             if entry.offset:
                 raise invalid(f"entries[{i}].offset: only PushStream takes slices")
-        result = self.store.push(
-            message.entries, message.worker_id, message.step, message.fencing_token
-        )
+        result = self.store.push(message.entries, message.worker_id, message.step, message.fencing_token)
         response = ps.PushResponse(versions=result.versions, applied=result.applied)
         if message.request_id:
             response_bytes = ps.PushResponse(
@@ -180,9 +163,7 @@ class ParameterServerService:
 
     # --- Pull -----------------------------------------------------------
 
-    async def _await_ready(
-        self, request: ps.PullRequest, context: grpc.aio.ServicerContext
-    ) -> list[Slot]:
+    async def _await_ready(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> list[Slot]:
         check_count(len(request.entries), "entries", MAX_ENTRIES)
         if not request.entries:
             raise invalid("entries: a pull needs at least one key")
@@ -201,9 +182,7 @@ class ParameterServerService:
         try:
             async with self.changed:
                 await asyncio.wait_for(
-                    self.changed.wait_for(
-                        lambda: self.store.ready(slots, request.min_version, request.clock)
-                    ),
+                    self.changed.wait_for(lambda: self.store.ready(slots, request.min_version, request.clock)),
                     timeout,
                 )
         except TimeoutError:
@@ -241,28 +220,22 @@ class ParameterServerService:
         if size > self.max_message_bytes:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"pull of {size} bytes exceeds the message limit of "
-                f"{self.max_message_bytes} bytes; use PullStream",
+                f"pull of {size} bytes exceeds the message limit of {self.max_message_bytes} bytes; use PullStream",
             )
-        data = codec.encode_pull_response(entries)
+        data = codec.encode_pull_response(entries, self.store.slowest_clock())
         BYTES.labels("ps", "out").inc(len(data))
         return data
 
     @rpc_stream("ps", "PullStream")
-    async def pull_stream(
-        self, request: ps.PullRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    async def pull_stream(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         slots = await self._await_ready(request, context)
         chunk_bytes = request.chunk_bytes or DEFAULT_CHUNK_BYTES
         if not 1024 <= chunk_bytes <= self.max_message_bytes - 4096:
-            raise invalid(
-                f"chunk_bytes: {chunk_bytes} is outside [1024, {self.max_message_bytes - 4096}]"
-            )
+            raise invalid(f"chunk_bytes: {chunk_bytes} is outside [1024, {self.max_message_bytes - 4096}]")
         for i, (entry, slot) in enumerate(zip(request.entries, slots, strict=True)):
             if entry.rows:
-                data = codec.encode_pull_response(
-                    [self._value(entry.key, slot, list(entry.rows), f"entries[{i}]")]
-                )
+                value = self._value(entry.key, slot, list(entry.rows), f"entries[{i}]")
+                data = codec.encode_pull_response([value], self.store.slowest_clock())
                 BYTES.labels("ps", "out").inc(len(data))
                 yield data
                 continue
@@ -278,16 +251,14 @@ class ParameterServerService:
                     offset=start,
                     shape=list(slot.value.shape),
                 )
-                data = codec.encode_pull_response([piece])
+                data = codec.encode_pull_response([piece], self.store.slowest_clock())
                 BYTES.labels("ps", "out").inc(len(data))
                 yield data
 
     # --- metadata -------------------------------------------------------
 
     @rpc("ps", "ListKeys")
-    async def list_keys(
-        self, request: ps.ListKeysRequest, context: grpc.aio.ServicerContext
-    ) -> ps.ListKeysResponse:
+    async def list_keys(self, request: ps.ListKeysRequest, context: grpc.aio.ServicerContext) -> ps.ListKeysResponse:
         response = ps.ListKeysResponse()
         for key in sorted(self.store.slots):
             slot = self.store.slots[key]
@@ -301,9 +272,7 @@ class ParameterServerService:
         return response
 
     @rpc("ps", "Stats")
-    async def stats(
-        self, request: ps.StatsRequest, context: grpc.aio.ServicerContext
-    ) -> ps.StatsResponse:
+    async def stats(self, request: ps.StatsRequest, context: grpc.aio.ServicerContext) -> ps.StatsResponse:
         s = self.store
         clocks = [s.clocks.get(w, 0) for w in range(max(s.clocks, default=-1) + 1)]
         return ps.StatsResponse(

@@ -104,9 +104,7 @@ class Store:
 
     # --- push -----------------------------------------------------------
 
-    def check_push(
-        self, entries: list[Entry], worker_id: int, step: int, fencing_token: int
-    ) -> list[Slot]:
+    def check_push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int) -> list[Slot]:
         """Validate a whole push before any of it is applied, so a bad entry changes nothing."""
         if self.mode is not Mode.ASP and not 0 <= worker_id < self.num_workers:
             raise invalid(
@@ -117,8 +115,7 @@ class Store:
             raise invalid(f"step: must be >= 0, got {step}")
         if fencing_token and fencing_token < self.fencing_high:
             raise failed_precondition(
-                f"fencing_token: {fencing_token} is older than {self.fencing_high}; "
-                "the writer lost its lock"
+                f"fencing_token: {fencing_token} is older than {self.fencing_high}; the writer lost its lock"
             )
         if not entries:
             raise invalid("entries: a push needs at least one gradient")
@@ -132,14 +129,12 @@ class Store:
             self._check_gradient(slot, entry, path)
             if self.mode is Mode.BSP and step <= slot.applied_step:
                 raise failed_precondition(
-                    f"step: step {step} of {entry.key!r} was already applied "
-                    f"(last applied step {slot.applied_step})"
+                    f"step: step {step} of {entry.key!r} was already applied (last applied step {slot.applied_step})"
                 )
             pending = slot.pending.get(step) if self.mode is Mode.BSP else None
             if pending is not None and worker_id in pending.workers:
                 raise failed_precondition(
-                    f"worker {worker_id} already pushed step {step} of "
-                    f"{entry.key!r} with another request_id"
+                    f"worker {worker_id} already pushed step {step} of {entry.key!r} with another request_id"
                 )
             slots.append(slot)
         return slots
@@ -152,32 +147,22 @@ class Store:
             assert grad is not None
             if value.ndim != 2:
                 raise invalid(
-                    f"{path}.sparse: key {entry.key!r} has shape {list(value.shape)}; "
-                    "sparse rows need a 2-D key"
+                    f"{path}.sparse: key {entry.key!r} has shape {list(value.shape)}; sparse rows need a 2-D key"
                 )
             if grad.shape[1] != value.shape[1]:
-                raise invalid(
-                    f"{path}.sparse.values: {grad.shape[1]} columns, key has {value.shape[1]}"
-                )
+                raise invalid(f"{path}.sparse.values: {grad.shape[1]} columns, key has {value.shape[1]}")
             if len(entry.rows) and (entry.rows.min() < 0 or entry.rows.max() >= value.shape[0]):
                 raise invalid(f"{path}.sparse.rows: indices must be in [0, {value.shape[0]})")
         elif entry.dense is not None:
             grad = entry.dense
             if grad.shape != value.shape:
-                raise invalid(
-                    f"{path}.dense.shape: {list(grad.shape)} differs from the key's "
-                    f"{list(value.shape)}"
-                )
+                raise invalid(f"{path}.dense.shape: {list(grad.shape)} differs from the key's {list(value.shape)}")
         else:
             raise invalid(f"{path}: no gradient (set dense or sparse)")
         if grad.dtype != value.dtype:
-            raise invalid(
-                f"{path}: gradient dtype {grad.dtype.name} differs from the key's {value.dtype.name}"
-            )
+            raise invalid(f"{path}: gradient dtype {grad.dtype.name} differs from the key's {value.dtype.name}")
 
-    def push(
-        self, entries: list[Entry], worker_id: int, step: int, fencing_token: int = 0
-    ) -> PushResult:
+    def push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int = 0) -> PushResult:
         """Validate, then apply (ASP/SSP) or accumulate (BSP) every entry."""
         slots = self.check_push(entries, worker_id, step, fencing_token)
         self.fencing_high = max(self.fencing_high, fencing_token)

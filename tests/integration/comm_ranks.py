@@ -29,9 +29,7 @@ def check_all(comm: Communicator) -> None:
         for count in counts(dtype):
             inputs = [value(r, count, dtype) for r in range(n)]
             stacked = np.stack(inputs) if count else np.zeros((n, 0), dtype)
-            ops = [ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN] + (
-                [ReduceOp.MEAN] if dtype != np.int64 else []
-            )
+            ops = [ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN] + ([ReduceOp.MEAN] if dtype != np.int64 else [])
             for op in ops:
                 array = inputs[comm.rank].copy()
                 comm.allreduce(array, op)
@@ -41,9 +39,7 @@ def check_all(comm: Communicator) -> None:
                     ReduceOp.MIN: stacked.min(0),
                     ReduceOp.MEAN: stacked.sum(0) / n,
                 }[op].astype(dtype)
-                np.testing.assert_allclose(
-                    array, expected, rtol=1e-6, err_msg=f"{op} {dtype} {count}"
-                )
+                np.testing.assert_allclose(array, expected, rtol=1e-6, err_msg=f"{op} {dtype} {count}")
             for root in {0, n - 1}:
                 array = inputs[comm.rank].copy()
                 comm.broadcast(array, root)

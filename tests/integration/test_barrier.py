@@ -89,10 +89,7 @@ def test_a_timeout_breaks_the_barrier_for_every_waiter_and_reset_recovers(start_
     assert failure.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert failure.value.missing == ["late"]
     thread.join(timeout=5)
-    assert (
-        isinstance(outcome["error"], BarrierBroken)
-        and outcome["error"].code == grpc.StatusCode.ABORTED
-    )
+    assert isinstance(outcome["error"], BarrierBroken) and outcome["error"].code == grpc.StatusCode.ABORTED
     (state,) = early.status("t")
     assert "timed out" in state.broken_reason
     with pytest.raises(BarrierBroken, match="call Reset"):
@@ -165,15 +162,11 @@ def test_a_thousand_concurrent_waiters_are_all_released(start_server):
         ),
     ],
 )
-def test_bad_wait_requests_are_invalid_and_the_server_stays_healthy(
-    start_server, request_fields, message
-):
+def test_bad_wait_requests_are_invalid_and_the_server_stays_healthy(start_server, request_fields, message):
     server = start_server("barrier")
     with grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError) as failure:
-            barrier_pb2_grpc.BarrierStub(channel).Wait(
-                barrier_pb2.WaitRequest(**request_fields), timeout=5
-            )
+            barrier_pb2_grpc.BarrierStub(channel).Wait(barrier_pb2.WaitRequest(**request_fields), timeout=5)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in failure.value.details()
     assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING

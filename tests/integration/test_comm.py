@@ -18,9 +18,7 @@ RANKS = [sys.executable, "-m", "tests.integration.comm_ranks"]
 
 def mpiexec(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     assert MPIEXEC, "mpiexec comes with the mpich wheel; run make setup"
-    return subprocess.run(
-        [MPIEXEC, "-n", str(n), *RANKS, *args], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([MPIEXEC, "-n", str(n), *RANKS, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def tcp_group(lock_address: str, n: int, *args: str, shm: bool = True) -> list[subprocess.Popen]:
@@ -35,9 +33,7 @@ def tcp_group(lock_address: str, n: int, *args: str, shm: bool = True) -> list[s
 
     env.pop("NANODIST_RANK", None)
     return [
-        subprocess.Popen(
-            [*RANKS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        subprocess.Popen([*RANKS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(n)
     ]
 
@@ -56,9 +52,7 @@ def test_mpi_dtype_mismatch_is_reported():
 
 
 @pytest.mark.parametrize(("n", "shm"), [(2, True), (3, True), (4, True), (3, False)])
-def test_tcp_collectives_match_numpy_after_rendezvous_through_the_lock_service(
-    start_server, n, shm
-):
+def test_tcp_collectives_match_numpy_after_rendezvous_through_the_lock_service(start_server, n, shm):
     lock = start_server("lock")
     procs = tcp_group(lock.address, n, "all", "tcp", shm=shm)
     outputs = [p.communicate(timeout=240) for p in procs]
@@ -71,9 +65,7 @@ def test_tcp_collectives_match_numpy_after_rendezvous_through_the_lock_service(
 def test_tcp_peer_killed_mid_allreduce_is_named_by_every_survivor(start_server):
     lock = start_server("lock")
     procs = tcp_group(lock.address, 3, "loop", "tcp")
-    ranks = [
-        int(p.stdout.readline().split()[1]) for p in procs
-    ]  # "looping RANK", ranks from the counter
+    ranks = [int(p.stdout.readline().split()[1]) for p in procs]  # "looping RANK", ranks from the counter
     victim, victim_rank = procs[1], ranks[1]
     victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()

@@ -202,9 +202,7 @@ def test_kv_semantics(start_server):
         ),
     ],
 )
-def test_bad_lock_requests_are_invalid_and_the_server_stays_healthy(
-    start_server, method, request_message, message
-):
+def test_bad_lock_requests_are_invalid_and_the_server_stays_healthy(start_server, method, request_message, message):
     server = start_server("lock")
     with grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError) as failure:

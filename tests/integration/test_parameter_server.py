@@ -56,9 +56,7 @@ def test_bsp_concurrent_workers_on_two_shards_match_sequential_sgd(start_server)
     for key, value in initial.items():
         expected = value.copy()
         for step in range(steps):
-            expected -= lr * np.mean(
-                [bsp_worker.gradient(w, step, key) for w in range(workers)], axis=0
-            )
+            expected -= lr * np.mean([bsp_worker.gradient(w, step, key) for w in range(workers)], axis=0)
         np.testing.assert_allclose(final[key], expected, rtol=1e-10, atol=1e-12)
         assert final.versions[key] == steps
 
@@ -87,9 +85,7 @@ def test_a_retried_streamed_push_is_applied_once(start_server):
 def test_client_retries_unavailable_until_the_server_comes_up(tmp_path):
     port = free_port()
     client = ParameterServerClient([f"127.0.0.1:{port}"])
-    server = subprocess.Popen(
-        nanodist_command("serve", "ps", "--port", str(port)), stderr=subprocess.DEVNULL
-    )
+    server = subprocess.Popen(nanodist_command("serve", "ps", "--port", str(port)), stderr=subprocess.DEVNULL)
     try:
         assert client.init({"w": np.zeros(2)}) == {"w": True}  # first attempts hit a closed port
     finally:
@@ -187,9 +183,7 @@ BAD_PUSHES = [
 
 
 @pytest.mark.parametrize(("entry", "code", "message"), BAD_PUSHES)
-def test_bad_push_gets_a_precise_status_and_leaves_the_server_intact(
-    start_server, entry, code, message
-):
+def test_bad_push_gets_a_precise_status_and_leaves_the_server_intact(start_server, entry, code, message):
     server = start_server("ps")
     with ParameterServerClient([server.address]) as client:
         client.init({"w": np.arange(4, dtype=np.float32)})
@@ -214,9 +208,7 @@ def test_bad_init_names_the_field(start_server):
             "must be floating point",
         ),
         (
-            ps.InitEntry(
-                key="x", value=codec.to_proto(np.zeros(1)), optimizer=ps.Optimizer(learning_rate=-1)
-            ),
+            ps.InitEntry(key="x", value=codec.to_proto(np.zeros(1)), optimizer=ps.Optimizer(learning_rate=-1)),
             "entries[0].optimizer.learning_rate",
         ),
         (ps.InitEntry(key="x"), "entries[0].value: missing"),
@@ -258,11 +250,7 @@ def test_health_reflection_and_metrics_are_served(start_server):
     with grpc.insecure_channel(server.address) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert {"nanodist.v1.ParameterServer", "grpc.health.v1.Health"} <= set(services)
-    body = (
-        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     assert 'nanodist_requests_total{code="OK",method="Push",service="ps"} 1.0' in body
     assert "nanodist_ps_keys 1.0" in body
     assert "nanodist_request_seconds_bucket" in body
@@ -276,9 +264,7 @@ def test_sigterm_stops_gracefully(start_server):
 def test_environment_variables_configure_the_server(tmp_path):
     port = free_port()
     env = {"NANODIST_PORT": str(port), "NANODIST_MODE": "bsp", "NANODIST_NUM_WORKERS": "4"}
-    process = subprocess.Popen(
-        nanodist_command("serve", "ps"), env={**os.environ, **env}, stderr=subprocess.DEVNULL
-    )
+    process = subprocess.Popen(nanodist_command("serve", "ps"), env={**os.environ, **env}, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"127.0.0.1:{port}", process)
         with ParameterServerClient([f"127.0.0.1:{port}"]) as client:

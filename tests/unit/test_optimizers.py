@@ -17,9 +17,7 @@ def run(kind, grads, **config):
 
 def test_sgd_by_hand():
     # w = [1, -2]; g = [0.5, 1]; lr 0.1 -> [0.95, -2.1]; again g = [1, -1] -> [0.85, -2.0]
-    assert run(ps.Optimizer.SGD, [[0.5, 1.0], [1.0, -1.0]], learning_rate=0.1) == pytest.approx(
-        [0.85, -2.0]
-    )
+    assert run(ps.Optimizer.SGD, [[0.5, 1.0], [1.0, -1.0]], learning_rate=0.1) == pytest.approx([0.85, -2.0])
 
 
 def test_momentum_by_hand():
@@ -54,9 +52,7 @@ def test_adam_by_hand():
     assert got[0] == pytest.approx(expected0)
 
 
-@pytest.mark.parametrize(
-    "kind", [ps.Optimizer.SGD, ps.Optimizer.MOMENTUM, ps.Optimizer.ADAM, ps.Optimizer.ADAGRAD]
-)
+@pytest.mark.parametrize("kind", [ps.Optimizer.SGD, ps.Optimizer.MOMENTUM, ps.Optimizer.ADAM, ps.Optimizer.ADAGRAD])
 def test_chunked_update_matches_a_whole_array_reference(kind):
     rng = np.random.default_rng(1)
     size = CHUNK_ELEMENTS * 2 + 17  # crosses chunk boundaries
@@ -78,17 +74,13 @@ def test_chunked_update_matches_a_whole_array_reference(kind):
 
 def test_scale_averages_the_gradient():
     param = np.array([1.0])
-    Optimizer(OptimizerConfig(learning_rate=1.0), param).apply_dense(
-        param, np.array([4.0]), scale=0.25
-    )
+    Optimizer(OptimizerConfig(learning_rate=1.0), param).apply_dense(param, np.array([4.0]), scale=0.25)
     assert param.tolist() == [0.0]
 
 
 def test_row_update_touches_only_those_rows_and_their_state():
     table = np.ones((4, 2))
-    opt = Optimizer(
-        OptimizerConfig(kind=ps.Optimizer.MOMENTUM, learning_rate=0.5, momentum=0.9), table
-    )
+    opt = Optimizer(OptimizerConfig(kind=ps.Optimizer.MOMENTUM, learning_rate=0.5, momentum=0.9), table)
     opt.apply_rows(table, np.array([1, 3]), np.array([[1.0, 1.0], [2.0, 2.0]]))
     assert table.tolist() == [[1, 1], [0.5, 0.5], [1, 1], [0, 0]]
     assert opt.states[0].tolist() == [[0, 0], [1, 1], [0, 0], [2, 2]]

@@ -14,9 +14,7 @@ PROTO_DIR = os.path.join(ROOT, "protos")
 def test_generated_code_matches_the_protos(tmp_path):
     sources = sorted(glob.glob(os.path.join(PROTO_DIR, "nanodist", "v1", "*.proto")))
     staged = tmp_path / "protos"
-    shutil.copytree(
-        PROTO_DIR, staged, ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__")
-    )
+    shutil.copytree(PROTO_DIR, staged, ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
     subprocess.run(
         [
             sys.executable,
@@ -30,9 +28,7 @@ def test_generated_code_matches_the_protos(tmp_path):
         ],
         check=True,
     )
-    generated = sorted(
-        p for p in os.listdir(staged / "nanodist" / "v1") if p.endswith((".py", ".pyi"))
-    )
+    generated = sorted(p for p in os.listdir(staged / "nanodist" / "v1") if p.endswith((".py", ".pyi")))
     assert generated, "protoc produced nothing"
     for name in generated:
         committed = os.path.join(PROTO_DIR, "nanodist", "v1", name)

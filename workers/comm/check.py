@@ -21,12 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nprocs",
         type=int,
         default=2,
-        help="launch this many local ranks (mpiexec for mpi, static peers for tcp) unless "
-        "already inside a group",
+        help="launch this many local ranks (mpiexec for mpi, static peers for tcp) unless already inside a group",
     )
-    parser.add_argument(
-        "--size-mb", type=int, default=16, help="allreduce size for the bandwidth figure"
-    )
+    parser.add_argument("--size-mb", type=int, default=16, help="allreduce size for the bandwidth figure")
 
 
 def _free_port() -> int:
@@ -51,9 +48,7 @@ def _launch(args: argparse.Namespace) -> int:
         return subprocess.call([mpiexec, "-n", str(args.nprocs), *command])
     peers = ",".join(f"127.0.0.1:{_free_port()}" for _ in range(args.nprocs))
     procs = [
-        subprocess.Popen(
-            command, env={**os.environ, "NANODIST_PEERS": peers, "NANODIST_RANK": str(r)}
-        )
+        subprocess.Popen(command, env={**os.environ, "NANODIST_PEERS": peers, "NANODIST_RANK": str(r)})
         for r in range(args.nprocs)
     ]
     return max(p.wait() for p in procs)

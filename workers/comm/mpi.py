@@ -85,9 +85,7 @@ class MPICommunicator(Communicator):
         try:
             self.comm.Recv(flat, source=source, status=status)
         except self.MPI.Exception as error:
-            raise CommError(
-                f"rank {self.rank}: receive from rank {source} failed: {error}"
-            ) from None
+            raise CommError(f"rank {self.rank}: receive from rank {source} failed: {error}") from None
         if status.Get_count(self.MPI.BYTE) != flat.nbytes:
             raise CommError(
                 f"rank {self.rank}: received {status.Get_count(self.MPI.BYTE)} bytes from rank "

@@ -38,9 +38,7 @@ def via_kv(
             if rank is None:
                 rank = store.add(f"{group}/next-rank", 1) - 1
                 if rank >= size:
-                    raise CommError(
-                        f"group {group!r} already has its {size} ranks; use a new group name per job"
-                    )
+                    raise CommError(f"group {group!r} already has its {size} ranks; use a new group name per job")
             if not 0 <= rank < size:
                 raise CommError(f"rank {rank} is outside [0, {size}) for group {group!r}")
             listener = listen(host)
@@ -52,17 +50,11 @@ def via_kv(
             except DeadlineExceeded:
                 missing = [r for r in range(size) if not _exists(store, keys[r])]
                 listener.close()
-                raise CommError(
-                    f"group {group!r}: ranks {missing} did not join within {timeout:g}s"
-                ) from None
+                raise CommError(f"group {group!r}: ranks {missing} did not join within {timeout:g}s") from None
             addresses = [store.get(key).decode() for key in keys]
     except NanodistError as error:
-        raise CommError(
-            f"rendezvous of group {group!r} through {kv_address} failed: {error}"
-        ) from None
-    return TCPCommunicator.connect(
-        rank, addresses, listener, group=group, timeout=timeout, chunk_bytes=chunk_bytes
-    )
+        raise CommError(f"rendezvous of group {group!r} through {kv_address} failed: {error}") from None
+    return TCPCommunicator.connect(rank, addresses, listener, group=group, timeout=timeout, chunk_bytes=chunk_bytes)
 
 
 def _exists(store: KVStore, key: str) -> bool:
@@ -86,6 +78,4 @@ def via_peers(
         raise CommError(f"rank {rank} is outside [0, {len(peers)}) for peers {peers}")
     host, port = peers[rank].rsplit(":", 1)
     listener = listen(host if host != "localhost" else "127.0.0.1", int(port))
-    return TCPCommunicator.connect(
-        rank, peers, listener, group=group, timeout=timeout, chunk_bytes=chunk_bytes
-    )
+    return TCPCommunicator.connect(rank, peers, listener, group=group, timeout=timeout, chunk_bytes=chunk_bytes)

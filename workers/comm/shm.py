@@ -33,9 +33,7 @@ class SharedWindows:
         self.segments = peers  # index = rank; peers[rank] is `own`
         self.rank = rank
         self.window_bytes = window_bytes
-        self.windows_done = (
-            0  # alternates the buffer across calls, so a late reader is never overwritten
-        )
+        self.windows_done = 0  # alternates the buffer across calls, so a late reader is never overwritten
 
     @staticmethod
     def create(window_bytes: int) -> tuple[shared_memory.SharedMemory, bytes]:

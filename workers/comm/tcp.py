@@ -49,17 +49,15 @@ class _Sender:
     """A thread that sends queued frames in order; errors surface at the next flush()."""
 
     def __init__(self, describe: Callable[[int, BaseException], str]) -> None:
-        self.queue: queue.SimpleQueue[
-            tuple[int, socket.socket, bytes, memoryview | None] | threading.Event
-        ] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[int, socket.socket, bytes, memoryview | None] | threading.Event] = (
+            queue.SimpleQueue()
+        )
         self.error: str | None = None
         self.describe = describe
         self.thread = threading.Thread(target=self._run, name="nanodist-tcp-sender", daemon=True)
         self.thread.start()
 
-    def put(
-        self, peer: int, sock: socket.socket, header: bytes, payload: memoryview | None = None
-    ) -> None:
+    def put(self, peer: int, sock: socket.socket, header: bytes, payload: memoryview | None = None) -> None:
         self.queue.put((peer, sock, header, payload))
 
     def flush(self) -> None:
@@ -162,9 +160,7 @@ class TCPCommunicator(Communicator):
                     sock, _ = listener.accept()
                 except TimeoutError:
                     missing = sorted(set(range(rank)) - set(sockets))
-                    raise CommError(
-                        f"rank {rank}: ranks {missing} did not connect within {timeout:g}s"
-                    ) from None
+                    raise CommError(f"rank {rank}: ranks {missing} did not connect within {timeout:g}s") from None
                 _tune(sock)
                 sock.settimeout(max(0.1, deadline - time.monotonic()))
                 header = _recv_exact(sock, FRAME.size + HELLO.size)
@@ -270,13 +266,9 @@ class TCPCommunicator(Communicator):
         if theirs != mine:
             names = ("sequence", "operation", "dtype", "count", "root")
             diffs = [
-                f"{n} {_show(n, a)} vs {_show(n, b)}"
-                for n, a, b in zip(names, mine, theirs, strict=True)
-                if a != b
+                f"{n} {_show(n, a)} vs {_show(n, b)}" for n, a, b in zip(names, mine, theirs, strict=True) if a != b
             ]
-            raise CommError(
-                f"rank {self.rank} and rank {left} disagree on {name}: " + ", ".join(diffs)
-            )
+            raise CommError(f"rank {self.rank} and rank {left} disagree on {name}: " + ", ".join(diffs))
 
     def _chunks(self, start: int, end: int, itemsize: int) -> list[tuple[int, int]]:
         step = max(1, self.chunk_bytes // itemsize)
@@ -409,9 +401,7 @@ class TCPCommunicator(Communicator):
         except OSError:
             pass  # no /dev/shm, or it is full: the others learn it from the empty record
         records = self._gather_plain(record)
-        everyone_created = own is not None and bool(
-            records[:, 0].all()
-        )  # an empty record means "failed"
+        everyone_created = own is not None and bool(records[:, 0].all())  # an empty record means "failed"
         segments = SharedWindows.attach(records, self.rank, own) if everyone_created else None
         ok = np.array([1 if segments is not None else 0], np.int64)
         self._ring_allreduce_plain(ok, ReduceOp.MIN)
@@ -477,9 +467,7 @@ class TCPCommunicator(Communicator):
 
     def _check_peer(self, peer: int) -> None:
         if peer == self.rank or not 0 <= peer < self.size:
-            raise ValueError(
-                f"rank {self.rank}: {peer} is not another rank of a group of size {self.size}"
-            )
+            raise ValueError(f"rank {self.rank}: {peer} is not another rank of a group of size {self.size}")
 
     def close(self) -> None:
         if self._broken is None:
@@ -511,9 +499,7 @@ def _dial(address: str, deadline: float, error: str) -> socket.socket:
     host, port = address.rsplit(":", 1)
     while True:
         try:
-            sock = socket.create_connection(
-                (host, int(port)), timeout=max(0.1, deadline - time.monotonic())
-            )
+            sock = socket.create_connection((host, int(port)), timeout=max(0.1, deadline - time.monotonic()))
             _tune(sock)
             return sock
         except OSError as exc:

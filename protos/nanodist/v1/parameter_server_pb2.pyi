@@ -143,10 +143,12 @@ class ValueEntry(_message.Message):
     def __init__(self, key: _Optional[str] = ..., dense: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sparse: _Optional[_Union[_tensor_pb2.SparseRows, _Mapping]] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "slowest_clock")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SLOWEST_CLOCK_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[ValueEntry]
-    def __init__(self, entries: _Optional[_Iterable[_Union[ValueEntry, _Mapping]]] = ...) -> None: ...
+    slowest_clock: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[ValueEntry, _Mapping]]] = ..., slowest_clock: _Optional[int] = ...) -> None: ...
 
 class ListKeysRequest(_message.Message):
     __slots__ = ()

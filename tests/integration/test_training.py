@@ -1,0 +1,246 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from nanodist.workers.data import ShardSampler, load_digits
+from nanodist.workers.models import MLP
+from tests.conftest import nanodist_command
+
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def up(tmp_path, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, str]:
+    run_id = f"t-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run(
+        nanodist_command("up", "--run-id", run_id, "--runs-dir", str(tmp_path), *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return result, run_id
+
+
+def test_up_trains_digits_to_95_percent_and_leaves_nothing_behind(tmp_path):
+    result, run_id = up(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
+    assert metrics["final_test_accuracy"] >= 0.95
+    assert len(metrics["epochs"]) == 10 and metrics["world_size"] == 4
+    tokens = [e["eval_fencing_token"] for e in metrics["epochs"]]
+    assert tokens == sorted(set(tokens)), "each evaluation held the eval lock with a newer token"
+    timings = metrics["timings"]["mean_ms_per_step"]
+    assert {"compute", "allreduce", "push", "pull", "broadcast", "wait"} <= set(timings)
+    assert (tmp_path / run_id / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"test accuracy {metrics['final_test_accuracy']:.4f} after 10 epochs" in result.stdout
+    assert processes_mentioning(run_id) == []
+
+
+@pytest.mark.parametrize("mode", ["asp", "ssp"])
+def test_asynchronous_modes_converge(tmp_path, mode):
+    result, run_id = up(tmp_path, "--mode", mode, "--staleness", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
+    assert metrics["final_test_accuracy"] >= 0.93
+
+
+def test_ctrl_c_stops_every_process_and_exits_non_zero(tmp_path):
+    run_id = f"t-{uuid.uuid4().hex[:8]}"
+    process = subprocess.Popen(
+        nanodist_command("up", "--run-id", run_id, "--runs-dir", str(tmp_path), "--epochs", "1000"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:
+        if "epoch 1/1000 step" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert processes_mentioning(run_id) == []
+
+
+def test_a_failing_worker_stops_the_cluster_and_is_named(tmp_path):
+    result, run_id = up(tmp_path, "--batch-size", "5000", timeout=120)
+    assert result.returncode == 1
+    assert "exceeds the shard" in result.stdout
+    assert "failed: group" in result.stderr and "exited with status 2" in result.stderr
+    assert processes_mentioning(run_id) == []
+
+
+def test_up_rejects_unequal_groups_at_once(tmp_path):
+    result, _ = up(tmp_path, "--groups", "mpi:2,tcp:3", timeout=30)
+    assert result.returncode == 1 and "all groups need the same size" in result.stderr
+
+
+def start_workers(servers: dict, run_id: str, tmp_path, *extra: str, flat: bool = False) -> list[subprocess.Popen]:
+    common = [
+        "--ps",
+        servers["ps"],
+        "--barrier",
+        servers["barrier"],
+        "--lock",
+        servers["lock"],
+        "--run-id",
+        run_id,
+        "--runs-dir",
+        str(tmp_path),
+        "--num-groups",
+        "2",
+        "--group-size",
+        "2",
+        "--timeout",
+        "60",
+        *extra,
+    ]
+    common += ["--flat"] if flat else []
+    assert MPIEXEC, "mpiexec comes with the mpich wheel"
+    mpi = subprocess.Popen(
+        [MPIEXEC, "-n", "2", *nanodist_command("worker", "--backend", "mpi", "--group-id", "0", *common)]
+    )
+    tcp = [
+        subprocess.Popen(nanodist_command("worker", "--backend", "tcp", "--group-id", "1", *common)) for _ in range(2)
+    ]
+    return [mpi, *tcp]
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["hierarchical", "flat"])
+def test_synchronous_training_equals_single_process_training_on_the_combined_batch(start_server, tmp_path, flat):
+    steps, lr, batch, seed = 6, 0.3, 16, 5
+    pushers = "4" if flat else "2"
+    shards = [start_server("ps", "--mode", "bsp", "--num-workers", pushers) for _ in range(2)]
+    servers = {
+        "ps": ",".join(s.address for s in shards),
+        "barrier": start_server("barrier").address,
+        "lock": start_server("lock").address,
+    }
+    dump = tmp_path / "params.npz"
+    run_id = f"eq-{uuid.uuid4().hex[:8]}"
+    procs = start_workers(
+        servers,
+        run_id,
+        tmp_path,
+        "--max-steps",
+        str(steps),
+        "--epochs",
+        "1",
+        "--lr",
+        str(lr),
+        "--batch-size",
+        str(batch),
+        "--seed",
+        str(seed),
+        "--dump-params",
+        str(dump),
+        flat=flat,
+    )
+    assert [p.wait(timeout=180) for p in procs] == [0] * 3
+
+    data = load_digits(seed=seed)
+    model = MLP((64, 64, 10))
+    params = model.init(seed)
+    samplers = [ShardSampler(len(data.y_train), rank, 4, seed=seed) for rank in range(4)]
+    for t in range(steps):
+        combined = np.concatenate([s.batches(1, batch)[t] for s in samplers])
+        _, grads = model.loss_and_grads(params, data.x_train[combined], data.y_train[combined])
+        params = {k: v - np.float32(lr) * grads[k] for k, v in params.items()}
+    with np.load(dump, allow_pickle=False) as trained:
+        for key, expected in params.items():
+            np.testing.assert_allclose(trained[key.replace("/", ".")], expected, rtol=1e-4, atol=2e-6, err_msg=key)
+
+
+def test_ssp_fast_workers_never_run_more_than_s_steps_ahead_of_a_slow_one(start_server, tmp_path):
+    staleness = 2
+    ps = start_server("ps", "--mode", "ssp", "--num-workers", "3", "--staleness", str(staleness))
+    barrier, lock = start_server("barrier"), start_server("lock")
+    run_id = f"ssp-{uuid.uuid4().hex[:8]}"
+    common = [
+        "--ps",
+        ps.address,
+        "--barrier",
+        barrier.address,
+        "--lock",
+        lock.address,
+        "--run-id",
+        run_id,
+        "--runs-dir",
+        str(tmp_path),
+        "--num-groups",
+        "3",
+        "--group-size",
+        "1",
+        "--mode",
+        "ssp",
+        "--staleness",
+        str(staleness),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "30",
+    ]
+    procs = [
+        subprocess.Popen(
+            nanodist_command("worker", "--group-id", str(g), *common, *(["--slow-ms", "40"] if g == 2 else []))
+        )
+        for g in range(3)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 3
+    clocks = json.loads((tmp_path / run_id / "metrics.json").read_text())["clocks"]
+    leads = {worker: [own - slowest for own, slowest in records] for worker, records in clocks.items()}
+    assert max(max(v) for v in leads.values()) <= staleness, leads
+    assert max(leads["0"]) == staleness, "the fast workers should have run ahead up to the bound"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ps", "127.0.0.1:1", "--timeout", "3"], "127.0.0.1:1 unreachable"),
+        (["--backend", "carrier-pigeon"], "--backend 'carrier-pigeon' is unknown"),
+        (["--batch-size", "5000"], "batch size 5000 exceeds the shard"),
+        (["--group-id", "3", "--num-groups", "2"], "--group-id 3 is outside [0, 2)"),
+    ],
+)
+def test_bad_worker_configuration_fails_fast_and_clearly(start_server, args, message):
+    lock = start_server("lock")
+    begin = time.monotonic()
+    result = subprocess.run(
+        nanodist_command("worker", "--run-id", "bad", "--lock", lock.address, "--barrier", lock.address, *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert time.monotonic() - begin < 20
+
+
+def test_group_size_mismatch_under_mpiexec_is_reported():
+    assert MPIEXEC
+    result = subprocess.run(
+        [MPIEXEC, "-n", "3", *nanodist_command("worker", "--run-id", "bad", "--backend", "mpi", "--group-size", "2")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "group-size mismatch: --group-size 2 but the mpi group has 3 ranks" in result.stderr

@@ -1,0 +1,425 @@
+"""`nanodist worker`: data-parallel training against the parameter server.
+
+Hierarchical mode (the default): the workers of a group allreduce their
+gradients (MEAN), the group leader pushes the group's gradient to the
+parameter-server shards and pulls the new parameters, then broadcasts them to
+its group. Flat mode: every worker pushes and pulls on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nanodist.client import BarrierClient, KVStore, LockClient, NanodistError, ParameterServerClient, sgd
+from nanodist.services.common.config import env_default
+from nanodist.workers.comm import CommError, Communicator, ReduceOp
+from nanodist.workers.data import ShardSampler, load_digits
+from nanodist.workers.models import MLP
+from nanodist.workers.report import plot_training, write_metrics
+from nanodist.workers.timing import PhaseTimer
+
+
+def say(line: str) -> None:
+    """One write per line, so that mpiexec never splices two ranks' lines together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class ConfigError(ValueError):
+    """The worker was started with settings that cannot work; the message says which."""
+
+
+@dataclass
+class TrainConfig:
+    ps: list[str]
+    barrier: str
+    lock: str
+    run_id: str
+    runs_dir: str = "runs"
+    backend: str = "single"
+    group_id: int = 0
+    num_groups: int = 1
+    group_size: int = 1
+    flat: bool = False
+    mode: str = "bsp"
+    staleness: int = 0
+    epochs: int = 10
+    batch_size: int = 16
+    learning_rate: float = 0.3
+    hidden: tuple[int, ...] = (64,)
+    seed: int = 0
+    max_steps: int = 0
+    slow_ms: int = 0
+    dump_params: str = ""
+    timeout: float = 60.0
+
+    def validate(self) -> None:
+        if self.backend not in ("mpi", "tcp", "single"):
+            raise ConfigError(f"--backend {self.backend!r} is unknown; choose mpi, tcp or single")
+        if self.mode not in ("bsp", "asp", "ssp"):
+            raise ConfigError(f"--mode {self.mode!r} is unknown; choose bsp, asp or ssp")
+        if not 0 <= self.group_id < self.num_groups:
+            raise ConfigError(f"--group-id {self.group_id} is outside [0, {self.num_groups})")
+        if self.group_size < 1 or self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ConfigError("--group-size, --epochs and --batch-size must be >= 1 and --lr > 0")
+        if not self.ps:
+            raise ConfigError("--ps needs at least one parameter-server address")
+
+
+@dataclass
+class _State:
+    """What the evaluator records while training."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    clocks: list[tuple[int, int]] = field(default_factory=list)  # (own clock, slowest clock seen)
+
+
+class FlatBuffer:
+    """Parameters (or gradients) as views into one contiguous array, so a collective moves them in one call."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> None:
+        sizes = {k: int(np.prod(s)) for k, s in shapes.items()}
+        self.data = np.zeros(sum(sizes.values()), dtype=dtype)
+        self.views: dict[str, np.ndarray] = {}
+        offset = 0
+        for key, shape in shapes.items():
+            self.views[key] = self.data[offset : offset + sizes[key]].reshape(shape)
+            offset += sizes[key]
+
+    def load(self, values: dict[str, np.ndarray]) -> None:
+        for key, view in self.views.items():
+            np.copyto(view, values[key])
+
+
+class Worker:
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.config = config
+        self.timer = PhaseTimer()
+        self.state = _State()
+        self.comm = self._join_group()
+        self.world = config.num_groups * config.group_size
+        self.rank = config.group_id * config.group_size + self.comm.rank
+        self.is_leader = self.comm.rank == 0
+        self.pushes = config.flat or self.is_leader
+        self.name = f"rank {self.rank}"
+        data = load_digits(seed=config.seed)
+        self.data = data
+        try:
+            self.sampler = ShardSampler(len(data.y_train), self.rank, self.world, seed=config.seed)
+            self.sampler.batches(0, config.batch_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.model = MLP((data.features, *config.hidden, data.classes))
+        shapes = {k: v.shape for k, v in self.model.init(config.seed).items()}
+        self.params = FlatBuffer(shapes, np.dtype(self.model.dtype))
+        self.grads = FlatBuffer(shapes, np.dtype(self.model.dtype))
+        self.ps = self._connect_ps() if self.pushes else None
+        self.kv = KVStore(config.lock, timeout=config.timeout)
+        self.barrier = BarrierClient(
+            config.barrier,
+            f"{config.run_id}/rank-{self.rank}",
+            session_ttl=5.0,
+            barriers=[self._barrier_name],
+            timeout=config.timeout,
+        )
+
+    @property
+    def _barrier_name(self) -> str:
+        return f"{self.config.run_id}/epoch"
+
+    def _join_group(self) -> Communicator:
+        c = self.config
+        if c.backend == "tcp":
+            comm = Communicator.from_env(
+                "tcp",
+                world_size=c.group_size,
+                lock_address=c.lock,
+                group=f"{c.run_id}/group-{c.group_id}",
+                timeout=c.timeout,
+            )
+        else:
+            comm = Communicator.from_env(c.backend)
+        if comm.size != c.group_size:
+            comm.close()
+            raise ConfigError(
+                f"group-size mismatch: --group-size {c.group_size} but the {c.backend} group has {comm.size} ranks"
+            )
+        return comm
+
+    def _connect_ps(self) -> ParameterServerClient:
+        c = self.config
+        worker_id = self.rank if c.flat else c.group_id
+        client = ParameterServerClient(c.ps, worker_id=worker_id, timeout=c.timeout)
+        try:
+            client.wait_ready(timeout=min(10.0, c.timeout))
+        except NanodistError as error:
+            raise ConfigError(f"{error.message}; check --ps") from None
+        return client
+
+    # --- set-up ---------------------------------------------------------
+
+    def initialise(self) -> None:
+        """Rank 0 creates the keys (first writer wins); the others wait for them, then pull."""
+        ready_key = f"{self.config.run_id}/initialized"
+        if self.rank == 0:
+            assert self.ps is not None
+            self.ps.init(self.model.init(self.config.seed), sgd(self.config.learning_rate))
+            self.kv.set(ready_key, "1")
+        else:
+            self.kv.wait([ready_key], timeout=self.config.timeout)
+        if self.ps is not None:
+            self.params.load(self.ps.pull(self.params.views))
+        if not self.config.flat:
+            self.comm.broadcast(self.params.data, root=0)
+
+    # --- training -------------------------------------------------------
+
+    def step(self, t: int, x: np.ndarray, y: np.ndarray) -> float:
+        c = self.config
+        with self.timer("compute"):
+            loss, grads = self.model.loss_and_grads(self.params.views, x, y)
+            self.grads.load(grads)
+            if c.slow_ms:
+                time.sleep(c.slow_ms / 1000)
+        if not c.flat:
+            with self.timer("allreduce"):
+                self.comm.allreduce(self.grads.data, ReduceOp.MEAN)
+        if self.ps is not None:
+            with self.timer("push"):
+                self.ps.push(self.grads.views, step=t)
+            with self.timer("pull"):
+                values = self.ps.pull(
+                    self.params.views,
+                    min_version=t + 1 if c.mode == "bsp" else 0,
+                    clock=t + 1 if c.mode == "ssp" else 0,
+                    timeout_ms=int(c.timeout * 1000),
+                )
+                self.params.load(values)
+            self.state.clocks.append((t + 1, values.slowest_clock))
+        if not c.flat:
+            with self.timer("broadcast"):
+                self.comm.broadcast(self.params.data, root=0)
+        self.timer.steps += 1
+        return loss
+
+    def train(self) -> None:
+        c = self.config
+        self.initialise()
+        t = 0
+        batches_per_epoch = len(self.sampler.batches(0, c.batch_size))
+        for epoch in range(1, c.epochs + 1):
+            began = time.perf_counter()
+            losses = []
+            progress = Progress(self.name, epoch, c.epochs, batches_per_epoch)
+            for batch in self.sampler.batches(epoch, c.batch_size):
+                losses.append(self.step(t, self.data.x_train[batch], self.data.y_train[batch]))
+                t += 1
+                progress.update(losses[-1], len(batch) * self.world)
+                if c.max_steps and t >= c.max_steps:
+                    break
+            progress.close()
+            with self.timer("wait"):
+                self.barrier.wait(self._barrier_name, self.world, timeout=c.timeout)
+            if self.rank == 0:
+                self._evaluate(epoch, float(np.mean(losses)), time.perf_counter() - began)
+            if c.max_steps and t >= c.max_steps:
+                break
+        self._finish()
+
+    def _evaluate(self, epoch: int, train_loss: float, seconds: float) -> None:
+        with (
+            LockClient(self.config.lock, f"{self.config.run_id}/rank-0") as locks,
+            locks.lock(f"{self.config.run_id}/eval", ttl=30) as held,
+        ):
+            test_loss, accuracy = self.model.evaluate(self.params.views, self.data.x_test, self.data.y_test)
+            record = {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 6),
+                "test_loss": round(test_loss, 6),
+                "test_accuracy": round(accuracy, 6),
+                "seconds": round(seconds, 3),
+                "eval_fencing_token": held.fencing_token,
+            }
+        self.state.epochs.append(record)
+        say(
+            f"[{self.name}] epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
+            f"test accuracy {accuracy:.4f}"
+        )
+
+    def _finish(self) -> None:
+        c = self.config
+        mine = {"timings": self.timer.summary(), "clocks": self.state.clocks if self.pushes else []}
+        self.kv.set(f"{c.run_id}/report/{self.rank}", json.dumps(mine))
+        if c.dump_params and self.rank == 0:
+            np.savez(c.dump_params, **{k.replace("/", "."): v for k, v in self.params.views.items()})
+        if self.rank != 0:
+            return
+        keys = [f"{c.run_id}/report/{r}" for r in range(self.world)]
+        self.kv.wait(keys, timeout=c.timeout)
+        reports = {r: json.loads(self.kv.get(k)) for r, k in enumerate(keys)}
+        run_dir = os.path.join(c.runs_dir, c.run_id)
+        config = asdict(c)
+        metrics = {
+            "run_id": c.run_id,
+            "config": config,
+            "world_size": self.world,
+            "epochs": self.state.epochs,
+            "final_test_accuracy": self.state.epochs[-1]["test_accuracy"] if self.state.epochs else None,
+            "timings": {
+                "per_worker": {r: rep["timings"] for r, rep in reports.items()},
+                "mean_ms_per_step": _mean_per_step([rep["timings"] for rep in reports.values()]),
+            },
+            "clocks": {r: rep["clocks"] for r, rep in reports.items() if rep["clocks"]},
+        }
+        path = write_metrics(run_dir, metrics)
+        plot = plot_training(
+            run_dir,
+            self.state.epochs,
+            f"nanodist {c.run_id}: {self.world} workers, {c.mode.upper()}, {'flat' if c.flat else 'hierarchical'}",
+        )
+        say(f"[{self.name}] wrote {path} and {plot}")
+
+    def close(self) -> None:
+        self.barrier.close()
+        self.kv.close()
+        if self.ps is not None:
+            self.ps.close()
+        self.comm.close()
+
+
+def _mean_per_step(timings: list[dict[str, float]]) -> dict[str, float]:
+    keys = [k for k in timings[0] if k.endswith("_ms_per_step")]
+    return {k.removesuffix("_ms_per_step"): round(float(np.mean([t[k] for t in timings])), 4) for k in keys}
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines (about four per epoch) otherwise, as in CI and containers."""
+
+    def __init__(self, name: str, epoch: int, epochs: int, total: int) -> None:
+        self.name, self.epoch, self.epochs, self.total = name, epoch, epochs, total
+        self.count, self.samples, self.began = 0, 0, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{name} epoch {epoch}/{epochs}", leave=False, unit="step")
+
+    def update(self, loss: float, samples: int) -> None:
+        self.count += 1
+        self.samples += samples
+        rate = self.samples / max(1e-9, time.perf_counter() - self.began)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}")
+            self.bar.update(1)
+        elif self.count == self.total or self.count % max(1, self.total // 4) == 0:
+            say(
+                f"[{self.name}] epoch {self.epoch}/{self.epochs} step {self.count}/{self.total} "
+                f"loss {loss:.4f} {rate:.0f} samples/s"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = env_default
+    parser.add_argument(
+        "--ps",
+        default=env("ps", "127.0.0.1:50051"),
+        help="comma-separated parameter-server shard addresses (env NANODIST_PS)",
+    )
+    parser.add_argument(
+        "--barrier",
+        default=env("barrier_address", "127.0.0.1:50061"),
+        help="barrier service address (env NANODIST_BARRIER_ADDRESS)",
+    )
+    parser.add_argument(
+        "--lock",
+        default=env("lock_address", "127.0.0.1:50071"),
+        help="lock service address (env NANODIST_LOCK_ADDRESS)",
+    )
+    parser.add_argument(
+        "--run-id",
+        default=env("run_id", None),
+        required=env("run_id", None) is None,
+        help="names this run's keys, barriers and output folder; fresh per run (env NANODIST_RUN_ID)",
+    )
+    parser.add_argument("--runs-dir", default=env("runs_dir", "runs"), help="where runs/<run-id>/ goes")
+    parser.add_argument("--backend", default=env("backend", "single"), help="mpi, tcp or single")
+    parser.add_argument("--group-id", type=int, default=env("group_id", 0))
+    parser.add_argument("--num-groups", type=int, default=env("num_groups", 1))
+    parser.add_argument("--group-size", type=int, default=env("group_size", 1))
+    parser.add_argument(
+        "--flat",
+        action="store_true",
+        default=env("flat", "") == "1",
+        help="every worker pushes and pulls (no group allreduce)",
+    )
+    parser.add_argument("--mode", default=env("mode", "bsp"), help="bsp, asp or ssp; must match the servers")
+    parser.add_argument("--staleness", type=int, default=env("staleness", 0))
+    parser.add_argument("--epochs", type=int, default=env("epochs", 10))
+    parser.add_argument("--batch-size", type=int, default=env("batch_size", 16), help="per worker")
+    parser.add_argument("--lr", type=float, default=env("lr", 0.3), help="SGD learning rate, applied by the server")
+    parser.add_argument("--hidden", default=env("hidden", "64"), help="hidden layer sizes, e.g. 128,64; '' for none")
+    parser.add_argument("--seed", type=int, default=env("seed", 0))
+    parser.add_argument("--max-steps", type=int, default=env("max_steps", 0), help="stop after this many steps")
+    parser.add_argument(
+        "--slow-ms", type=int, default=env("slow_ms", 0), help="sleep this long per step (to study stragglers)"
+    )
+    parser.add_argument("--dump-params", default="", help="rank 0 saves the final parameters to this .npz")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=env("timeout", 60.0),
+        help="longest wait for any peer, server or barrier, in seconds",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
+    return TrainConfig(
+        ps=[a for a in str(args.ps).split(",") if a],
+        barrier=args.barrier,
+        lock=args.lock,
+        run_id=args.run_id,
+        runs_dir=args.runs_dir,
+        backend=args.backend,
+        group_id=args.group_id,
+        num_groups=args.num_groups,
+        group_size=args.group_size,
+        flat=args.flat,
+        mode=args.mode,
+        staleness=args.staleness,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        hidden=hidden,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        slow_ms=args.slow_ms,
+        dump_params=args.dump_params,
+        timeout=args.timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    worker = None
+    try:
+        worker = Worker(config_from_args(args))
+        worker.train()
+    except (ConfigError, CommError, NanodistError) as error:
+        print(f"nanodist worker: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2 if isinstance(error, ConfigError) else 1) from None
+    finally:
+        if worker is not None:
+            worker.close()
