@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-PHASES = ("compute", "allreduce", "push", "pull", "broadcast", "wait")
+PHASES = ("step", "compute", "allreduce", "push", "pull", "broadcast", "wait")
 
 
 class PhaseTimer:

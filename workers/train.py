@@ -184,6 +184,10 @@ class Worker:
     # --- training -------------------------------------------------------
 
     def step(self, t: int, x: np.ndarray, y: np.ndarray) -> float:
+        with self.timer("step"):
+            return self._step(t, x, y)
+
+    def _step(self, t: int, x: np.ndarray, y: np.ndarray) -> float:
         c = self.config
         with self.timer("compute"):
             loss, grads = self.model.loss_and_grads(self.params.views, x, y)

@@ -51,7 +51,7 @@ def test_up_trains_digits_to_95_percent_and_leaves_nothing_behind(tmp_path):
     tokens = [e["eval_fencing_token"] for e in metrics["epochs"]]
     assert tokens == sorted(set(tokens)), "each evaluation held the eval lock with a newer token"
     timings = metrics["timings"]["mean_ms_per_step"]
-    assert {"compute", "allreduce", "push", "pull", "broadcast", "wait"} <= set(timings)
+    assert {"step", "compute", "allreduce", "push", "pull", "broadcast", "wait"} <= set(timings)
     assert (tmp_path / run_id / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"test accuracy {metrics['final_test_accuracy']:.4f} after 10 epochs" in result.stdout
     assert processes_mentioning(run_id) == []
