@@ -9,6 +9,7 @@ from nanodist.services.common.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nanodist.client import health
     from nanodist.services.barrier import server as barrier_server
     from nanodist.services.lock import server as lock_server
     from nanodist.services.parameter_server import server as ps_server
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_arguments(commands.add_parser("worker", help="a data-parallel training worker"))
     launcher.add_arguments(commands.add_parser("up", help="run a whole cluster as local processes and train"))
     check.add_arguments(commands.add_parser("comm-check", help="check collectives and print bandwidth"))
+    health.add_arguments(commands.add_parser("health", help="gRPC health check; exit 0 if SERVING"))
     return parser
 
 
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         from nanodist.workers import train
 
         train.run(args)
+    elif args.command == "health":
+        from nanodist.client import health
+
+        health.run(args)
     elif args.command == "up":
         from nanodist.workers import launcher
 

@@ -7,6 +7,9 @@ of its time faulting those pages in (see bench/allreduce.py).
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import numpy as np
 
 from nanodist.workers.comm.base import CommError, Communicator, ReduceOp, check_array, signature
@@ -40,13 +43,29 @@ class MPICommunicator(Communicator):
         self._sig[:3] = sig
         self._sig[3:] = [-v for v in sig]
         mine = self._sig.copy()
-        self.comm.Allreduce(self.MPI.IN_PLACE, self._sig, op=self.MPI.MAX)
+        self._wait_yielding(self.comm.Iallreduce(self.MPI.IN_PLACE, self._sig, op=self.MPI.MAX))
         if not np.array_equal(self._sig, mine):
             raise CommError(
                 f"rank {self.rank}: ranks disagree on {name}: this rank has "
                 f"{array.dtype.name}[{array.size}], another has (op, dtype, count) in "
                 f"{self._sig[:3].tolist()}..{(-self._sig[3:]).tolist()}"
             )
+
+    @staticmethod
+    def _wait_yielding(request: Any) -> None:
+        """Wait for a request without pinning a core.
+
+        MPICH busy-polls inside blocking calls. This check is where a rank
+        waits for slower peers (a group leader talking to the parameter
+        server, say), and on a small machine a spinning rank steals the CPU
+        those peers need; so spin briefly, then sleep between tests.
+        """
+        spin_until = time.perf_counter() + 200e-6
+        pause = 50e-6
+        while not request.Test():
+            if time.perf_counter() > spin_until:
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
 
     def allreduce(self, array: np.ndarray, op: ReduceOp = ReduceOp.SUM) -> np.ndarray:
         flat = check_array(array, op)
