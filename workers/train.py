@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 0
     slow_ms: int = 0
+    join_window: float = 5.0
     dump_params: str = ""
     timeout: float = 60.0
 
@@ -68,8 +69,10 @@ class TrainConfig:
             raise ConfigError(f"--mode {self.mode!r} is unknown; choose bsp, asp or ssp")
         if not 0 <= self.group_id < self.num_groups:
             raise ConfigError(f"--group-id {self.group_id} is outside [0, {self.num_groups})")
-        if self.group_size < 1 or self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ConfigError("--group-size, --epochs and --batch-size must be >= 1 and --lr > 0")
+        if self.group_size < 0 or self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ConfigError("--epochs and --batch-size must be >= 1, --group-size >= 0 and --lr > 0")
+        if self.group_size == 0 and self.backend != "tcp":
+            raise ConfigError("--group-size 0 (join as many as arrive) needs --backend tcp")
         if not self.ps:
             raise ConfigError("--ps needs at least one parameter-server address")
 
@@ -105,9 +108,14 @@ class Worker:
         self.config = config
         self.timer = PhaseTimer()
         self.state = _State()
+        self.kv = KVStore(config.lock, timeout=config.timeout)
         self.comm = self._join_group()
-        self.world = config.num_groups * config.group_size
-        self.rank = config.group_id * config.group_size + self.comm.rank
+        sizes = self._group_sizes()
+        self.world = sum(sizes)
+        self.rank = sum(sizes[: config.group_id]) + self.comm.rank
+        # The servers average the pushes of the groups; scaling each group's mean by its share makes that
+        # average the mean over all workers even when groups differ in size.
+        self.push_scale = sizes[config.group_id] * config.num_groups / self.world
         self.is_leader = self.comm.rank == 0
         self.pushes = config.flat or self.is_leader
         self.name = f"rank {self.rank}"
@@ -123,7 +131,6 @@ class Worker:
         self.params = FlatBuffer(shapes, np.dtype(self.model.dtype))
         self.grads = FlatBuffer(shapes, np.dtype(self.model.dtype))
         self.ps = self._connect_ps() if self.pushes else None
-        self.kv = KVStore(config.lock, timeout=config.timeout)
         self.barrier = BarrierClient(
             config.barrier,
             f"{config.run_id}/rank-{self.rank}",
@@ -139,21 +146,52 @@ class Worker:
     def _join_group(self) -> Communicator:
         c = self.config
         if c.backend == "tcp":
+            group = f"{c.run_id}/group-{c.group_id}"
+            rank, size = self._elastic_rank(group) if c.group_size == 0 else (None, c.group_size)
             comm = Communicator.from_env(
-                "tcp",
-                world_size=c.group_size,
-                lock_address=c.lock,
-                group=f"{c.run_id}/group-{c.group_id}",
-                timeout=c.timeout,
+                "tcp", world_size=size, rank=rank, lock_address=c.lock, group=group, timeout=c.timeout
             )
         else:
             comm = Communicator.from_env(c.backend)
-        if comm.size != c.group_size:
+        if c.group_size and comm.size != c.group_size:
             comm.close()
             raise ConfigError(
                 f"group-size mismatch: --group-size {c.group_size} but the {c.backend} group has {comm.size} ranks"
             )
         return comm
+
+    def _elastic_rank(self, group: str) -> tuple[int, int]:
+        """--group-size 0: members take ranks from a counter; rank 0 closes the group once no one
+        has joined for --join-window seconds (as torchelastic's last call), then publishes its size."""
+        c = self.config
+        rank = self.kv.add(f"{group}/joined", 1) - 1
+        size_key = f"{group}/size"
+        if rank == 0:
+            seen, stable_since = 1, time.monotonic()
+            while time.monotonic() - stable_since < c.join_window:
+                time.sleep(0.2)
+                now = self.kv.add(f"{group}/joined", 0)
+                if now != seen:
+                    seen, stable_since = now, time.monotonic()
+            self.kv.set(size_key, str(seen))
+        self.kv.wait([size_key], timeout=c.timeout + c.join_window)
+        size = int(self.kv.get(size_key))
+        if rank >= size:
+            raise ConfigError(f"joined group {group!r} as member {rank + 1} after it closed with {size} members")
+        say(f"[{group}] member {rank} of {size}")
+        return rank, size
+
+    def _group_sizes(self) -> list[int]:
+        """Every group leader publishes its size; everyone learns all sizes, hence global ranks and world size."""
+        c = self.config
+        if self.comm.rank == 0:
+            self.kv.set(f"{c.run_id}/group-size/{c.group_id}", str(self.comm.size))
+        keys = [f"{c.run_id}/group-size/{g}" for g in range(c.num_groups)]
+        try:
+            self.kv.wait(keys, timeout=c.timeout)
+        except NanodistError as error:
+            raise ConfigError(f"not every one of the {c.num_groups} groups showed up: {error.message}") from None
+        return [int(self.kv.get(k)) for k in keys]
 
     def _connect_ps(self) -> ParameterServerClient:
         c = self.config
@@ -197,6 +235,8 @@ class Worker:
         if not c.flat:
             with self.timer("allreduce"):
                 self.comm.allreduce(self.grads.data, ReduceOp.MEAN)
+                if self.push_scale != 1.0:
+                    self.grads.data *= self.push_scale
         if self.ps is not None:
             with self.timer("push"):
                 self.ps.push(self.grads.views, step=t)
@@ -362,7 +402,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=env("backend", "single"), help="mpi, tcp or single")
     parser.add_argument("--group-id", type=int, default=env("group_id", 0))
     parser.add_argument("--num-groups", type=int, default=env("num_groups", 1))
-    parser.add_argument("--group-size", type=int, default=env("group_size", 1))
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=env("group_size", 1),
+        help="ranks in this group; 0 (tcp only) takes every worker that joins within --join-window",
+    )
+    parser.add_argument(
+        "--join-window",
+        type=float,
+        default=env("join_window", 5.0),
+        help="with --group-size 0: the group closes after this many seconds without a new member",
+    )
     parser.add_argument(
         "--flat",
         action="store_true",
@@ -411,6 +462,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         max_steps=args.max_steps,
         slow_ms=args.slow_ms,
+        join_window=args.join_window,
         dump_params=args.dump_params,
         timeout=args.timeout,
     )

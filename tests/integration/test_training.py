@@ -93,7 +93,10 @@ def test_up_rejects_unequal_groups_at_once(tmp_path):
     assert result.returncode == 1 and "all groups need the same size" in result.stderr
 
 
-def start_workers(servers: dict, run_id: str, tmp_path, *extra: str, flat: bool = False) -> list[subprocess.Popen]:
+def start_workers(
+    servers: dict, run_id: str, tcp_workers: int, tcp_group_size: int, *extra: str
+) -> list[subprocess.Popen]:
+    """Group 0: two ranks under mpiexec. Group 1: `tcp_workers` TCP processes."""
     common = [
         "--ps",
         servers["ps"],
@@ -103,32 +106,47 @@ def start_workers(servers: dict, run_id: str, tmp_path, *extra: str, flat: bool 
         servers["lock"],
         "--run-id",
         run_id,
-        "--runs-dir",
-        str(tmp_path),
         "--num-groups",
-        "2",
-        "--group-size",
         "2",
         "--timeout",
         "60",
+        "--join-window",
+        "2",
         *extra,
     ]
-    common += ["--flat"] if flat else []
     assert MPIEXEC, "mpiexec comes with the mpich wheel"
     mpi = subprocess.Popen(
-        [MPIEXEC, "-n", "2", *nanodist_command("worker", "--backend", "mpi", "--group-id", "0", *common)]
+        [
+            MPIEXEC,
+            "-n",
+            "2",
+            *nanodist_command("worker", "--backend", "mpi", "--group-id", "0", "--group-size", "2", *common),
+        ]
     )
     tcp = [
-        subprocess.Popen(nanodist_command("worker", "--backend", "tcp", "--group-id", "1", *common)) for _ in range(2)
+        subprocess.Popen(
+            nanodist_command(
+                "worker", "--backend", "tcp", "--group-id", "1", "--group-size", str(tcp_group_size), *common
+            )
+        )
+        for _ in range(tcp_workers)
     ]
     return [mpi, *tcp]
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["hierarchical", "flat"])
-def test_synchronous_training_equals_single_process_training_on_the_combined_batch(start_server, tmp_path, flat):
+LAYOUTS = {  # name: (TCP workers, their --group-size, flat, pushers the servers wait for)
+    "hierarchical": (2, 2, False, 2),
+    "flat": (2, 2, True, 4),
+    "unequal-groups-elastic": (3, 0, False, 2),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_synchronous_training_equals_single_process_training_on_the_combined_batch(start_server, tmp_path, layout):
+    tcp_workers, tcp_group_size, flat, pushers = LAYOUTS[layout]
+    world = 2 + tcp_workers
     steps, lr, batch, seed = 6, 0.3, 16, 5
-    pushers = "4" if flat else "2"
-    shards = [start_server("ps", "--mode", "bsp", "--num-workers", pushers) for _ in range(2)]
+    shards = [start_server("ps", "--mode", "bsp", "--num-workers", str(pushers)) for _ in range(2)]
     servers = {
         "ps": ",".join(s.address for s in shards),
         "barrier": start_server("barrier").address,
@@ -136,10 +154,9 @@ def test_synchronous_training_equals_single_process_training_on_the_combined_bat
     }
     dump = tmp_path / "params.npz"
     run_id = f"eq-{uuid.uuid4().hex[:8]}"
-    procs = start_workers(
-        servers,
-        run_id,
-        tmp_path,
+    extra = [
+        "--runs-dir",
+        str(tmp_path),
         "--max-steps",
         str(steps),
         "--epochs",
@@ -152,14 +169,15 @@ def test_synchronous_training_equals_single_process_training_on_the_combined_bat
         str(seed),
         "--dump-params",
         str(dump),
-        flat=flat,
-    )
-    assert [p.wait(timeout=180) for p in procs] == [0] * 3
+    ] + (["--flat"] if flat else [])
+    procs = start_workers(servers, run_id, tcp_workers, tcp_group_size, *extra)
+    assert [p.wait(timeout=180) for p in procs] == [0] * len(procs)
+    assert json.loads((tmp_path / run_id / "metrics.json").read_text())["world_size"] == world
 
     data = load_digits(seed=seed)
     model = MLP((64, 64, 10))
     params = model.init(seed)
-    samplers = [ShardSampler(len(data.y_train), rank, 4, seed=seed) for rank in range(4)]
+    samplers = [ShardSampler(len(data.y_train), rank, world, seed=seed) for rank in range(world)]
     for t in range(steps):
         combined = np.concatenate([s.batches(1, batch)[t] for s in samplers])
         _, grads = model.loss_and_grads(params, data.x_train[combined], data.y_train[combined])
