@@ -5,7 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nanodist/v1/*.proto)
 
-.PHONY: setup proto test lint demo bench bench-setup clean
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE := nanodist:$(VERSION)
+OFFLINE_BASE := nanodist-base:bookworm
+COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+.PHONY: setup proto test lint demo bench bench-setup clean docker-base wheelhouse docker up down logs
 
 setup: $(STAMP)
 
@@ -40,6 +45,31 @@ bench: $(STAMP)
 bench-setup: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+# Containers. `make docker` uses python:3.11-slim when it can be pulled, otherwise
+# the offline path: a debootstrapped Debian base and a wheelhouse filled on this host.
+docker-base:
+	bash docker/build-base.sh $(OFFLINE_BASE)
+
+wheelhouse: $(STAMP)
+	bash docker/wheelhouse.sh
+
+docker: wheelhouse
+	if docker image inspect python:3.11-slim >/dev/null 2>&1 || docker pull -q python:3.11-slim >/dev/null 2>&1; \
+	then base=python:3.11-slim; else $(MAKE) docker-base && base=$(OFFLINE_BASE); fi; \
+	echo "building $(IMAGE) on $$base"; \
+	docker build -q -f docker/Dockerfile --build-arg BASE_IMAGE=$$base -t $(IMAGE) .
+
+up: docker
+	mkdir -p runs
+	$(COMPOSE) up -d
+	$(COMPOSE) ps
+
+down:
+	$(COMPOSE) down -v --remove-orphans
+
+logs:
+	$(COMPOSE) logs -f
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -16,9 +16,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 
-from nanodist.client import BarrierClient, KVStore, LockClient, NanodistError, ParameterServerClient, sgd
+from nanodist.client import (
+    BarrierBroken,
+    BarrierClient,
+    DeadlineExceeded,
+    KVStore,
+    LockClient,
+    NanodistError,
+    ParameterServerClient,
+    Values,
+    sgd,
+)
 from nanodist.services.common.config import env_default
 from nanodist.workers.comm import CommError, Communicator, ReduceOp
 from nanodist.workers.data import ShardSampler, load_digits
@@ -31,6 +42,9 @@ def say(line: str) -> None:
     """One write per line, so that mpiexec never splices two ranks' lines together."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+PULL_SLICE_MS = 2000
 
 
 class ConfigError(ValueError):
@@ -241,12 +255,7 @@ class Worker:
             with self.timer("push"):
                 self.ps.push(self.grads.views, step=t)
             with self.timer("pull"):
-                values = self.ps.pull(
-                    self.params.views,
-                    min_version=t + 1 if c.mode == "bsp" else 0,
-                    clock=t + 1 if c.mode == "ssp" else 0,
-                    timeout_ms=int(c.timeout * 1000),
-                )
+                values = self._pull_watching_peers(t)
                 self.params.load(values)
             self.state.clocks.append((t + 1, values.slowest_clock))
         if not c.flat:
@@ -254,6 +263,38 @@ class Worker:
                 self.comm.broadcast(self.params.data, root=0)
         self.timer.steps += 1
         return loss
+
+    def _pull_watching_peers(self, t: int) -> Values:
+        """Pull, waiting for the step (BSP) or the slowest worker (SSP) in short slices.
+
+        Between slices, look at the epoch barrier: a worker that died anywhere
+        breaks it when its session lapses, so a wait for its push ends with
+        BarrierBroken naming it rather than a silent timeout.
+        """
+        c = self.config
+        assert self.ps is not None
+        deadline = time.monotonic() + c.timeout
+        while True:
+            try:
+                return self.ps.pull(
+                    self.params.views,
+                    min_version=t + 1 if c.mode == "bsp" else 0,
+                    clock=t + 1 if c.mode == "ssp" else 0,
+                    timeout_ms=PULL_SLICE_MS,
+                )
+            except DeadlineExceeded:
+                (state,) = self.barrier.status(self._barrier_name)
+                if state.broken_reason:
+                    raise BarrierBroken(state.broken_reason, grpc.StatusCode.ABORTED, list(state.missing)) from None
+                if time.monotonic() > deadline:
+                    raise
+
+    def abort(self, reason: str) -> None:
+        """Break the epoch barrier so that the other groups stop at once, naming the cause."""
+        try:
+            self.barrier.abort(self._barrier_name, reason[:1000])
+        except NanodistError:
+            pass
 
     def train(self) -> None:
         c = self.config
@@ -475,6 +516,11 @@ def run(args: argparse.Namespace) -> None:
         worker.train()
     except (ConfigError, CommError, NanodistError) as error:
         print(f"nanodist worker: error: {error}", file=sys.stderr, flush=True)
+        if worker is not None:
+            if not isinstance(error, BarrierBroken):
+                worker.abort(str(error))
+            sys.stdout.flush()
+            worker.comm.abort()
         raise SystemExit(2 if isinstance(error, ConfigError) else 1) from None
     finally:
         if worker is not None:

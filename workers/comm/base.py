@@ -80,6 +80,9 @@ class Communicator(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release sockets or other resources."""
 
+    def abort(self) -> None:  # noqa: B027 - only MPI needs more than process exit
+        """Bring down the whole group after a fatal error, so no peer waits for this rank."""
+
     def __enter__(self) -> Communicator:
         return self
 

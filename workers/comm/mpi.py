@@ -92,6 +92,10 @@ class MPICommunicator(Communicator):
         self.comm.Allgather(flat, out.reshape(self.size, -1))
         return out
 
+    def abort(self) -> None:
+        # A rank that merely exits leaves the others blocked in their next collective.
+        self.comm.Abort(1)
+
     def barrier(self) -> None:
         self.comm.Barrier()
 

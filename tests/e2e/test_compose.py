@@ -1,0 +1,145 @@
+"""The docker-compose cluster, built from nothing on this machine (offline base image, wheelhouse)."""
+
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from nanodist.client.health import check
+from tests.conftest import ROOT, free_port
+
+COMPOSE = ["docker-compose"]
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """`make docker`: pulls nothing here; builds the Debian base with debootstrap and installs from a wheelhouse."""
+    began = time.monotonic()
+    subprocess.run(["make", "docker"], cwd=ROOT, check=True, timeout=1500)
+    print(f"\nimage built in {time.monotonic() - began:.0f} s")
+    return "nanodist:0.1.0"
+
+
+class Cluster:
+    def __init__(self, tmp_path, **settings: str) -> None:
+        self.project = f"nde2e{uuid.uuid4().hex[:8]}"
+        self.runs = tmp_path / "runs"
+        self.runs.mkdir()
+        self.run_id = "e2e"
+        self.env = {
+            **os.environ,
+            "NANODIST_RUN_ID": self.run_id,
+            "NANODIST_RUNS_HOST_DIR": str(self.runs),
+            "PS0_PORT": str(free_port()),
+            "PS1_PORT": str(free_port()),
+            "LOCK_PORT": str(free_port()),
+            "PS0_METRICS_PORT": str(free_port()),
+            "PS1_METRICS_PORT": str(free_port()),
+            **settings,
+        }
+
+    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*COMPOSE, "-p", self.project, *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def containers(self, service: str) -> list[str]:
+        return self.compose("ps", "-q", service).stdout.split()
+
+    def state(self, container: str) -> dict:
+        out = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)[0]
+
+    def logs(self, container: str) -> str:
+        result = subprocess.run(["docker", "logs", container], capture_output=True, text=True, check=False)
+        return result.stdout + result.stderr
+
+    def wait_exited(self, containers: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(self.state(c)["State"]["Running"] for c in containers):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers still running after {timeout:g}s")
+            time.sleep(1)
+
+    def down(self) -> None:
+        self.compose("down", "-v", "--remove-orphans", "--timeout", "5")
+
+
+@pytest.fixture
+def cluster(tmp_path, image):
+    clusters: list[Cluster] = []
+
+    def make(**settings: str) -> Cluster:
+        clusters.append(Cluster(tmp_path, **settings))
+        return clusters[-1]
+
+    yield make
+    for c in clusters:
+        c.down()
+        leftovers = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={c.project}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert leftovers == []
+
+
+def test_compose_cluster_trains_digits_with_three_tcp_workers_and_an_mpi_group(cluster):
+    c = cluster()
+    began = time.monotonic()
+    up = c.compose("up", "-d", "--no-build", "--scale", "worker=3")
+    assert up.returncode == 0, up.stderr
+    workers = c.containers("worker") + c.containers("mpi-group")
+    assert len(workers) == 4
+    c.wait_exited(workers, timeout=600)
+    finished = time.monotonic() - began
+    for container in workers:
+        assert c.state(container)["State"]["ExitCode"] == 0, c.logs(container)[-3000:]
+    metrics = json.loads((c.runs / c.run_id / "metrics.json").read_text())
+    assert metrics["final_test_accuracy"] >= 0.95 and metrics["world_size"] == 5
+    assert (c.runs / c.run_id / "training.png").exists()
+    first_step = min(c.state(w)["State"]["StartedAt"] for w in workers)
+    print(
+        f"\ncompose: up to completion {finished:.1f} s; workers started at {first_step}; "
+        f"accuracy {metrics['final_test_accuracy']}"
+    )
+    # Every service answers the standard health check from the host; servers keep serving after training.
+    for service, port in (("ps-0", 50051), ("ps-1", 50051), ("barrier", 50061), ("lock", 50071)):
+        (container,) = c.containers(service)
+        networks = c.state(container)["NetworkSettings"]["Networks"]
+        address = next(iter(networks.values()))["IPAddress"]
+        assert check(f"{address}:{port}", timeout=5) == "SERVING", service
+    assert check(f"127.0.0.1:{c.env['PS0_PORT']}", timeout=5) == "SERVING"
+    assert check(f"127.0.0.1:{c.env['LOCK_PORT']}", timeout=5) == "SERVING"
+
+
+def test_a_killed_worker_container_is_named_by_the_others_and_nothing_hangs(cluster):
+    c = cluster(NANODIST_EPOCHS="1000")
+    assert c.compose("up", "-d", "--no-build", "--scale", "worker=3").returncode == 0
+    workers = c.containers("worker")
+    deadline = time.monotonic() + 180
+    while not all("epoch 1/1000 step" in c.logs(w) for w in workers):
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(1)
+    victim = workers[1]
+    rank = c.logs(victim).split("] member ")[1].split()[0]  # "[e2e/group-0] member R of 3": R is its global rank
+    subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
+    killed_at = time.monotonic()
+    survivors = [w for w in workers if w != victim] + c.containers("mpi-group")
+    c.wait_exited(survivors, timeout=60)
+    assert time.monotonic() - killed_at < 30, "the lease TTL is 5 s; survivors must stop well within 30 s"
+    for container in survivors:
+        log = c.logs(container)
+        assert c.state(container)["State"]["ExitCode"] != 0
+        assert "nanodist worker: error:" in log, log[-2000:]
+        error = log.split("nanodist worker: error:")[1]
+        assert f"rank {rank}" in error or f"rank-{rank}" in error, error[:500]
