@@ -25,7 +25,7 @@ proto: $(STAMP)
 		--grpc_python_out=protos $(PROTOS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 # The whole cluster as local processes: 2 parameter-server shards, barrier, lock,
 # an MPI group and a TCP group of 2 workers each, training on scikit-learn's digits.

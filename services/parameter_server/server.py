@@ -21,6 +21,7 @@ from nanodist.services.common.errors import ServiceError, invalid
 from nanodist.services.common.metrics import BYTES, KEY_BYTES, KEYS, rpc, rpc_stream
 from nanodist.services.common.runtime import serve
 from nanodist.services.common.validation import check_count, check_name
+from nanodist.services.parameter_server import checkpoint
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Mode, Slot, Store
 from nanodist.v1 import parameter_server_pb2 as ps
@@ -64,7 +65,7 @@ class ParameterServerService:
             response.results.add(key=key, created=created, version=version)
             if created:
                 log.info("init %s %s %s", key, value.dtype.name, list(value.shape))
-        self._update_gauges()
+        self.update_gauges()
         return response
 
     # --- Push -----------------------------------------------------------
@@ -286,7 +287,7 @@ class ParameterServerService:
             worker_clocks=clocks,
         )
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self) -> None:
         KEYS.set(len(self.store.slots))
         KEY_BYTES.set(self.store.total_bytes())
 
@@ -341,6 +342,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("dedup_window", 65536),
         help="how many recent request_ids are remembered for exactly-once pushes",
     )
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=env("checkpoint_dir", None),
+        help="restore from and checkpoint into this directory (env NANODIST_CHECKPOINT_DIR)",
+    )
+    parser.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=env("checkpoint_interval", 300.0),
+        help="seconds between checkpoints when something changed (a final one is written on SIGTERM)",
+    )
+
+
+def _change_marker(store: Store) -> tuple[int, int, int]:
+    """Changes whenever the store does: a new key, an applied push, or a new fencing high-water mark."""
+    return len(store.slots), sum(s.version for s in store.slots.values()), store.fencing_high
 
 
 def run(args: argparse.Namespace) -> None:
@@ -352,12 +369,35 @@ def run(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         store = Store(Mode(args.mode), args.num_workers, args.staleness, args.dedup_window)
+        if args.checkpoint_dir:
+            checkpoint.restore(args.checkpoint_dir, store)
         service = ParameterServerService(store, config.max_message_bytes)
+        service.update_gauges()
 
         def register(server: grpc.aio.Server) -> list[str]:
             server.add_generic_rpc_handlers((service.generic_handler(),))
             return [SERVICE]
 
-        await serve(f"parameter server ({args.mode})", config, register)
+        saved = {"marker": _change_marker(store)}
+
+        async def save(reason: str) -> None:
+            snap = checkpoint.snapshot(store)  # on the loop: one consistent instant
+            path = await asyncio.to_thread(checkpoint.write, args.checkpoint_dir, snap)
+            saved["marker"] = _change_marker(store)
+            log.info("checkpoint (%s): %s", reason, path)
+
+        async def periodically() -> None:
+            while True:
+                await asyncio.sleep(args.checkpoint_interval)
+                if _change_marker(store) != saved["marker"]:
+                    await save("interval")
+
+        async def on_shutdown() -> None:
+            if args.checkpoint_dir and store.slots:
+                await save("shutdown")
+
+        if args.checkpoint_dir and args.checkpoint_interval > 0:
+            asyncio.get_running_loop().create_task(periodically())
+        await serve(f"parameter server ({args.mode})", config, register, on_shutdown)
 
     asyncio.run(main())
