@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanodist.services.barrier import server as barrier_server
     from nanodist.services.lock import server as lock_server
     from nanodist.services.parameter_server import server as ps_server
-    from nanodist.workers import launcher, train
+    from nanodist.workers import launcher, status, train
     from nanodist.workers.comm import check
 
     parser = argparse.ArgumentParser(prog="nanodist", description="nanodist: distributed training over gRPC services")
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_arguments(commands.add_parser("up", help="run a whole cluster as local processes and train"))
     check.add_arguments(commands.add_parser("comm-check", help="check collectives and print bandwidth"))
     health.add_arguments(commands.add_parser("health", help="gRPC health check; exit 0 if SERVING"))
+    status.add_arguments(commands.add_parser("status", help="health and state of every service of a cluster"))
     return parser
 
 
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         from nanodist.workers import train
 
         train.run(args)
+    elif args.command == "status":
+        from nanodist.workers import status
+
+        status.run(args)
     elif args.command == "health":
         from nanodist.client import health
 

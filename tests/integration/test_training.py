@@ -262,3 +262,21 @@ def test_group_size_mismatch_under_mpiexec_is_reported():
     )
     assert result.returncode != 0
     assert "group-size mismatch: --group-size 2 but the mpi group has 3 ranks" in result.stderr
+
+
+def test_status_shows_every_service_and_fails_when_one_is_down(start_server):
+    ps, barrier, lock = start_server("ps"), start_server("barrier"), start_server("lock")
+    from nanodist.client import LockClient, ParameterServerClient
+
+    with ParameterServerClient([ps.address]) as client:
+        client.init({"w": np.zeros(256, np.float32)})
+    held = LockClient(lock.address, "alice").acquire("eval", ttl=30)
+    args = ["status", "--ps", ps.address, "--barrier", barrier.address, "--lock", lock.address]
+    result = subprocess.run(nanodist_command(*args), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert f"{ps.address}  SERVING  mode asp  workers 1  keys 1  1.0 KB" in result.stdout
+    assert f"barrier {barrier.address}  SERVING" in result.stdout
+    assert f"eval  holders ['alice (token {held.fencing_token}" in result.stdout
+    lock.stop()
+    result = subprocess.run(nanodist_command(*args), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and f"lock {lock.address}  UNAVAILABLE" in result.stdout
