@@ -61,6 +61,30 @@ async def barrier_rounds(address: str, members: int, rounds: int) -> float:
     return statistics.median(gaps) * 1e6
 
 
+async def release_thousand(address: str, waiters: int = 1000) -> float:
+    """Seconds from the last member's arrival until all `waiters` Wait calls have returned."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = barrier_pb2_grpc.BarrierStub(channel)
+
+        def wait(index: int) -> grpc.aio.UnaryUnaryCall:
+            return stub.Wait(
+                barrier_pb2.WaitRequest(name="crowd", parties=waiters, member_id=f"m{index}", timeout_ms=120_000)
+            )
+
+        early = [asyncio.ensure_future(wait(i)) for i in range(waiters - 1)]
+        status = barrier_pb2.BarrierStatusRequest(name="crowd")
+        while True:  # until every early waiter is registered at the server
+            await asyncio.sleep(0.05)
+            try:
+                if len((await stub.Status(status)).barriers[0].arrived) == waiters - 1:
+                    break
+            except grpc.aio.AioRpcError:
+                continue
+        begin = time.perf_counter()
+        await asyncio.gather(wait(waiters - 1), *early)
+        return time.perf_counter() - begin
+
+
 def mpi_barrier_us() -> float | str:
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None:
@@ -166,6 +190,8 @@ def main() -> None:
             us = asyncio.run(barrier_rounds(f"127.0.0.1:{barrier_port}", members, rounds))
             rows.append([f"nanodist barrier round, {members} members", us, ratio(us, echo_us)])
             print(f"  barrier {members} done", file=sys.stderr)
+        released = asyncio.run(release_thousand(f"127.0.0.1:{barrier_port}"))
+        rows.append(["1,000 waiters released (last arrival to all returned)", released * 1e6, "-"])
         for name, value in (
             ("mpi4py Barrier, 2 ranks", mpi_barrier_us()),
             ("torch gloo barrier, 2 ranks", torch_anchor("gloo-barrier")),
