@@ -266,6 +266,7 @@ class ParameterServerClient:
         """
         keys = list(keys)
         rows = rows or {}
+        self._learn_sizes([k for k in keys if k not in self._nbytes and k not in rows])
         requests: dict[int, ps.PullRequest] = {}
         for key, index in ((k, self.shard_index(k)) for k in keys):
             request = requests.setdefault(
@@ -300,6 +301,19 @@ class ParameterServerClient:
                     self._nbytes[entry.key] = entry.dense.nbytes
         values.slowest_clock = min(clocks, default=0)
         return _ordered(values, keys)
+
+    def _learn_sizes(self, keys: list[str]) -> None:
+        """Ask the shards how big unseen keys are, so that a large first pull is streamed, not refused."""
+        shards = {self.shard_index(k) for k in keys}
+        if not shards:
+            return
+        results = self._fan_out(
+            dict.fromkeys(shards, ps.ListKeysRequest()),
+            lambda i, r: self.shards[i].list_keys.future(r, timeout=self.timeout),
+        )
+        for response in results.values():
+            for info in response.keys:  # type: ignore[attr-defined]
+                self._nbytes[info.key] = int(np.prod(info.shape)) * codec.numpy_dtype(info.dtype).itemsize
 
     def push_pull(
         self,

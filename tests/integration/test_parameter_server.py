@@ -273,3 +273,15 @@ def test_environment_variables_configure_the_server(tmp_path):
     finally:
         process.terminate()
         process.wait()
+
+
+def test_a_new_client_streams_a_key_larger_than_one_message(start_server):
+    server = start_server("ps", "--max-message-bytes", str(8 << 20))
+    value = np.arange(3_000_000, dtype=np.float32)  # 12 MB: over the 8 MiB message limit
+    with ParameterServerClient([server.address], max_message_bytes=8 << 20) as writer:
+        half = value.size // 2  # two keys, each under the limit, on the one shard
+        writer.init({"a": value[:half]})
+        writer.init({"b": value[half:]})
+    with ParameterServerClient([server.address], max_message_bytes=8 << 20) as reader:
+        values = reader.pull(["a", "b"])  # sizes unknown to this client: it must ask, then stream
+        np.testing.assert_array_equal(np.concatenate([values["a"], values["b"]]), value)
