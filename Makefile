@@ -10,7 +10,7 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto test lint demo bench bench-setup clean docker-base wheelhouse docker up down logs
+.PHONY: setup proto docs test lint demo bench bench-setup clean docker-base wheelhouse docker up down logs
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos $(PROTOS)
+
+# The API reference, generated from the comments in the .proto files.
+docs: $(STAMP)
+	$(BIN)/python protos/apitools.py docs
 
 test: $(STAMP)
 	$(BIN)/pytest -q --durations=10

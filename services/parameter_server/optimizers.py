@@ -39,9 +39,10 @@ class OptimizerConfig:
                 raise invalid(f"{path}.{name}: must be in [0, 1), got {value}")
         if not (math.isfinite(message.epsilon) and message.epsilon >= 0):
             raise invalid(f"{path}.epsilon: must be finite and >= 0, got {message.epsilon}")
-        default_eps = 1e-10 if message.kind == ps.Optimizer.ADAGRAD else 1e-8
+        kind = message.kind or ps.Optimizer.SGD  # KIND_UNSPECIFIED means SGD
+        default_eps = 1e-10 if kind == ps.Optimizer.ADAGRAD else 1e-8
         return cls(
-            kind=message.kind,
+            kind=kind,
             learning_rate=lr,
             momentum=message.momentum or 0.9,
             beta1=message.beta1 or 0.9,

@@ -37,17 +37,28 @@ def test_push_and_pull_through_reflection_with_json_messages(start_server):
             method = service.methods_by_name[method_name]
             request_class = message_factory.GetMessageClass(method.input_type)
             response_class = message_factory.GetMessageClass(method.output_type)
-            stub = channel.unary_unary(f"/{service.full_name}/{method_name}",
-                                       request_serializer=request_class.SerializeToString,
-                                       response_deserializer=response_class.FromString)
+            stub = channel.unary_unary(
+                f"/{service.full_name}/{method_name}",
+                request_serializer=request_class.SerializeToString,
+                response_deserializer=response_class.FromString,
+            )
             return json_format.MessageToDict(stub(json_format.ParseDict(body, request_class()), timeout=10))
 
         # float32 [1, 2] is little-endian 0000803f 00000040, base64 in JSON
-        init = {"entries": [{"key": "w", "value": {"dtype": "FLOAT32", "shape": [2], "data": "AACAPwAAAEA="},
-                             "optimizer": {"kind": "SGD", "learning_rate": 1.0}}]}
+        init = {
+            "entries": [
+                {
+                    "key": "w",
+                    "value": {"dtype": "FLOAT32", "shape": [2], "data": "AACAPwAAAEA="},
+                    "optimizer": {"kind": "SGD", "learning_rate": 1.0},
+                }
+            ]
+        }
         assert call("Init", init)["results"][0]["created"] is True
-        push = {"entries": [{"key": "w", "dense": {"dtype": "FLOAT32", "shape": [2], "data": "AACAPwAAAEA="}}],
-                "request_id": "json-1"}
+        push = {
+            "entries": [{"key": "w", "dense": {"dtype": "FLOAT32", "shape": [2], "data": "AACAPwAAAEA="}}],
+            "request_id": "json-1",
+        }
         assert call("Push", push)["versions"] == ["1"]
         pulled = call("Pull", {"entries": [{"key": "w"}]})
         assert pulled["entries"][0]["dense"]["data"] == "AAAAAAAAAAA="  # [0, 0] after w -= 1.0 * w

@@ -80,22 +80,24 @@ class BarrierServicer:
 
     def OpenSession(self, request, context):
         """OpenSession starts a heartbeat lease for a member. If the lease lapses
-        (no KeepAlive within ttl_ms), every barrier the member belongs to that has
-        a generation in progress breaks, naming the member.
+        (no KeepAlive within ttl_ms), every barrier the member belongs to breaks,
+        naming the member. Not idempotent: each call opens a new session.
+        Errors: INVALID_ARGUMENT for a bad member_id, barrier name or ttl_ms.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def KeepAlive(self, request, context):
-        """KeepAlive renews a session. NOT_FOUND once the session has lapsed or closed.
+        """KeepAlive renews a session; idempotent. Errors: NOT_FOUND once the session
+        has lapsed or was closed (the member must assume its barriers broke).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """CloseSession ends a session without breaking anything.
+        """CloseSession ends a session without breaking anything; idempotent, never fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,27 +110,34 @@ class BarrierServicer:
         timeout broke it, and FAILED_PRECONDITION if `parties` differs from the
         value of the generation in progress. Error details name missing members,
         also sent as trailing metadata "nanodist-missing" (comma-separated).
+        INVALID_ARGUMENT for a bad name, member_id, parties or timeout_ms;
+        NOT_FOUND for an unknown session_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Abort breaks the generation in progress: every waiter gets ABORTED.
+        """Abort breaks the barrier: every waiter, and every later Wait until Reset,
+        gets ABORTED naming who aborted and why. Idempotent: a broken barrier stays
+        broken. Errors: NOT_FOUND for an unknown barrier; INVALID_ARGUMENT for a bad name or reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Reset(self, request, context):
-        """Reset clears a broken barrier and starts a fresh generation.
+        """Reset clears a broken barrier and starts a fresh generation; waiters of the
+        old one get ABORTED. Not idempotent: each call advances the generation.
+        Errors: NOT_FOUND for an unknown barrier.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Status describes one barrier, or all of them when name is empty.
+        """Status describes one barrier, or all of them when name is empty. Read-only.
+        Errors: NOT_FOUND for an unknown barrier name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -9,8 +9,10 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 class LockMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
+    LOCK_MODE_UNSPECIFIED: _ClassVar[LockMode]
     EXCLUSIVE: _ClassVar[LockMode]
     SHARED: _ClassVar[LockMode]
+LOCK_MODE_UNSPECIFIED: LockMode
 EXCLUSIVE: LockMode
 SHARED: LockMode
 

@@ -71,36 +71,43 @@ class LockServicer:
     def Acquire(self, request, context):
         """Acquire waits up to wait_timeout_ms for the lock, then grants a lease and a
         fencing token that is strictly greater than every token this lock name has
-        ever been granted, also across restarts of the service. DEADLINE_EXCEEDED
-        names the current holders if the wait expires.
+        ever been granted, also across restarts of the service. Not idempotent:
+        each grant is a new lease. Errors: DEADLINE_EXCEEDED naming the current
+        holders if the wait expires; INVALID_ARGUMENT for a bad name, owner,
+        ttl_ms, wait_timeout_ms or mode.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def TryAcquire(self, request, context):
-        """TryAcquire grants the lock only if it is free now; acquired=false otherwise.
+        """TryAcquire grants the lock only if it is free now and nobody queues ahead;
+        acquired=false otherwise. Not idempotent (a grant is a new lease). Errors
+        as Acquire, without DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Release ends a lease. FAILED_PRECONDITION if the lease does not hold the lock.
+        """Release ends a lease and grants the lock to the next waiters. Not
+        idempotent: a repeat gets FAILED_PRECONDITION, as does any lease that does
+        not hold the lock.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def KeepAlive(self, request, context):
-        """KeepAlive renews leases. NOT_FOUND names any lease that has already lapsed.
+        """KeepAlive renews leases; idempotent. Errors: NOT_FOUND names a lease that
+        has already lapsed (its holder lost the lock); INVALID_ARGUMENT for no lease ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Status lists holders and waiters of one lock, or of all when name is empty.
+        """Status lists holders and waiters of one lock, or of all when name is empty. Read-only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -332,21 +339,22 @@ class KeyValueServicer:
     """
 
     def Get(self, request, context):
-        """Get returns a key's value; NOT_FOUND if absent.
+        """Get returns a key's value. Read-only. Errors: NOT_FOUND if absent; INVALID_ARGUMENT for a bad key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Set(self, request, context):
-        """Set stores a value, replacing any previous one.
+        """Set stores a value, replacing any previous one; idempotent. Errors:
+        INVALID_ARGUMENT for a bad key or a value over the size cap.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Delete removes a key; deleted=false if it was absent.
+        """Delete removes a key; deleted=false if it was absent. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -355,6 +363,7 @@ class KeyValueServicer:
     def CompareAndSwap(self, request, context):
         """CompareAndSwap sets desired only if the current value equals expected
         (an absent key matches expect_absent). Atomic: one of racing callers wins.
+        Not idempotent. Errors: INVALID_ARGUMENT for a bad key or an oversized value.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -362,14 +371,16 @@ class KeyValueServicer:
 
     def Add(self, request, context):
         """Add adds delta to a counter stored as a decimal int64 (absent = 0) and
-        returns the new value. FAILED_PRECONDITION if the value is not an integer.
+        returns the new value. Not idempotent: a retry adds again. Errors:
+        FAILED_PRECONDITION if the value is not an integer or the sum overflows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Wait(self, request, context):
-        """Wait returns when all keys exist; DEADLINE_EXCEEDED names the missing ones.
+        """Wait returns when all keys exist. Read-only. Errors: DEADLINE_EXCEEDED
+        names the missing keys; INVALID_ARGUMENT for no keys, too many, or a bad one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

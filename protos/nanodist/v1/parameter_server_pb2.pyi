@@ -12,10 +12,12 @@ class Optimizer(_message.Message):
     __slots__ = ("kind", "learning_rate", "momentum", "beta1", "beta2", "epsilon")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Optimizer.Kind]
         SGD: _ClassVar[Optimizer.Kind]
         MOMENTUM: _ClassVar[Optimizer.Kind]
         ADAM: _ClassVar[Optimizer.Kind]
         ADAGRAD: _ClassVar[Optimizer.Kind]
+    KIND_UNSPECIFIED: Optimizer.Kind
     SGD: Optimizer.Kind
     MOMENTUM: Optimizer.Kind
     ADAM: Optimizer.Kind

@@ -79,17 +79,24 @@ class ParameterServerServicer:
     """
 
     def Init(self, request, context):
-        """Init creates keys. It is idempotent: the first writer of a key wins and
-        every later Init of that key leaves it unchanged and reports created=false.
+        """Init creates keys. Idempotent: the first writer of a key wins and every
+        later Init of that key leaves it unchanged and reports created=false.
+        Errors: INVALID_ARGUMENT for a bad name, tensor or optimizer (the message
+        names the field); RESOURCE_EXHAUSTED for a message over the size limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request, context):
-        """Push applies gradients under the server's consistency mode. A request_id
-        already seen (within the dedup window) is not applied again; the first
-        response is returned instead.
+        """Push applies gradients under the server's consistency mode, all entries or
+        none. Idempotent per request_id: an id already seen (within the dedup
+        window) is not applied again and gets the first response, duplicate=true.
+        Errors: NOT_FOUND for an unknown key; INVALID_ARGUMENT for a malformed
+        tensor, a dtype or shape that differs from the key's, a bad name or
+        worker_id; FAILED_PRECONDITION for a BSP step already applied or already
+        pushed by this worker, or a stale fencing_token; RESOURCE_EXHAUSTED for a
+        message over the size limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,16 +105,20 @@ class ParameterServerServicer:
     def PushStream(self, request_iterator, context):
         """PushStream is Push for payloads larger than one message: each streamed
         PushRequest carries slices (GradientEntry.offset) of the same gradients,
-        and the whole stream is applied as one Push when it ends.
+        in order, and the whole stream is applied as one Push when it ends. Same
+        idempotency and errors as Push; INVALID_ARGUMENT if slices do not tile the key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Pull(self, request, context):
-        """Pull returns values and their versions. It waits, up to timeout_ms, until
-        each key reaches min_version (BSP) or the slowest worker's clock is within
-        the staleness bound (SSP).
+        """Pull returns values and their versions; read-only, so safe to retry. It
+        waits, up to timeout_ms, until each key reaches min_version (BSP) and the
+        slowest worker's clock is within the staleness bound (SSP).
+        Errors: NOT_FOUND for an unknown key; INVALID_ARGUMENT for a bad name or
+        row; DEADLINE_EXCEEDED when the wait expires, naming the keys behind;
+        RESOURCE_EXHAUSTED if the values exceed one message (use PullStream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,21 +126,23 @@ class ParameterServerServicer:
 
     def PullStream(self, request, context):
         """PullStream is Pull for payloads larger than one message: values arrive as
-        slices (ValueEntry.offset) of at most chunk_bytes each.
+        slices (ValueEntry.offset) of at most chunk_bytes each; every slice carries
+        its key's version, so a client can detect an update landing mid-stream.
+        Read-only, as Pull; same errors, and INVALID_ARGUMENT for chunk_bytes out of range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListKeys(self, request, context):
-        """ListKeys describes every key on this shard without its data.
+        """ListKeys describes every key on this shard without its data. Read-only; never fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Stats reports the shard's mode, counters and worker clocks.
+        """Stats reports the shard's mode, counters and worker clocks. Read-only; never fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
