@@ -8,28 +8,18 @@ python anchors.py tcpstore-add
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from datetime import timedelta
 
-
-def timed(call, count: int = 2000) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(100):
-        call()
-    samples = []
-    for _ in range(count):
-        begin = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - begin)
-    return statistics.median(samples) * 1e6
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_us  # noqa: E402
 
 
 def mpi_barrier() -> None:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    us = timed(comm.Barrier, 5000)
+    us = median_us(comm.Barrier, 5000, warmup=100)
     if comm.rank == 0:
         print(us)
 
@@ -44,7 +34,7 @@ def _gloo_rank(rank: int, port: int, queue) -> None:  # type: ignore[no-untyped-
         world_size=2,
         timeout=timedelta(seconds=60),
     )
-    us = timed(dist.barrier, 1000)
+    us = median_us(dist.barrier, 1000, warmup=100)
     if rank == 0:
         queue.put(us)
     dist.destroy_process_group()
@@ -71,7 +61,7 @@ def tcpstore_add() -> None:
     from torch.distributed import TCPStore
 
     store = TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=30))
-    print(timed(lambda: store.add("counter", 1)))
+    print(median_us(lambda: store.add("counter", 1), 2000, warmup=100))
 
 
 if __name__ == "__main__":

@@ -41,15 +41,23 @@ def wait_ready(address: str, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(channel).result(timeout=timeout)
 
 
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def median_us(run: Callable[[], object], repeats: int, warmup: int = 50) -> float:
+    """Median wall time of one call, in microseconds, after `warmup` untimed calls."""
+    for _ in range(min(warmup, repeats)):
         run()
     times = []
     for _ in range(repeats):
         begin = time.perf_counter()
         run()
         times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return statistics.median(times) * 1e6
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait()
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

@@ -17,28 +17,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 
 import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, nanodist, start, table, wait_ready  # noqa: E402
+from common import free_port, median_us, nanodist, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import KVStore, LockClient  # noqa: E402
 from nanodist.v1 import barrier_pb2, barrier_pb2_grpc  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def median_call_us(call: Callable[[], object], count: int) -> float:
-    for _ in range(min(50, count)):
-        call()
-    times = []
-    for _ in range(count):
-        begin = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times) * 1e6
 
 
 async def barrier_rounds(address: str, members: int, rounds: int) -> float:
@@ -154,7 +142,7 @@ def redis_lock_us(count: int) -> float | str:
                 assert client.set("lock", "me", nx=True, px=10_000)
                 client.delete("lock")
 
-            return median_call_us(take_and_release, count)
+            return median_us(take_and_release, count)
         finally:
             server.terminate()
             server.wait()
@@ -182,7 +170,7 @@ def main() -> None:
         channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
         echo = channel.unary_unary("/raw.Raw/Echo")
         payload = b"x" * 100
-        echo_us = median_call_us(lambda: echo(payload), args.calls)
+        echo_us = median_us(lambda: echo(payload), args.calls)
 
         rows: list[list[object]] = [["gRPC Python echo, 100 B (the unit)", echo_us, "1.00"]]
         for members in (2, 8, 32):
@@ -203,13 +191,13 @@ def main() -> None:
         def acquire_release() -> None:
             locks.release(locks.acquire("bench-lock", ttl=10))
 
-        lock_us = median_call_us(acquire_release, args.calls)
+        lock_us = median_us(acquire_release, args.calls)
         rows.append(["nanodist acquire+release", lock_us, ratio(lock_us, echo_us)])
         redis_us = redis_lock_us(args.calls)
         rows.append(["redis-py SET NX PX + DEL", redis_us, ratio(redis_us, echo_us)])
 
         store = KVStore(f"127.0.0.1:{lock_port}")
-        add_us = median_call_us(lambda: store.add("bench-counter", 1), args.calls)
+        add_us = median_us(lambda: store.add("bench-counter", 1), args.calls)
         rows.append(["nanodist KV Add", add_us, ratio(add_us, echo_us)])
         tcp_add = torch_anchor("tcpstore-add")
         rows.append(["torch TCPStore.add", tcp_add, ratio(tcp_add, echo_us)])
@@ -222,9 +210,7 @@ def main() -> None:
             )
         )
     finally:
-        for server in servers:
-            server.terminate()
-            server.wait()
+        stop_all(servers)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MALLOC_ENV, free_port, nanodist, start, table, wait_ready  # noqa: E402
+from common import MALLOC_ENV, free_port, nanodist, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 
@@ -104,9 +104,7 @@ def main() -> None:
             )
         )
     finally:
-        for server in servers:
-            server.terminate()
-            server.wait()
+        stop_all(servers)
 
 
 if __name__ == "__main__":

@@ -314,11 +314,7 @@ class TCPCommunicator(Communicator):
                 assert self._shm is not None
                 self._shm.allreduce(flat, UFUNCS[op], self.size, self._sync)
             elif flat.size:
-                n, r = self.size, self.rank
-                bounds = [flat.size * i // n for i in range(n + 1)]
-                reduce_scatter = [((r - t) % n, (r - t - 1) % n, True) for t in range(n - 1)]
-                all_gather = [((r + 1 - t) % n, (r - t) % n, False) for t in range(n - 1)]
-                self._ring(flat, bounds, reduce_scatter + all_gather, UFUNCS[op])
+                self._ring_allreduce(flat, op)
             self._sender.flush()  # queued sends still read `flat`: finish them before scaling it
             if op is ReduceOp.MEAN:
                 np.divide(flat, self.size, out=flat)
@@ -336,17 +332,24 @@ class TCPCommunicator(Communicator):
         def body() -> None:
             self._agree("allgather", flat)
             if flat.size:
-                n, r = self.size, self.rank
-                bounds = [flat.size * i for i in range(n + 1)]
-                self._ring(
-                    out.reshape(-1),
-                    bounds,
-                    [((r - t) % n, (r - t - 1) % n, False) for t in range(n - 1)],
-                    None,
-                )
+                self._ring_allgather(out)
 
         self._run(body)
         return out
+
+    def _ring_allgather(self, out: np.ndarray) -> None:
+        """Ring all-gather of the rows of `out`; this rank's row is already in place."""
+        n, r = self.size, self.rank
+        bounds = [out[0].size * i for i in range(n + 1)]
+        self._ring(out.reshape(-1), bounds, [((r - t) % n, (r - t - 1) % n, False) for t in range(n - 1)], None)
+
+    def _ring_allreduce(self, flat: np.ndarray, op: ReduceOp) -> None:
+        """Ring reduce-scatter then all-gather, in place (MEAN stays a SUM; the caller scales it)."""
+        n, r = self.size, self.rank
+        bounds = [flat.size * i // n for i in range(n + 1)]
+        steps = [((r - t) % n, (r - t - 1) % n, True) for t in range(n - 1)]
+        steps += [((r + 1 - t) % n, (r - t) % n, False) for t in range(n - 1)]
+        self._ring(flat, bounds, steps, UFUNCS[op])
 
     def broadcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
         flat = check_array(array)
@@ -400,11 +403,14 @@ class TCPCommunicator(Communicator):
             record = np.frombuffer(raw, np.uint8).copy()
         except OSError:
             pass  # no /dev/shm, or it is full: the others learn it from the empty record
-        records = self._gather_plain(record)
+        records = np.empty((self.size, record.size), record.dtype)
+        records[self.rank] = record
+        self._ring_allgather(records)
         everyone_created = own is not None and bool(records[:, 0].all())  # an empty record means "failed"
         segments = SharedWindows.attach(records, self.rank, own) if everyone_created else None
         ok = np.array([1 if segments is not None else 0], np.int64)
-        self._ring_allreduce_plain(ok, ReduceOp.MIN)
+        self._ring_allreduce(ok, ReduceOp.MIN)
+        self._sender.flush()  # the agreement travels through the sender; settle it before going on
         if own is not None:
             own.unlink()  # every rank has mapped it (or given up): the name is no longer needed
         if ok[0] and segments is not None and own is not None:
@@ -415,28 +421,6 @@ class TCPCommunicator(Communicator):
                 segment.close()
             self._shm_state = "off"
         return self._shm
-
-    def _gather_plain(self, record: np.ndarray) -> np.ndarray:
-        out = np.empty((self.size, record.size), record.dtype)
-        out[self.rank] = record
-        n, r = self.size, self.rank
-        bounds = [record.size * i for i in range(n + 1)]
-        self._ring(
-            out.reshape(-1),
-            bounds,
-            [((r - t) % n, (r - t - 1) % n, False) for t in range(n - 1)],
-            None,
-        )
-        self._sender.flush()
-        return out
-
-    def _ring_allreduce_plain(self, flat: np.ndarray, op: ReduceOp) -> None:
-        n, r = self.size, self.rank
-        bounds = [flat.size * i // n for i in range(n + 1)]
-        steps = [((r - t) % n, (r - t - 1) % n, True) for t in range(n - 1)]
-        steps += [((r + 1 - t) % n, (r - t) % n, False) for t in range(n - 1)]
-        self._ring(flat, bounds, steps, UFUNCS[op])
-        self._sender.flush()
 
     def send(self, array: np.ndarray, dest: int) -> None:
         flat = check_array(np.ascontiguousarray(array))
