@@ -10,7 +10,7 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto docs test lint demo bench bench-setup clean docker-base wheelhouse docker up down logs
+.PHONY: setup proto docs certs test lint demo bench bench-setup clean docker-base wheelhouse docker up down logs
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos $(PROTOS)
+
+# Development TLS material under certs/ (git ignores it): a CA, a server and a client certificate.
+certs: $(STAMP)
+	$(BIN)/python -m nanodist.services.common.devcerts certs
 
 # The API reference, generated from the comments in the .proto files.
 docs: $(STAMP)

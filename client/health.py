@@ -8,10 +8,12 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nanodist.client.rpc import open_channel
+
 
 def check(address: str, service: str = "", timeout: float = 2.0) -> str:
     """The serving status name (SERVING, NOT_SERVING, ...) of `service` at `address`; raises grpc.RpcError."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )

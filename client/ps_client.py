@@ -12,6 +12,7 @@ import numpy as np
 from nanodist.client import codec
 from nanodist.client.errors import NanodistError, from_rpc_error
 from nanodist.client.retry import RetryPolicy
+from nanodist.client.rpc import open_channel
 from nanodist.client.sharding import shard_of
 from nanodist.v1 import parameter_server_pb2 as ps
 
@@ -66,7 +67,7 @@ class _Shard:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self.channel = grpc.insecure_channel(address, options=options)
+        self.channel = open_channel(address, options)
         self.init = self.channel.unary_unary(
             SERVICE + "Init",
             request_serializer=ps.InitRequest.SerializeToString,

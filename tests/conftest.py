@@ -15,6 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nanodist.client.rpc import ClientSecurity, open_channel
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,20 +26,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def health_status(address: str, timeout: float = 1.0) -> int:
-    with grpc.insecure_channel(address) as channel:
+def health_status(address: str, timeout: float = 1.0, security: ClientSecurity | None = None) -> int:
+    with open_channel(address, security=security or ClientSecurity()) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
 
 
-def wait_healthy(address: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
+def wait_healthy(
+    address: str,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 30.0,
+    security: ClientSecurity | None = None,
+) -> None:
     """Poll the standard gRPC health check until SERVING (no fixed sleeps)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before becoming healthy")
         try:
-            if health_status(address, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+            if health_status(address, timeout=0.5, security=security) == health_pb2.HealthCheckResponse.SERVING:
                 return
         except grpc.RpcError:
             pass
@@ -75,14 +82,20 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
     """start_server("ps", "--mode", "bsp", ...) -> a healthy Server; all are stopped at teardown."""
     servers: list[Server] = []
 
-    def start(role: str, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> Server:
+    def start(
+        role: str,
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        security: ClientSecurity | None = None,
+    ) -> Server:
         port = port or free_port()
         command = nanodist_command("serve", role, "--port", str(port), *args)
         log = open(tmp_path / f"{role}-{port}.log", "ab")  # noqa: SIM115
         process = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, **(env or {})})
         server = Server(process, port, list(args))
         servers.append(server)
-        wait_healthy(server.address, process)
+        wait_healthy(server.address, process, security=security)
         return server
 
     yield start

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nanodist.services.common.security import SecurityConfig
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB; gRPC's hard ceiling is 2 GiB - 1
 
@@ -25,6 +29,7 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_format: str = "text"
     grace_seconds: float = 5.0
+    security: SecurityConfig | None = field(default=None)
 
 
 def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -64,9 +69,14 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
         default=env_default("grace_seconds", 5.0),
         help="time in-flight calls get to finish on SIGTERM",
     )
+    from nanodist.services.common.security import add_security_flags  # late: security reads env_default
+
+    add_security_flags(parser)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
+    from nanodist.services.common.security import security_config
+
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -74,4 +84,5 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=args.max_message_bytes,
         log_format=args.log_format,
         grace_seconds=args.grace_seconds,
+        security=security_config(args),
     )

@@ -14,6 +14,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from nanodist.services.common.config import ServerConfig
+from nanodist.services.common.security import (
+    SecurityConfig,
+    TokenAuthInterceptor,
+    load_tokens,
+    server_credentials,
+    warn_if_exposed,
+)
 
 log = logging.getLogger("nanodist.server")
 
@@ -36,13 +43,19 @@ async def serve(
     `register` adds the service's handlers and returns their full names, which
     health and reflection then advertise.
     """
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    security = config.security or SecurityConfig()
+    interceptors = [TokenAuthInterceptor(load_tokens(security.auth_token_file))] if security.auth_token_file else []
+    server = grpc.aio.server(interceptors=interceptors, options=channel_options(config.max_message_bytes))
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if security.reflection_enabled:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
 
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    credentials = server_credentials(security)
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    warn_if_exposed(config.host, security)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     await server.start()
