@@ -49,6 +49,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/ps_throughput.py
 	$(BIN)/python bench/coordination.py
 	$(BIN)/python bench/allreduce.py
+	$(BIN)/python bench/tls_cost.py
+	$(BIN)/python bench/step_time.py
 
 bench-setup: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -8,12 +8,15 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nanodist.client.rpc import open_channel
+from nanodist.client.rpc import ClientSecurity, open_channel
 
 
-def check(address: str, service: str = "", timeout: float = 2.0) -> str:
-    """The serving status name (SERVING, NOT_SERVING, ...) of `service` at `address`; raises grpc.RpcError."""
-    with open_channel(address) as channel:
+def check(address: str, service: str = "", timeout: float = 2.0, security: ClientSecurity | None = None) -> str:
+    """The serving status name (SERVING, NOT_SERVING, ...) of `service` at `address`; raises grpc.RpcError.
+
+    TLS settings come from `security`, or from NANODIST_TLS_* like every client; no token is needed.
+    """
+    with open_channel(address, security=security) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )

@@ -12,7 +12,7 @@ import numpy as np
 from nanodist.client import codec
 from nanodist.client.errors import NanodistError, from_rpc_error
 from nanodist.client.retry import RetryPolicy
-from nanodist.client.rpc import open_channel
+from nanodist.client.rpc import ClientSecurity, open_channel
 from nanodist.client.sharding import shard_of
 from nanodist.v1 import parameter_server_pb2 as ps
 
@@ -61,13 +61,13 @@ class Values(dict[str, np.ndarray]):
 
 
 class _Shard:
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(self, address: str, max_message_bytes: int, security: ClientSecurity | None) -> None:
         self.address = address
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self.channel = open_channel(address, options)
+        self.channel = open_channel(address, options, security)
         self.init = self.channel.unary_unary(
             SERVICE + "Init",
             request_serializer=ps.InitRequest.SerializeToString,
@@ -123,11 +123,12 @@ class ParameterServerClient:
         retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = 2 << 20,
+        security: ClientSecurity | None = None,
     ) -> None:
         addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not addresses:
             raise ValueError("ParameterServerClient needs at least one shard address")
-        self.shards = [_Shard(a, max_message_bytes) for a in addresses]
+        self.shards = [_Shard(a, max_message_bytes, security) for a in addresses]
         self.worker_id = worker_id
         self.timeout = timeout
         self.retry = retry or RetryPolicy()

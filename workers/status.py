@@ -10,12 +10,14 @@ import grpc
 from nanodist.client import BarrierClient, LockClient, NanodistError, ParameterServerClient
 from nanodist.client.health import check
 from nanodist.services.common.config import env_default
+from nanodist.workers.train import add_client_security_flags, apply_client_security_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ps", default=env_default("ps", "127.0.0.1:50051"), help="comma-separated shard addresses")
     parser.add_argument("--barrier", default=env_default("barrier_address", "127.0.0.1:50061"))
     parser.add_argument("--lock", default=env_default("lock_address", "127.0.0.1:50071"))
+    add_client_security_flags(parser)
 
 
 def _health(address: str) -> str:
@@ -75,6 +77,7 @@ def report(ps: list[str], barrier: str, lock: str) -> tuple[list[str], bool]:
 
 
 def run(args: argparse.Namespace) -> None:
+    apply_client_security_flags(args)
     try:
         lines, healthy = report([a for a in args.ps.split(",") if a], args.barrier, args.lock)
     except NanodistError as error:

@@ -479,6 +479,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("timeout", 60.0),
         help="longest wait for any peer, server or barrier, in seconds",
     )
+    add_client_security_flags(parser)
+
+
+def add_client_security_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS and token options for every channel this process opens (they set the NANODIST_* equivalents)."""
+    parser.add_argument("--tls-ca", help="CA to verify servers with; enables TLS (env NANODIST_TLS_CA)")
+    parser.add_argument("--tls-client-cert", help="client certificate for mutual TLS (env NANODIST_TLS_CLIENT_CERT)")
+    parser.add_argument("--tls-client-key", help="its private key (env NANODIST_TLS_CLIENT_KEY)")
+    parser.add_argument(
+        "--tls-server-name", help="name to expect in server certificates (env NANODIST_TLS_SERVER_NAME)"
+    )
+    parser.add_argument(
+        "--auth-token-file", help="file whose first field is the bearer token (env NANODIST_AUTH_TOKEN_FILE)"
+    )
+
+
+def apply_client_security_flags(args: argparse.Namespace) -> None:
+    for flag in ("tls_ca", "tls_client_cert", "tls_client_key", "tls_server_name", "auth_token_file"):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[f"NANODIST_{flag.upper()}"] = value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -511,6 +532,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> None:
     worker = None
+    apply_client_security_flags(args)
     try:
         worker = Worker(config_from_args(args))
         worker.train()

@@ -9,6 +9,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import secrets
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -101,7 +102,22 @@ def main() -> None:
     ca = make_ca(args.directory)
     make_leaf(args.directory, "server", ca, args.hosts.split(","))
     make_leaf(args.directory, "client", ca, [], client=True)
-    print(f"wrote ca.pem, server.pem, server-key.pem, client.pem, client-key.pem to {args.directory}/")
+    write_tokens(args.directory)
+    print(
+        f"wrote ca.pem, server.pem, server-key.pem, client.pem, client-key.pem, tokens and worker.token "
+        f"to {args.directory}/"
+    )
+
+
+def write_tokens(directory: str) -> None:
+    """`tokens` for servers (one per role) and `worker.token` for workers, random each time."""
+    tokens = {role: secrets.token_urlsafe(24) for role in ("worker", "reader", "admin")}
+    with open(os.path.join(directory, "tokens"), "w") as f:
+        f.writelines(f"{token} {role}\n" for role, token in tokens.items())
+    with open(os.path.join(directory, "worker.token"), "w") as f:
+        f.write(f"{tokens['worker']} worker\n")
+    for name in ("tokens", "worker.token"):
+        os.chmod(os.path.join(directory, name), 0o600)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanodist.client.health import check
+from nanodist.client.rpc import ClientSecurity, open_channel
 from tests.conftest import ROOT, free_port
 
 COMPOSE = ["docker-compose"]
@@ -29,6 +33,7 @@ class Cluster:
         self.runs = tmp_path / "runs"
         self.runs.mkdir()
         self.run_id = "e2e"
+        self.files: list[str] = []  # extra `-f` files; the default docker-compose.yml otherwise
         self.env = {
             **os.environ,
             "NANODIST_RUN_ID": self.run_id,
@@ -43,7 +48,7 @@ class Cluster:
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [*COMPOSE, "-p", self.project, *args],
+            [*COMPOSE, "-p", self.project, *self.files, *args],
             cwd=ROOT,
             env=self.env,
             capture_output=True,
@@ -143,3 +148,25 @@ def test_a_killed_worker_container_is_named_by_the_others_and_nothing_hangs(clus
         assert "nanodist worker: error:" in log, log[-2000:]
         error = log.split("nanodist worker: error:")[1]
         assert f"rank {rank}" in error or f"rank-{rank}" in error, error[:500]
+
+
+def test_the_tls_variant_trains_with_mutual_tls_and_tokens(cluster, tmp_path):
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "-m", "nanodist.services.common.devcerts", str(certs)], check=True)
+    c = cluster(NANODIST_CERTS_DIR=str(certs), NANODIST_EPOCHS="5")
+    c.files = ["-f", "docker-compose.yml", "-f", "docker-compose.tls.yml"]
+    up = c.compose("up", "-d", "--no-build", "--scale", "worker=2")
+    assert up.returncode == 0, up.stderr
+    workers = c.containers("worker") + c.containers("mpi-group")
+    c.wait_exited(workers, timeout=600)
+    for container in workers:
+        assert c.state(container)["State"]["ExitCode"] == 0, c.logs(container)[-3000:]
+    metrics = json.loads((c.runs / c.run_id / "metrics.json").read_text())
+    assert metrics["final_test_accuracy"] >= 0.9 and metrics["world_size"] == 4
+    address = f"127.0.0.1:{c.env['PS0_PORT']}"
+    with pytest.raises(grpc.RpcError):
+        check(address, timeout=3)  # plaintext is refused
+    mtls = ClientSecurity(str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client-key.pem"))
+    with open_channel(address, security=mtls) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
