@@ -11,6 +11,7 @@ import grpc
 from nanodist.services.barrier.state import Barrier, BarrierBroken
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import invalid, not_found
+from nanodist.services.common.handlers import servicer_handler
 from nanodist.services.common.leases import Lease, LeaseTable, check_ttl
 from nanodist.services.common.metrics import rpc
 from nanodist.services.common.runtime import serve
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
         service = BarrierService()
 
         def register(server: grpc.aio.Server) -> list[str]:
-            barrier_pb2_grpc.add_BarrierServicer_to_server(service, server)
+            server.add_generic_rpc_handlers((servicer_handler(service, pb.DESCRIPTOR.services_by_name["Barrier"]),))
             return [pb.DESCRIPTOR.services_by_name["Barrier"].full_name]
 
         await serve("barrier", config, register)

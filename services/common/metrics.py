@@ -12,7 +12,8 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from nanodist.client.codec import CodecError
-from nanodist.services.common.errors import ServiceError
+from nanodist.services.common.errors import ServiceError, invalid
+from nanodist.services.common.handlers import MalformedRequest
 
 REQUESTS = Counter("nanodist_requests_total", "RPCs handled", ["service", "method", "code"])
 LATENCY = Histogram(
@@ -51,6 +52,8 @@ def rpc(service: str, method: str) -> Callable[[Callable[..., Awaitable[T]]], Ca
         async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
             start = time.perf_counter()
             try:
+                if isinstance(request, MalformedRequest):
+                    raise invalid(request.describe())
                 result = await handler(self, request, context)
             except (ServiceError, CodecError, TimeoutError, ValueError) as exc:
                 code, message = _status(exc)
@@ -81,6 +84,8 @@ def rpc_stream(
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, MalformedRequest):
+                    raise invalid(request.describe())
                 async for item in handler(self, request, context):
                     yield item
             except (ServiceError, CodecError, TimeoutError, ValueError) as exc:

@@ -10,6 +10,7 @@ import grpc
 
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import ServiceError, invalid
+from nanodist.services.common.handlers import servicer_handler
 from nanodist.services.common.leases import check_ttl
 from nanodist.services.common.metrics import rpc
 from nanodist.services.common.runtime import serve
@@ -183,8 +184,12 @@ def run(args: argparse.Namespace) -> None:
         kv = KeyValueService(KeyValueStore(args.max_value_bytes))
 
         def register(server: grpc.aio.Server) -> list[str]:
-            lock_pb2_grpc.add_LockServicer_to_server(locks, server)
-            lock_pb2_grpc.add_KeyValueServicer_to_server(kv, server)
+            server.add_generic_rpc_handlers(
+                (
+                    servicer_handler(locks, pb.DESCRIPTOR.services_by_name["Lock"]),
+                    servicer_handler(kv, pb.DESCRIPTOR.services_by_name["KeyValue"]),
+                )
+            )
             return [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Lock", "KeyValue")]
 
         await serve("lock", config, register)

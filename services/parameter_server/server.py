@@ -18,6 +18,7 @@ import numpy as np
 from nanodist.client import codec
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import ServiceError, invalid
+from nanodist.services.common.handlers import safe_parser
 from nanodist.services.common.metrics import BYTES, KEY_BYTES, KEYS, rpc, rpc_stream
 from nanodist.services.common.runtime import serve
 from nanodist.services.common.validation import check_count, check_name
@@ -295,7 +296,7 @@ class ParameterServerService:
         def unary(handler, request_type=None, response_type=None):  # type: ignore[no-untyped-def]
             return grpc.unary_unary_rpc_method_handler(
                 handler,
-                request_deserializer=request_type.FromString if request_type else None,
+                request_deserializer=safe_parser(request_type) if request_type else None,
                 response_serializer=response_type.SerializeToString if response_type else None,
             )
 
@@ -307,7 +308,7 @@ class ParameterServerService:
                 "PushStream": grpc.stream_unary_rpc_method_handler(self.push_stream),
                 "Pull": unary(self.pull, ps.PullRequest),
                 "PullStream": grpc.unary_stream_rpc_method_handler(
-                    self.pull_stream, request_deserializer=ps.PullRequest.FromString
+                    self.pull_stream, request_deserializer=safe_parser(ps.PullRequest)
                 ),
                 "ListKeys": unary(self.list_keys, ps.ListKeysRequest, ps.ListKeysResponse),
                 "Stats": unary(self.stats, ps.StatsRequest, ps.StatsResponse),
