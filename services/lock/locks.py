@@ -9,6 +9,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from nanodist.services.common.durable import fsync_dir
 from nanodist.services.common.errors import failed_precondition
 from nanodist.services.common.leases import Lease, LeaseTable
 from nanodist.v1 import lock_pb2 as pb
@@ -50,11 +51,7 @@ class FencingTokens:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        directory = os.open(os.path.dirname(self.path), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_dir(os.path.dirname(self.path))
         self.ceiling = ceiling
 
 

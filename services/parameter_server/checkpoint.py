@@ -1,15 +1,17 @@
 """Parameter-server checkpoints: a self-describing directory, written atomically, never pickled.
 
-A checkpoint is `ckpt-<sequence>/` holding one .npy file per array (values and
-optimizer state) and `manifest.json` with each key's dtype, shape, version,
-optimizer and the SHA-256 of every file. It is written under a temporary name,
-fsynced, renamed into place and the directory fsynced, so a crash leaves the
-previous checkpoint intact. On start the newest checkpoint whose files match
+A checkpoint is `ckpt-<sequence>/` holding one .npy file per array (values,
+optimizer state and BSP sums still waiting for pushes) and `manifest.json`
+with each key's dtype, shape, version, optimizer and the SHA-256 of every
+file, plus the request_id dedup window and the write-ahead-log LSN covered.
+It is written under a temporary name, fsynced, renamed into place and the
+directory fsynced, so a crash leaves the previous checkpoint intact. On start the newest checkpoint whose files match
 their checksums is restored; a damaged one is logged and skipped.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -20,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from nanodist.services.common.durable import fsync_dir
 from nanodist.services.parameter_server.optimizers import Optimizer, OptimizerConfig
-from nanodist.services.parameter_server.store import Slot, Store
+from nanodist.services.parameter_server.store import Pending, Slot, Store
 
 FORMAT = 1
 KEEP = 2
@@ -36,16 +39,11 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def snapshot(store: Store, wal_lsn: int | None = None) -> dict[str, Any]:
+    """Copies of everything a checkpoint holds, taken at one instant (cheap to hand to a thread).
 
-
-def snapshot(store: Store) -> dict[str, Any]:
-    """Copies of everything a checkpoint holds, taken at one instant (cheap to hand to a thread)."""
+    `wal_lsn` is the first write-ahead-log record the snapshot does not include.
+    """
     keys = {}
     for key, slot in store.slots.items():
         keys[key] = {
@@ -55,8 +53,29 @@ def snapshot(store: Store) -> dict[str, Any]:
             "applied_step": slot.applied_step,
             "optimizer": asdict(slot.optimizer.config),
             "optimizer_steps": slot.optimizer.steps,
+            # BSP sums still waiting for pushes: a restart must not forget the pushes already acknowledged
+            "pending": [
+                (step, sorted(p.workers), p.dense, p.total.copy(), None if p.touched is None else p.touched.copy())
+                for step, p in slot.pending.items()
+            ],
         }
-    return {"keys": keys, "fencing_high": store.fencing_high, "clocks": dict(store.clocks)}
+    return {
+        "keys": keys,
+        "fencing_high": store.fencing_high,
+        "clocks": dict(store.clocks),
+        "dedup": [(rid, base64.b64encode(response).decode()) for rid, response in store.recent_requests()],
+        "wal_lsn": wal_lsn,
+    }
+
+
+def _save(directory: str, filename: str, array: np.ndarray) -> str:
+    """Write one array durably; returns its SHA-256."""
+    path = os.path.join(directory, filename)
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return _sha256(path)
 
 
 def write(directory: str, snap: dict[str, Any]) -> str:
@@ -72,18 +91,20 @@ def write(directory: str, snap: dict[str, Any]) -> str:
         "format": FORMAT,
         "fencing_high": snap["fencing_high"],
         "clocks": {str(k): v for k, v in snap["clocks"].items()},
+        "dedup": snap["dedup"],
+        "wal_lsn": snap["wal_lsn"],
         "keys": {},
     }
     for index, (key, item) in enumerate(snap["keys"].items()):
-        files = {}
-        for name, array in [("value", item["value"]), *((f"state{i}", s) for i, s in enumerate(item["states"]))]:
-            filename = f"k{index}.{name}.npy"
-            path = os.path.join(tmp, filename)
-            with open(path, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            files[filename] = _sha256(path)
+        files = {f"k{index}.value.npy": _save(tmp, f"k{index}.value.npy", item["value"])}
+        for i, state in enumerate(item["states"]):
+            files[f"k{index}.state{i}.npy"] = _save(tmp, f"k{index}.state{i}.npy", state)
+        pending = []
+        for step, workers, dense, total, touched in item["pending"]:
+            files[f"k{index}.pending{step}.npy"] = _save(tmp, f"k{index}.pending{step}.npy", total)
+            if touched is not None:
+                files[f"k{index}.touched{step}.npy"] = _save(tmp, f"k{index}.touched{step}.npy", touched)
+            pending.append({"step": step, "workers": workers, "dense": dense, "sparse": touched is not None})
         manifest["keys"][key] = {
             "index": index,
             "dtype": item["value"].dtype.str,
@@ -93,15 +114,16 @@ def write(directory: str, snap: dict[str, Any]) -> str:
             "optimizer": item["optimizer"],
             "optimizer_steps": item["optimizer_steps"],
             "states": len(item["states"]),
+            "pending": pending,
             "sha256": files,
         }
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     for old in existing[: max(0, len(existing) + 1 - KEEP)]:
         shutil.rmtree(os.path.join(directory, f"ckpt-{old:08d}"), ignore_errors=True)
     return final
@@ -113,6 +135,20 @@ def _sequences(directory: str) -> list[int]:
         if name.startswith("ckpt-") and name[5:].isdigit():
             found.append(int(name[5:]))
     return sorted(found)
+
+
+def wal_lsns(directory: str) -> list[int]:
+    """The write-ahead-log LSNs the kept checkpoints cover; the log must be kept from the oldest."""
+    found = []
+    for sequence in _sequences(directory):
+        try:
+            with open(os.path.join(directory, f"ckpt-{sequence:08d}", "manifest.json")) as f:
+                lsn = json.load(f).get("wal_lsn")
+        except (OSError, ValueError):
+            continue
+        if lsn is not None:
+            found.append(lsn)
+    return found
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -132,12 +168,15 @@ def _load(path: str) -> dict[str, Any]:
         value = arrays[f"k{index}.value.npy"]
         if value.dtype.str != meta["dtype"] or list(value.shape) != meta["shape"]:
             raise ValueError(f"{key}: file holds {value.dtype.str}{list(value.shape)}, manifest says otherwise")
-        keys[key] = (meta, value, [arrays[f"k{index}.state{i}.npy"] for i in range(meta["states"])])
+        keys[key] = (meta, value, [arrays[f"k{index}.state{i}.npy"] for i in range(meta["states"])], arrays)
     return {"manifest": manifest, "keys": keys}
 
 
-def restore(directory: str, store: Store) -> str | None:
-    """Load the newest intact checkpoint into `store`; returns its path, or None if there is none."""
+def restore(directory: str, store: Store) -> tuple[str, int | None] | None:
+    """Load the newest intact checkpoint into `store`.
+
+    Returns its path and the write-ahead-log LSN it covers, or None if there is none.
+    """
     for sequence in reversed(_sequences(directory)):
         path = os.path.join(directory, f"ckpt-{sequence:08d}")
         try:
@@ -145,16 +184,26 @@ def restore(directory: str, store: Store) -> str | None:
         except (OSError, ValueError, KeyError) as error:
             log.error("checkpoint %s is damaged (%s); trying the previous one", path, error)
             continue
-        for key, (meta, value, states) in loaded["keys"].items():
+        for key, (meta, value, states, arrays) in loaded["keys"].items():
             optimizer = Optimizer(OptimizerConfig(**meta["optimizer"]), value)
             optimizer.states = states
             optimizer.steps = meta["optimizer_steps"]
-            store.slots[key] = Slot(
-                value=value, optimizer=optimizer, version=meta["version"], applied_step=meta["applied_step"]
-            )
+            slot = Slot(value=value, optimizer=optimizer, version=meta["version"], applied_step=meta["applied_step"])
+            index = meta["index"]
+            for item in meta.get("pending", []):
+                step = item["step"]
+                slot.pending[step] = Pending(
+                    total=arrays[f"k{index}.pending{step}.npy"],
+                    workers=set(item["workers"]),
+                    touched=arrays[f"k{index}.touched{step}.npy"] if item["sparse"] else None,
+                    dense=item["dense"],
+                )
+            store.slots[key] = slot
         manifest = loaded["manifest"]
         store.fencing_high = manifest["fencing_high"]
         store.clocks = {int(k): v for k, v in manifest["clocks"].items()}
+        for rid, response in manifest.get("dedup", []):
+            store.remember(rid, base64.b64decode(response))
         log.info("restored %d keys from %s", len(loaded["keys"]), path)
-        return path
+        return path, manifest.get("wal_lsn")
     return None

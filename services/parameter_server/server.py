@@ -22,7 +22,7 @@ from nanodist.services.common.handlers import safe_parser
 from nanodist.services.common.metrics import BYTES, KEY_BYTES, KEYS, rpc, rpc_stream
 from nanodist.services.common.runtime import serve
 from nanodist.services.common.validation import check_count, check_name
-from nanodist.services.parameter_server import checkpoint
+from nanodist.services.parameter_server.durability import Durability, Persistence
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Mode, Slot, Store
 from nanodist.v1 import parameter_server_pb2 as ps
@@ -36,9 +36,10 @@ log = logging.getLogger("nanodist.ps")
 
 
 class ParameterServerService:
-    def __init__(self, store: Store, max_message_bytes: int) -> None:
+    def __init__(self, store: Store, max_message_bytes: int, persistence: Persistence | None = None) -> None:
         self.store = store
         self.max_message_bytes = max_message_bytes
+        self.persistence = persistence or Persistence(store, Durability.NONE, None)
         self.changed = asyncio.Condition()
 
     # --- Init -----------------------------------------------------------
@@ -67,6 +68,8 @@ class ParameterServerService:
             if created:
                 log.info("init %s %s %s", key, value.dtype.name, list(value.shape))
         self.update_gauges()
+        durable = self.persistence.log_init(request) if any(r.created for r in response.results) else None
+        await (durable or self.persistence.synced())
         return response
 
     # --- Push -----------------------------------------------------------
@@ -75,7 +78,7 @@ class ParameterServerService:
     async def push(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         BYTES.labels("ps", "in").inc(len(data))
         message = codec.decode_push(data)
-        return await self._commit(message)
+        return await self._commit(message, data)
 
     @rpc("ps", "PushStream")
     async def push_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
@@ -114,7 +117,7 @@ class ParameterServerService:
                 raise invalid(f"PushStream: key {key!r} got {filled} of {buffer.size} elements")
             entries.append(codec.Entry(key=key, dense=buffer.reshape(slot.value.shape)))
         header.entries = entries
-        return await self._commit(header)
+        return await self._commit(header, None)
 
     def _assemble(self, entry: codec.Entry, dense: dict[str, tuple[np.ndarray, int, Slot]]) -> None:
         """Copy one streamed slice into the key's assembly buffer; slices must arrive in order."""
@@ -141,10 +144,29 @@ class ParameterServerService:
         buffer[filled : filled + piece.size] = piece
         dense[entry.key] = (buffer, filled + piece.size, slot)
 
-    async def _commit(self, message: codec.PushMessage) -> bytes:
+    async def _commit(self, message: codec.PushMessage, data: bytes | None) -> bytes:
+        """Apply a push, log it (wal mode), and answer only once the log is durable."""
+        replay = self.store.replay(message.request_id) if message.request_id else None
+        if replay is not None:
+            await self.persistence.synced()  # the first attempt's record may still be in flight
+            return replay
+        response = self.apply(message)
+        if self.persistence.log is not None and data is None:  # an assembled stream: log it as one push
+            data = codec.encode_push(
+                message.entries, message.worker_id, message.step, message.request_id, message.fencing_token
+            )
+        durable = self.persistence.log_push(data or b"")
+        async with self.changed:
+            self.changed.notify_all()
+        if durable is not None:
+            await durable
+        return response
+
+    def apply(self, message: codec.PushMessage) -> bytes:
+        """Validate and apply one push; synchronous, so the log's order is the apply order."""
+        if len(message.request_id) > MAX_REQUEST_ID:
+            raise invalid(f"request_id: {len(message.request_id)} characters, at most {MAX_REQUEST_ID}")
         if message.request_id:
-            if len(message.request_id) > MAX_REQUEST_ID:
-                raise invalid(f"request_id: {len(message.request_id)} characters, at most {MAX_REQUEST_ID}")
             replay = self.store.replay(message.request_id)
             if replay is not None:
                 return replay
@@ -153,15 +175,10 @@ class ParameterServerService:
             if entry.offset:
                 raise invalid(f"entries[{i}].offset: only PushStream takes slices")
         result = self.store.push(message.entries, message.worker_id, message.step, message.fencing_token)
-        response = ps.PushResponse(versions=result.versions, applied=result.applied)
         if message.request_id:
-            response_bytes = ps.PushResponse(
-                versions=result.versions, applied=result.applied, duplicate=True
-            ).SerializeToString()
-            self.store.remember(message.request_id, response_bytes)
-        async with self.changed:
-            self.changed.notify_all()
-        return response.SerializeToString()
+            duplicate = ps.PushResponse(versions=result.versions, applied=result.applied, duplicate=True)
+            self.store.remember(message.request_id, duplicate.SerializeToString())
+        return ps.PushResponse(versions=result.versions, applied=result.applied).SerializeToString()
 
     # --- Pull -----------------------------------------------------------
 
@@ -349,16 +366,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="restore from and checkpoint into this directory (env NANODIST_CHECKPOINT_DIR)",
     )
     parser.add_argument(
+        "--durability",
+        choices=[d.value for d in Durability],
+        default=env("durability", None),
+        help="none, checkpoint or wal (default: checkpoint with --checkpoint-dir, else none); "
+        "wal fsyncs every push before its ack (env NANODIST_DURABILITY)",
+    )
+    parser.add_argument(
         "--checkpoint-interval",
         type=float,
         default=env("checkpoint_interval", 300.0),
         help="seconds between checkpoints when something changed (a final one is written on SIGTERM)",
     )
-
-
-def _change_marker(store: Store) -> tuple[int, int, int]:
-    """Changes whenever the store does: a new key, an applied push, or a new fencing high-water mark."""
-    return len(store.slots), sum(s.version for s in store.slots.values()), store.fencing_high
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=env("checkpoint_every", 0),
+        help="also checkpoint after this many applied pushes (default 0: off)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -367,38 +392,23 @@ def run(args: argparse.Namespace) -> None:
     if args.staleness < 0:
         raise SystemExit("--staleness must be >= 0")
     config = common_config.server_config(args)
+    durability = Durability(args.durability or ("checkpoint" if args.checkpoint_dir else "none"))
 
     async def main() -> None:
         store = Store(Mode(args.mode), args.num_workers, args.staleness, args.dedup_window)
-        if args.checkpoint_dir:
-            checkpoint.restore(args.checkpoint_dir, store)
-        service = ParameterServerService(store, config.max_message_bytes)
+        persistence = Persistence(
+            store, durability, args.checkpoint_dir, args.checkpoint_interval, args.checkpoint_every
+        )
+        service = ParameterServerService(store, config.max_message_bytes, persistence)
+        await persistence.start(service.apply)
         service.update_gauges()
 
         def register(server: grpc.aio.Server) -> list[str]:
             server.add_generic_rpc_handlers((service.generic_handler(),))
             return [SERVICE]
 
-        saved = {"marker": _change_marker(store)}
-
-        async def save(reason: str) -> None:
-            snap = checkpoint.snapshot(store)  # on the loop: one consistent instant
-            path = await asyncio.to_thread(checkpoint.write, args.checkpoint_dir, snap)
-            saved["marker"] = _change_marker(store)
-            log.info("checkpoint (%s): %s", reason, path)
-
-        async def periodically() -> None:
-            while True:
-                await asyncio.sleep(args.checkpoint_interval)
-                if _change_marker(store) != saved["marker"]:
-                    await save("interval")
-
-        async def on_shutdown() -> None:
-            if args.checkpoint_dir and store.slots:
-                await save("shutdown")
-
-        if args.checkpoint_dir and args.checkpoint_interval > 0:
-            asyncio.get_running_loop().create_task(periodically())
-        await serve(f"parameter server ({args.mode})", config, register, on_shutdown)
+        await serve(
+            f"parameter server ({args.mode}, durability {durability.value})", config, register, persistence.close
+        )
 
     asyncio.run(main())

@@ -24,7 +24,7 @@ class Mode(StrEnum):
 
 
 @dataclass
-class _Pending:
+class Pending:
     """BSP accumulation of one key's gradients for one step."""
 
     total: np.ndarray
@@ -39,7 +39,7 @@ class Slot:
     optimizer: Optimizer
     version: int = 0
     applied_step: int = -1  # BSP: last step whose mean was applied
-    pending: dict[int, _Pending] = field(default_factory=dict)
+    pending: dict[int, Pending] = field(default_factory=dict)
     spare: list[np.ndarray] = field(default_factory=list)  # PushStream assembly buffers, reused
 
 
@@ -96,6 +96,10 @@ class Store:
         if response is not None:
             self.pushes_deduplicated += 1
         return response
+
+    def recent_requests(self) -> list[tuple[str, bytes]]:
+        """The dedup window, oldest first (checkpointed so that retries across a restart stay exactly-once)."""
+        return list(self._seen.items())
 
     def remember(self, request_id: str, response: bytes) -> None:
         self._seen[request_id] = response
@@ -194,7 +198,7 @@ class Store:
     def _accumulate(self, slot: Slot, entry: Entry, worker_id: int, step: int) -> bool:
         pending = slot.pending.get(step)
         if pending is None:
-            pending = slot.pending[step] = _Pending(total=np.zeros_like(slot.value))
+            pending = slot.pending[step] = Pending(total=np.zeros_like(slot.value))
         if entry.rows is not None:
             np.add.at(pending.total, entry.rows, entry.values)
             if pending.touched is None:
