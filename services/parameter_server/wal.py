@@ -23,6 +23,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from nanodist.services.common.durable import fsync_dir, write_all
 
@@ -80,17 +81,24 @@ def read(directory: str, from_lsn: int) -> Iterator[Record]:
 
 
 class WriteAheadLog:
-    """Appends records and makes them durable in batches; `await append(...)` returns once fsynced."""
+    """Appends records and makes them durable in batches; `await append(...)` returns once fsynced.
+
+    Records are written into the page cache on the event loop, in apply order,
+    while a thread fsyncs what was written before it started: one fsync
+    acknowledges every push that arrived during the previous one. A failed
+    write or fsync stops the process (exit 70) rather than acknowledge what
+    the disk may not hold; the restart replays the log.
+    """
 
     def __init__(self, directory: str, next_lsn: int) -> None:
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.next_lsn = next_lsn
-        self._queue: list[tuple[int, bytes | memoryview] | int] = []  # records, or a rotation to a new segment
+        self._file = self._open(next_lsn)
+        self._retired: list[int] = []  # earlier segments: fsynced and closed by the next flush
         self._waiting: list[asyncio.Future[None]] = []
         self._last: asyncio.Future[None] | None = None  # the newest record's durability
         self._wakeup = asyncio.Event()
-        self._file = self._open(next_lsn)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         self.fsyncs = 0
 
@@ -101,8 +109,11 @@ class WriteAheadLog:
         return fd
 
     def append(self, kind: int, payload: bytes | memoryview) -> asyncio.Future[None]:
-        """Queue a record (synchronously, so LSN order is apply order); the future completes once durable."""
-        self._queue.append((kind, payload))
+        """Write a record now (so LSN order is apply order); the future completes once it is durable."""
+        try:
+            write_all(self._file, [HEADER.pack(kind, len(payload), zlib.crc32(payload)), payload])
+        except OSError as error:
+            _stop(f"write-ahead log write failed: {error}")
         self.next_lsn += 1
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(done)
@@ -120,8 +131,8 @@ class WriteAheadLog:
 
     def rotate(self) -> int:
         """Start a new segment at the next LSN and return that LSN (what a checkpoint taken now covers)."""
-        self._queue.append(self.next_lsn)
-        self._wakeup.set()
+        self._retired.append(self._file)
+        self._file = self._open(self.next_lsn)
         return self.next_lsn
 
     def prune(self, keep_from_lsn: int) -> None:
@@ -134,36 +145,35 @@ class WriteAheadLog:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch, self._queue = self._queue, []
             waiting, self._waiting = self._waiting, []
+            retired, self._retired = self._retired, []
             try:
-                await asyncio.to_thread(self._write, batch)
-            except OSError as error:  # the disk failed: nothing in this batch may be acknowledged
-                log.error("write-ahead log write failed: %s", error)
-                for future in waiting:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
+                await asyncio.to_thread(self._sync, retired, self._file)
+            except OSError as error:
+                _stop(f"write-ahead log fsync failed: {error}")
             for future in waiting:
                 if not future.done():
                     future.set_result(None)
 
-    def _write(self, batch: list[tuple[int, bytes | memoryview] | int]) -> None:
-        for item in batch:
-            if isinstance(item, int):
-                os.fsync(self._file)
-                os.close(self._file)
-                self._file = self._open(item)
-                continue
-            kind, payload = item
-            header = HEADER.pack(kind, len(payload), zlib.crc32(payload))
-            write_all(self._file, [header, payload])
-        os.fsync(self._file)
+    def _sync(self, retired: list[int], current: int) -> None:
+        for fd in retired:
+            os.fsync(fd)
+            os.close(fd)
+        os.fsync(current)
         self.fsyncs += 1
 
     async def close(self) -> None:
-        if self._queue:
-            self._wakeup.set()
-            await asyncio.gather(*self._waiting, return_exceptions=True)
+        if self._waiting:
+            await self.synced()
         self._flusher.cancel()
-        os.close(self._file)
+        for fd in [*self._retired, self._file]:
+            os.fsync(fd)
+            os.close(fd)
+
+
+def _stop(reason: str) -> NoReturn:
+    # After a failed fsync the kernel may have dropped the dirty pages, so retrying cannot make
+    # them durable; the only safe answer is to restart from the log (as PostgreSQL does).
+    log.critical("%s; stopping so that nothing unlogged is acknowledged", reason)
+    logging.shutdown()
+    os._exit(70)
