@@ -44,7 +44,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-PULL_SLICE_MS = 2000
+PULL_SLICE_MS = 500  # how often a waiting pull looks for a broken barrier
 
 
 class ConfigError(ValueError):

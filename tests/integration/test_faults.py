@@ -1,0 +1,61 @@
+"""Faults against real processes: a worker killed mid-step, a lock service restarted under a holder."""
+
+import signal
+import subprocess
+import time
+import uuid
+
+from nanodist.client import LockClient
+from tests.conftest import nanodist_command
+from tests.integration.test_lock import wait_until
+
+SESSION_TTL = 5.0  # the workers' barrier session lease
+
+
+def test_a_worker_killed_mid_step_is_named_by_the_survivor_within_the_lease_ttl(start_server, tmp_path):
+    ps = start_server("ps", "--mode", "bsp", "--num-workers", "2")
+    barrier, lock = start_server("barrier"), start_server("lock")
+    run_id = f"kill-{uuid.uuid4().hex[:8]}"
+
+    def worker(group: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            nanodist_command(
+                "worker",
+                *("--backend", "tcp", "--group-size", "1", "--group-id", str(group), "--num-groups", "2"),
+                *("--ps", ps.address, "--barrier", barrier.address, "--lock", lock.address),
+                *("--run-id", run_id, "--runs-dir", str(tmp_path), "--epochs", "1000", "--timeout", "120"),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    survivor, victim = worker(0), worker(1)
+    for line in victim.stdout:
+        if "step" in line:  # training is under way
+            break
+    time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    victim.wait()
+    _, stderr = survivor.communicate(timeout=60)
+    elapsed = time.monotonic() - killed_at
+    print(f"survivor stopped {elapsed:.2f}s after the kill")
+    assert survivor.returncode == 1
+    assert f"{run_id}/rank-1" in stderr, stderr[-2000:]
+    assert elapsed < SESSION_TTL + 1.0, f"the survivor needed {elapsed:.1f}s"
+
+
+def test_a_lock_service_restart_keeps_tokens_rising_and_tells_the_holder_its_lease_is_gone(start_server, tmp_path):
+    state = str(tmp_path / "lock-state")
+    server = start_server("lock", "--state-dir", state)
+    holder = LockClient(server.address, "holder")
+    with holder.lock("model", ttl=1.0) as held:
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        restarted = start_server("lock", "--state-dir", state, port=server.port)
+        wait_until(lambda: held.lost, timeout=10)  # the restarted service does not know the lease
+        with LockClient(restarted.address, "next") as other:
+            taken = other.acquire("model", ttl=5, timeout=5)  # free at once: the old lease died with the process
+    holder.close()
+    assert taken.fencing_token > held.fencing_token
