@@ -10,7 +10,7 @@ import grpc
 
 from nanodist.services.barrier.state import Barrier, BarrierBroken
 from nanodist.services.common import config as common_config
-from nanodist.services.common.errors import invalid, not_found
+from nanodist.services.common.errors import exhausted, invalid, not_found
 from nanodist.services.common.handlers import servicer_handler
 from nanodist.services.common.leases import Lease, LeaseTable, check_ttl
 from nanodist.services.common.metrics import rpc
@@ -22,6 +22,7 @@ from nanodist.v1 import barrier_pb2_grpc
 DEFAULT_TIMEOUT_MS = 60_000
 MAX_PARTIES = 100_000
 MAX_REASON = 1024
+MAX_BARRIERS = 100_000
 log = logging.getLogger("nanodist.barrier")
 
 
@@ -34,6 +35,8 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
         check_name(name, "name")
         barrier = self.barriers.get(name)
         if barrier is None:
+            if len(self.barriers) >= MAX_BARRIERS:
+                raise exhausted(f"name: {len(self.barriers)} barriers exist, the limit of this server ({MAX_BARRIERS})")
             barrier = self.barriers[name] = Barrier(name)
         return barrier
 

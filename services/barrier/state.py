@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from nanodist.services.common.errors import ServiceError, failed_precondition
+from nanodist.services.common.errors import ServiceError, exhausted, failed_precondition
+
+MAX_WAITERS = 200_000  # Wait calls in progress on one barrier, repeats by one member included
 
 
 class BarrierBroken(ServiceError):
@@ -51,6 +53,10 @@ class Barrier:
             raise failed_precondition(
                 f"parties: {parties} differs from {self.parties} of generation "
                 f"{self.generation} of barrier {self.name!r}, in progress"
+            )
+        if len(self.waiters) >= MAX_WAITERS:
+            raise exhausted(
+                f"barrier {self.name!r} has {len(self.waiters)} Wait calls in progress (limit {MAX_WAITERS})"
             )
         self.parties = parties
         self.known.add(member)

@@ -22,5 +22,10 @@ def not_found(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, message)
 
 
+def exhausted(message: str) -> ServiceError:
+    """A bound on resources was reached; the message names the limit."""
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
 def failed_precondition(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message)

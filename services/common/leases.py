@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nanodist.services.common.errors import invalid, not_found
+from nanodist.services.common.errors import exhausted, invalid, not_found
 
 MIN_TTL_MS = 100
 MAX_TTL_MS = 3_600_000
@@ -36,11 +36,14 @@ class Lease:
 class LeaseTable:
     """Lease ids → leases. `on_expire` runs on the event loop when a lease lapses."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_leases: int = 100_000) -> None:
         self.leases: dict[str, Lease] = {}
+        self.max_leases = max_leases
         self._task: asyncio.Task[None] | None = None
 
     def grant(self, ttl_ms: int, on_expire: Callable[[Lease], None], **payload: object) -> Lease:
+        if len(self.leases) >= self.max_leases:
+            raise exhausted(f"{len(self.leases)} live leases, the limit of this server (max_leases={self.max_leases})")
         lease = Lease(uuid.uuid4().hex, ttl_ms, time.monotonic() + ttl_ms / 1000, on_expire, dict(payload))
         self.leases[lease.lease_id] = lease
         return lease

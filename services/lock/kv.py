@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from nanodist.services.common.errors import failed_precondition, invalid, not_found
+from nanodist.services.common.errors import exhausted, failed_precondition, invalid, not_found
 
 
 class KeyValueStore:
-    def __init__(self, max_value_bytes: int) -> None:
+    def __init__(self, max_value_bytes: int, max_keys: int = 1_000_000) -> None:
         self.values: dict[str, bytes] = {}
         self.max_value_bytes = max_value_bytes
+        self.max_keys = max_keys
         self.changed = asyncio.Event()  # replaced after each set, so waiters wake once per change
 
     def check_value(self, value: bytes, field: str = "value") -> bytes:
@@ -29,7 +30,10 @@ class KeyValueStore:
         return value
 
     def set(self, key: str, value: bytes) -> None:
-        self.values[key] = self.check_value(value)
+        self.check_value(value)
+        if key not in self.values and len(self.values) >= self.max_keys:
+            raise exhausted(f"key: the store holds {len(self.values)} keys, its limit (--max-keys)")
+        self.values[key] = value
         self._notify()
 
     def delete(self, key: str) -> bool:

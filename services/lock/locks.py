@@ -6,16 +6,18 @@ import asyncio
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from nanodist.services.common.durable import fsync_dir
-from nanodist.services.common.errors import failed_precondition
+from nanodist.services.common.errors import exhausted, failed_precondition
 from nanodist.services.common.leases import Lease, LeaseTable
 from nanodist.v1 import lock_pb2 as pb
 
 log = logging.getLogger("nanodist.lock")
 TOKEN_BLOCK = 1_000_000
+MAX_LOCKS = 100_000  # lock names
+MAX_PER_OWNER = 1_000  # locks one owner holds or waits for
 
 
 class FencingTokens:
@@ -81,14 +83,29 @@ class LockTable:
         self.locks: dict[str, NamedLock] = {}
         self.leases = LeaseTable()
         self.tokens = tokens
+        self.per_owner: Counter[str] = Counter()  # grants held plus requests queued
 
     def lock(self, name: str) -> NamedLock:
         lock = self.locks.get(name)
         if lock is None:
+            if len(self.locks) >= MAX_LOCKS:
+                raise exhausted(f"name: {len(self.locks)} locks exist, the limit of this server ({MAX_LOCKS})")
             lock = self.locks[name] = NamedLock(name)
         return lock
 
+    def _check_owner(self, owner: str) -> None:
+        if self.per_owner[owner] >= MAX_PER_OWNER:
+            raise exhausted(
+                f"owner: {owner!r} holds or waits for {self.per_owner[owner]} locks (limit {MAX_PER_OWNER})"
+            )
+
+    def _forget(self, owner: str) -> None:
+        self.per_owner[owner] -= 1
+        if self.per_owner[owner] <= 0:
+            del self.per_owner[owner]
+
     def _grant(self, lock: NamedLock, owner: str, mode: int, ttl_ms: int) -> Lease:
+        self.per_owner[owner] += 1
         token = self.tokens.next()
         lock.last_token = token
         lease = self.leases.grant(ttl_ms, self._lapsed, lock=lock.name, owner=owner, mode=mode, token=token)
@@ -97,14 +114,17 @@ class LockTable:
 
     def try_acquire(self, name: str, owner: str, mode: int, ttl_ms: int) -> Lease | None:
         """Grant at once if nobody queues ahead and the holders are compatible (FIFO fairness)."""
+        self._check_owner(owner)
         lock = self.lock(name)
         if lock.queue or not lock.compatible(mode):
             return None
         return self._grant(lock, owner, mode, ttl_ms)
 
     def enqueue(self, name: str, owner: str, mode: int, ttl_ms: int) -> Request:
+        self._check_owner(owner)
         request = Request(owner, mode, ttl_ms, asyncio.get_running_loop().create_future())
         self.lock(name).queue.append(request)
+        self.per_owner[owner] += 1
         return request
 
     def withdraw(self, name: str, request: Request) -> None:
@@ -112,6 +132,7 @@ class LockTable:
         lock = self.locks[name]
         if request in lock.queue:
             lock.queue.remove(request)
+            self._forget(request.owner)
         elif request.granted.done() and not request.granted.cancelled():
             self.release(name, request.granted.result().lease_id)
         self._advance(lock)
@@ -120,13 +141,15 @@ class LockTable:
         lock = self.locks.get(name)
         if lock is None or lease_id not in lock.holders:
             raise failed_precondition(f"lease {lease_id!r} does not hold lock {name!r}")
-        del lock.holders[lease_id]
+        lease = lock.holders.pop(lease_id)
+        self._forget(str(lease.payload["owner"]))
         self.leases.revoke(lease_id)
         self._advance(lock)
 
     def _lapsed(self, lease: Lease) -> None:
         lock = self.locks[str(lease.payload["lock"])]
         if lock.holders.pop(lease.lease_id, None) is not None:
+            self._forget(str(lease.payload["owner"]))
             log.warning("lease of %s on lock %s lapsed", lease.payload["owner"], lock.name)
             self._advance(lock)
 
@@ -134,6 +157,7 @@ class LockTable:
         """Grant queued requests in order while they are compatible with the holders."""
         while lock.queue and lock.compatible(lock.queue[0].mode):
             request = lock.queue.popleft()
+            self._forget(request.owner)
             if request.granted.done():  # the waiter already gave up
                 continue
             request.granted.set_result(self._grant(lock, request.owner, request.mode, request.ttl_ms))

@@ -172,6 +172,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("max_value_bytes", 1 << 20),
         help="largest key-value value (default 1 MiB)",
     )
+    parser.add_argument(
+        "--max-keys",
+        type=int,
+        default=env("max_keys", 1_000_000),
+        help="most keys the key-value store holds (default 1,000,000)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -181,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         locks = LockService(LockTable(FencingTokens(args.state_dir)))
-        kv = KeyValueService(KeyValueStore(args.max_value_bytes))
+        kv = KeyValueService(KeyValueStore(args.max_value_bytes, args.max_keys))
 
         def register(server: grpc.aio.Server) -> list[str]:
             server.add_generic_rpc_handlers(

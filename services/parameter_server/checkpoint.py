@@ -198,7 +198,7 @@ def restore(directory: str, store: Store) -> tuple[str, int | None] | None:
                     touched=arrays[f"k{index}.touched{step}.npy"] if item["sparse"] else None,
                     dense=item["dense"],
                 )
-            store.slots[key] = slot
+            store.adopt(key, slot)
         manifest = loaded["manifest"]
         store.fencing_high = manifest["fencing_high"]
         store.clocks = {int(k): v for k, v in manifest["clocks"].items()}

@@ -24,7 +24,7 @@ from nanodist.services.common.runtime import serve
 from nanodist.services.common.validation import check_count, check_name
 from nanodist.services.parameter_server.durability import Durability, Persistence
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
-from nanodist.services.parameter_server.store import Mode, Slot, Store
+from nanodist.services.parameter_server.store import Limits, Mode, Slot, Store
 from nanodist.v1 import parameter_server_pb2 as ps
 
 SERVICE = "nanodist.v1.ParameterServer"
@@ -361,6 +361,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how many recent request_ids are remembered for exactly-once pushes",
     )
     parser.add_argument(
+        "--max-keys",
+        type=int,
+        default=env("max_keys", Limits.max_keys),
+        help=f"most keys this shard holds (default {Limits.max_keys}); Init past it is RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=env("max_bytes", Limits.max_bytes),
+        help=f"most bytes of values and optimizer state this shard holds (default {Limits.max_bytes >> 30} GiB)",
+    )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="apply gradients holding NaN or Inf instead of refusing them with INVALID_ARGUMENT",
+    )
+    parser.add_argument(
         "--checkpoint-dir",
         default=env("checkpoint_dir", None),
         help="restore from and checkpoint into this directory (env NANODIST_CHECKPOINT_DIR)",
@@ -395,7 +412,8 @@ def run(args: argparse.Namespace) -> None:
     durability = Durability(args.durability or ("checkpoint" if args.checkpoint_dir else "none"))
 
     async def main() -> None:
-        store = Store(Mode(args.mode), args.num_workers, args.staleness, args.dedup_window)
+        limits = Limits(args.max_keys, args.max_bytes, reject_nonfinite=not args.allow_nonfinite)
+        store = Store(Mode(args.mode), args.num_workers, args.staleness, args.dedup_window, limits)
         persistence = Persistence(
             store, durability, args.checkpoint_dir, args.checkpoint_interval, args.checkpoint_every
         )

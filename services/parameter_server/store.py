@@ -13,8 +13,17 @@ from enum import StrEnum
 import numpy as np
 
 from nanodist.client.codec import Entry
-from nanodist.services.common.errors import failed_precondition, invalid, not_found
+from nanodist.services.common.errors import exhausted, failed_precondition, invalid, not_found
 from nanodist.services.parameter_server.optimizers import Optimizer, OptimizerConfig
+
+MAX_PENDING_STEPS = 64  # BSP steps of one key that may wait for pushes at once; each holds a full-size sum
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_keys: int = 1_000_000
+    max_bytes: int = 16 << 30  # values plus optimizer state
+    reject_nonfinite: bool = True
 
 
 class Mode(StrEnum):
@@ -56,7 +65,10 @@ class Store:
         num_workers: int = 1,
         staleness: int = 0,
         dedup_window: int = 65536,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
+        self.bytes_held = 0
         self.mode = mode
         self.num_workers = num_workers
         self.staleness = staleness
@@ -75,9 +87,23 @@ class Store:
         slot = self.slots.get(key)
         if slot is not None:
             return False, slot.version
+        if len(self.slots) >= self.limits.max_keys:
+            raise exhausted(f"{key!r}: the server holds {len(self.slots)} keys, its limit (--max-keys)")
+        needed = value.nbytes * (1 + optimizer.state_count)
+        if self.bytes_held + needed > self.limits.max_bytes:
+            raise exhausted(
+                f"{key!r}: {needed} more bytes (value and optimizer state) would pass the "
+                f"{self.limits.max_bytes}-byte limit (--max-bytes); {self.bytes_held} are held"
+            )
         owned = np.array(value, dtype=value.dtype, order="C", copy=True)
         self.slots[key] = Slot(value=owned, optimizer=Optimizer(optimizer, owned))
+        self.bytes_held += needed
         return True, 0
+
+    def adopt(self, key: str, slot: Slot) -> None:
+        """Take a restored slot as it is (checkpoint restore)."""
+        self.slots[key] = slot
+        self.bytes_held += slot.value.nbytes * (1 + len(slot.optimizer.states))
 
     def slot(self, key: str, path: str) -> Slot:
         slot = self.slots.get(key)
@@ -136,6 +162,11 @@ class Store:
                     f"step: step {step} of {entry.key!r} was already applied (last applied step {slot.applied_step})"
                 )
             pending = slot.pending.get(step) if self.mode is Mode.BSP else None
+            if self.mode is Mode.BSP and pending is None and len(slot.pending) >= MAX_PENDING_STEPS:
+                raise exhausted(
+                    f"step: {len(slot.pending)} steps of {entry.key!r} already wait for pushes "
+                    f"(limit {MAX_PENDING_STEPS}); step {step} runs too far ahead"
+                )
             if pending is not None and worker_id in pending.workers:
                 raise failed_precondition(
                     f"worker {worker_id} already pushed step {step} of {entry.key!r} with another request_id"
@@ -143,8 +174,7 @@ class Store:
             slots.append(slot)
         return slots
 
-    @staticmethod
-    def _check_gradient(slot: Slot, entry: Entry, path: str) -> None:
+    def _check_gradient(self, slot: Slot, entry: Entry, path: str) -> None:
         value = slot.value
         if entry.rows is not None:
             grad = entry.values
@@ -165,6 +195,9 @@ class Store:
             raise invalid(f"{path}: no gradient (set dense or sparse)")
         if grad.dtype != value.dtype:
             raise invalid(f"{path}: gradient dtype {grad.dtype.name} differs from the key's {value.dtype.name}")
+        if self.limits.reject_nonfinite and not np.isfinite(grad).all():
+            # One NaN would spread through the optimizer into every later pull.
+            raise invalid(f"{path}: the gradient of {entry.key!r} holds NaN or Inf (--allow-nonfinite accepts it)")
 
     def push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int = 0) -> PushResult:
         """Validate, then apply (ASP/SSP) or accumulate (BSP) every entry."""
