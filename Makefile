@@ -10,7 +10,7 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto docs certs test lint demo bench bench-setup clean docker-base wheelhouse docker up down logs
+.PHONY: setup proto docs certs test lint demo bench soak bench-setup clean docker-base wheelhouse docker up down logs
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/allreduce.py
 	$(BIN)/python bench/tls_cost.py
 	$(BIN)/python bench/step_time.py
+	$(BIN)/python bench/durability.py
+
+# 64 clients for 60 s against 2 shards, barrier and lock: zero errors, zero lost updates, bounded memory.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 bench-setup: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
