@@ -27,8 +27,9 @@ class PhaseTimer:
 
     def summary(self) -> dict[str, float]:
         """Total seconds per phase plus milliseconds per step."""
-        out = {phase: round(self.totals.get(phase, 0.0), 6) for phase in PHASES}
+        phases = [*PHASES, *(p for p in self.totals if p not in PHASES)]
+        out = {phase: round(self.totals.get(phase, 0.0), 6) for phase in phases}
         out["steps"] = self.steps
-        for phase in PHASES:
+        for phase in phases:
             out[f"{phase}_ms_per_step"] = round(1000 * self.totals.get(phase, 0.0) / max(1, self.steps), 4)
         return out

@@ -75,6 +75,10 @@ class TrainConfig:
     join_window: float = 5.0
     dump_params: str = ""
     timeout: float = 60.0
+    pipeline_stages: int = 0  # > 1: each group is one replica of a pipeline with this many stages
+    micro_batches: int = 4
+    schedule: str = "1f1b"
+    pipeline_split: tuple[int, ...] = ()  # layers per stage; empty: balanced by parameter count
 
     def validate(self) -> None:
         if self.backend not in ("mpi", "tcp", "single"):
@@ -89,6 +93,22 @@ class TrainConfig:
             raise ConfigError("--group-size 0 (join as many as arrive) needs --backend tcp")
         if not self.ps:
             raise ConfigError("--ps needs at least one parameter-server address")
+        if self.pipeline_stages > 1:
+            layers = len(self.hidden) + 1
+            if self.pipeline_stages > layers:
+                raise ConfigError(
+                    f"--pipeline-stages {self.pipeline_stages} needs at least that many layers; "
+                    f"--hidden {','.join(map(str, self.hidden))} gives {layers}"
+                )
+            if self.group_size != self.pipeline_stages or self.flat or self.mode != "bsp":
+                raise ConfigError(
+                    "--pipeline-stages K runs each group as one pipeline replica: it needs --group-size K, "
+                    "--mode bsp and no --flat"
+                )
+            if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+                raise ConfigError(
+                    f"--batch-size {self.batch_size} must split into --micro-batches {self.micro_batches} equal parts"
+                )
 
 
 @dataclass
@@ -126,6 +146,7 @@ class Worker:
         self.comm = self._join_group()
         sizes = self._group_sizes()
         self.world = sum(sizes)
+        self.replicas = self.world  # workers that each train on their own batch
         self.rank = sum(sizes[: config.group_id]) + self.comm.rank
         # The servers average the pushes of the groups; scaling each group's mean by its share makes that
         # average the mean over all workers even when groups differ in size.
@@ -308,7 +329,7 @@ class Worker:
             for batch in self.sampler.batches(epoch, c.batch_size):
                 losses.append(self.step(t, self.data.x_train[batch], self.data.y_train[batch]))
                 t += 1
-                progress.update(losses[-1], len(batch) * self.world)
+                progress.update(losses[-1], len(batch) * self.replicas)
                 if c.max_steps and t >= c.max_steps:
                     break
             progress.close()
@@ -325,7 +346,7 @@ class Worker:
             LockClient(self.config.lock, f"{self.config.run_id}/rank-0") as locks,
             locks.lock(f"{self.config.run_id}/eval", ttl=30) as held,
         ):
-            test_loss, accuracy = self.model.evaluate(self.params.views, self.data.x_test, self.data.y_test)
+            test_loss, accuracy = self.model.evaluate(self.full_params(), self.data.x_test, self.data.y_test)
             record = {
                 "epoch": epoch,
                 "train_loss": round(train_loss, 6),
@@ -342,10 +363,10 @@ class Worker:
 
     def _finish(self) -> None:
         c = self.config
-        mine = {"timings": self.timer.summary(), "clocks": self.state.clocks if self.pushes else []}
+        mine = {"timings": self.timings(), "clocks": self.state.clocks if self.pushes else []}
         self.kv.set(f"{c.run_id}/report/{self.rank}", json.dumps(mine))
         if c.dump_params and self.rank == 0:
-            np.savez(c.dump_params, **{k.replace("/", "."): v for k, v in self.params.views.items()})
+            np.savez(c.dump_params, **{k.replace("/", "."): v for k, v in self.full_params().items()})
         if self.rank != 0:
             return
         keys = [f"{c.run_id}/report/{r}" for r in range(self.world)]
@@ -369,9 +390,19 @@ class Worker:
         plot = plot_training(
             run_dir,
             self.state.epochs,
-            f"nanodist {c.run_id}: {self.world} workers, {c.mode.upper()}, {'flat' if c.flat else 'hierarchical'}",
+            f"nanodist {c.run_id}: {self.world} workers, {c.mode.upper()}, {self.layout()}",
         )
         say(f"[{self.name}] wrote {path} and {plot}")
+
+    def full_params(self) -> dict[str, np.ndarray]:
+        """The whole model, by layer name (for evaluation and --dump-params)."""
+        return self.params.views
+
+    def timings(self) -> dict[str, float]:
+        return self.timer.summary()
+
+    def layout(self) -> str:
+        return "flat" if self.config.flat else "hierarchical"
 
     def close(self) -> None:
         self.barrier.close()
@@ -479,6 +510,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("timeout", 60.0),
         help="longest wait for any peer, server or barrier, in seconds",
     )
+    parser.add_argument(
+        "--pipeline-stages",
+        type=int,
+        default=env("pipeline_stages", 0),
+        help="split the model into this many stages, one per rank of the group (pipeline parallelism)",
+    )
+    parser.add_argument(
+        "--micro-batches", type=int, default=env("micro_batches", 4), help="micro-batches per batch in a pipeline"
+    )
+    parser.add_argument(
+        "--schedule", choices=["1f1b", "gpipe"], default=env("schedule", "1f1b"), help="pipeline schedule"
+    )
+    parser.add_argument(
+        "--pipeline-split",
+        default=env("pipeline_split", ""),
+        help="layers per stage, e.g. 2,1 (default: balanced by parameter count)",
+    )
     add_client_security_flags(parser)
 
 
@@ -527,6 +575,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         join_window=args.join_window,
         dump_params=args.dump_params,
         timeout=args.timeout,
+        pipeline_stages=args.pipeline_stages,
+        micro_batches=args.micro_batches,
+        schedule=args.schedule,
+        pipeline_split=tuple(int(n) for n in str(args.pipeline_split).split(",") if n.strip()),
     )
 
 
@@ -534,7 +586,13 @@ def run(args: argparse.Namespace) -> None:
     worker = None
     apply_client_security_flags(args)
     try:
-        worker = Worker(config_from_args(args))
+        config = config_from_args(args)
+        if config.pipeline_stages > 1:
+            from nanodist.workers.pipeline_worker import PipelineWorker  # late: it builds on this module
+
+            worker = PipelineWorker(config)
+        else:
+            worker = Worker(config)
         worker.train()
     except (ConfigError, CommError, NanodistError) as error:
         print(f"nanodist worker: error: {error}", file=sys.stderr, flush=True)
