@@ -13,7 +13,7 @@ from nanodist.client import codec
 from nanodist.client.errors import NanodistError, from_rpc_error
 from nanodist.client.retry import RetryPolicy
 from nanodist.client.rpc import ClientSecurity, open_channel
-from nanodist.client.sharding import shard_of
+from nanodist.client.sharding import parse_part, part_name, row_ranges, shard_of
 from nanodist.v1 import parameter_server_pb2 as ps
 
 SERVICE = "/nanodist.v1.ParameterServer/"
@@ -112,6 +112,11 @@ class ParameterServerClient:
     Payloads above `chunk_bytes` go through the streaming RPCs in slices of
     that size: on these machines gRPC moves 2 MiB messages several times faster
     per byte than 64 MiB ones (see bench/ps_throughput.py).
+
+    A key of at least `split_bytes` with at least one row per shard is split
+    by rows across all shards when it is created (see nanodist.client.sharding
+    for the rule); push and pull then reach every shard in parallel and the
+    caller still sees one array. Other clients find the parts with ListKeys.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class ParameterServerClient:
         retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = 2 << 20,
+        split_bytes: int = 16 << 20,
         security: ClientSecurity | None = None,
     ) -> None:
         addresses = [addresses] if isinstance(addresses, str) else list(addresses)
@@ -134,6 +140,10 @@ class ParameterServerClient:
         self.retry = retry or RetryPolicy()
         self.chunk_bytes = min(chunk_bytes, max_message_bytes // 2)
         self._nbytes: dict[str, int] = {}  # value sizes seen, to route large pulls to PullStream
+        self.split_bytes = split_bytes
+        self._parts: dict[str, list[tuple[str, int, int]]] = {}  # split key -> (part key, first row, end row)
+        self._split_shapes: dict[str, tuple[int, ...]] = {}
+        self._split_dtypes: dict[str, np.dtype] = {}
 
     def close(self) -> None:
         for shard in self.shards:
@@ -146,7 +156,43 @@ class ParameterServerClient:
         self.close()
 
     def shard_index(self, key: str) -> int:
+        part = parse_part(key)
+        if part is not None and part[2] == len(self.shards):
+            return part[1]  # part i of a split key lives on shard i
         return shard_of(key, len(self.shards))
+
+    # --- keys split by rows across shards --------------------------------
+
+    def _split(self, key: str, value: np.ndarray) -> None:
+        n = len(self.shards)
+        if n < 2 or not self.split_bytes or value.nbytes < self.split_bytes or value.ndim == 0 or len(value) < n:
+            return
+        self._parts[key] = [(part_name(key, i, n), a, b) for i, (a, b) in enumerate(row_ranges(len(value), n))]
+        self._split_shapes[key] = value.shape
+        self._split_dtypes[key] = codec.as_wire_array(value).dtype
+
+    def _expand(self, key: str, value: np.ndarray | SparseGradient) -> list[tuple[str, np.ndarray | SparseGradient]]:
+        """The (key, value) pairs that go on the wire: the key itself, or its parts' rows."""
+        parts = self._parts.get(key)
+        if parts is None:
+            return [(key, value)]
+        if isinstance(value, SparseGradient):
+            rows = np.asarray(value.rows, dtype=np.int64)
+            out: list[tuple[str, np.ndarray | SparseGradient]] = []
+            for part, a, b in parts:
+                mask = (rows >= a) & (rows < b)
+                if mask.any():
+                    out.append((part, SparseGradient(rows[mask] - a, value.values[mask])))
+            return out
+        array = np.asarray(value)
+        if array.shape != self._split_shapes[key]:
+            raise ValueError(f"{key!r} has shape {self._split_shapes[key]}, got {array.shape}")
+        return [(part, array[a:b]) for part, a, b in parts]
+
+    def _discover(self, keys: Iterable[str]) -> None:
+        """Learn sizes and splits of keys this client has not seen (one ListKeys per shard)."""
+        if any(k not in self._nbytes and k not in self._parts for k in keys):
+            self._learn_sizes()
 
     def _by_shard(self, keys: Iterable[str]) -> dict[int, list[str]]:
         groups: dict[int, list[str]] = {}
@@ -191,15 +237,22 @@ class ParameterServerClient:
     ) -> dict[str, bool]:
         """Create keys (first writer wins). Returns, per key, whether this call created it."""
         requests: dict[int, ps.InitRequest] = {}
+        owner: dict[str, str] = {}
         for key, value in params.items():
             opt = optimizer.get(key) if isinstance(optimizer, Mapping) else optimizer
-            index = self.shard_index(key)
-            requests.setdefault(index, ps.InitRequest()).entries.add(
-                key=key, value=codec.to_proto(value), optimizer=opt or sgd(0.01)
-            )
-            self._nbytes[key] = np.asarray(value).nbytes
+            self._split(key, np.asarray(value))
+            for name, piece in self._expand(key, np.asarray(value)):
+                requests.setdefault(self.shard_index(name), ps.InitRequest()).entries.add(
+                    key=name, value=codec.to_proto(piece), optimizer=opt or sgd(0.01)
+                )
+                self._nbytes[name] = piece.nbytes  # type: ignore[union-attr]
+                owner[name] = key
         results = self._fan_out(requests, lambda i, r: self.shards[i].init.future(r, timeout=self.timeout))
-        return {r.key: r.created for response in results.values() for r in response.results}  # type: ignore[attr-defined]
+        created: dict[str, bool] = {}
+        for response in results.values():
+            for r in response.results:  # type: ignore[attr-defined]
+                created[owner[r.key]] = created.get(owner[r.key], False) or r.created
+        return created
 
     def push(
         self,
@@ -216,12 +269,18 @@ class ParameterServerClient:
         """
         base = request_id or uuid.uuid4().hex
         payloads: dict[int, list[codec.Entry]] = {}
+        if self._parts or len(self.shards) > 1:
+            self._discover(grads)
+        owner: dict[str, str] = {}
         for key, grad in grads.items():
-            if isinstance(grad, SparseGradient):
-                entry = codec.Entry(key=key, rows=np.asarray(grad.rows, dtype=np.int64), values=grad.values)
-            else:
-                entry = codec.Entry(key=key, dense=codec.as_wire_array(grad))
-            payloads.setdefault(self.shard_index(key), []).append(entry)
+            for name, piece in self._expand(key, grad):
+                owner[name] = key
+                if isinstance(piece, SparseGradient):
+                    rows = np.asarray(piece.rows, dtype=np.int64)
+                    entry = codec.Entry(key=name, rows=rows, values=piece.values)
+                else:
+                    entry = codec.Entry(key=name, dense=codec.as_wire_array(piece))
+                payloads.setdefault(self.shard_index(name), []).append(entry)
         order = {i: [e.key for e in entries] for i, entries in payloads.items()}
 
         def start(i: int, entries: list[codec.Entry]) -> object:
@@ -237,7 +296,9 @@ class ParameterServerClient:
         results = self._fan_out(payloads, start)
         versions: dict[str, int] = {}
         for i, response in results.items():
-            versions.update(zip(order[i], response.versions, strict=True))  # type: ignore[attr-defined]
+            for name, version in zip(order[i], response.versions, strict=True):  # type: ignore[attr-defined]
+                key = owner[name]
+                versions[key] = min(versions.get(key, version), version)  # a split key: its slowest part
         return versions
 
     def _push_chunks(self, entries: list[codec.Entry], step: int, request_id: str, token: int) -> Iterator[bytes]:
@@ -268,9 +329,23 @@ class ParameterServerClient:
         """
         keys = list(keys)
         rows = rows or {}
-        self._learn_sizes([k for k in keys if k not in self._nbytes and k not in rows])
+        self._discover(k for k in keys if k not in rows)
+        wire_keys: list[str] = []
+        wholes: dict[str, np.ndarray] = {}  # split keys, assembled in place by the streamed parts
+        targets: dict[str, np.ndarray] = {}
+        for key in keys:
+            parts = self._parts.get(key)
+            if parts is None:
+                wire_keys.append(key)
+                continue
+            if key in rows:
+                raise ValueError(f"{key!r} is split across shards; pull it whole, not by rows")
+            whole = wholes[key] = np.empty(self._split_shapes[key], dtype=self._split_dtypes[key])
+            for part, a, b in parts:
+                wire_keys.append(part)
+                targets[part] = whole[a:b]
         requests: dict[int, ps.PullRequest] = {}
-        for key, index in ((k, self.shard_index(k)) for k in keys):
+        for key, index in ((k, self.shard_index(k)) for k in wire_keys):
             request = requests.setdefault(
                 index,
                 ps.PullRequest(
@@ -287,7 +362,7 @@ class ParameterServerClient:
         def start(i: int, request: ps.PullRequest) -> object:
             size = sum(self._nbytes.get(e.key, 0) for e in request.entries if not e.rows)
             if size > self.chunk_bytes:
-                return _StreamResult(self.shards[i].pull_stream(request, timeout=deadline))
+                return _StreamResult(self.shards[i].pull_stream(request, timeout=deadline), targets)
             return self.shards[i].pull.future(request, timeout=deadline)
 
         values = Values()
@@ -301,21 +376,45 @@ class ParameterServerClient:
                 values.versions[entry.key] = entry.version
                 if entry.dense is not None:
                     self._nbytes[entry.key] = entry.dense.nbytes
+        for key, whole in wholes.items():
+            self._join(key, values, whole)
         values.slowest_clock = min(clocks, default=0)
         return _ordered(values, keys)
 
-    def _learn_sizes(self, keys: list[str]) -> None:
-        """Ask the shards how big unseen keys are, so that a large first pull is streamed, not refused."""
-        shards = {self.shard_index(k) for k in keys}
-        if not shards:
-            return
+    def _join(self, key: str, values: Values, whole: np.ndarray) -> None:
+        """Replace a split key's parts in `values` by the whole array and its lowest version."""
+        parts = self._parts[key]
+        version = min(values.versions[part] for part, _, _ in parts)
+        for part, a, b in parts:
+            piece = values.pop(part)
+            if not np.shares_memory(piece, whole):  # small parts come unstreamed, as their own arrays
+                whole[a:b] = piece
+            del values.versions[part]
+        values[key] = whole
+        values.versions[key] = version
+
+    def _learn_sizes(self) -> None:
+        """Ask every shard for its keys: sizes route a large first pull to PullStream, and parts
+        named `<key>:part<i>of<n>` reveal keys split across the shards."""
         results = self._fan_out(
-            dict.fromkeys(shards, ps.ListKeysRequest()),
+            dict.fromkeys(range(len(self.shards)), ps.ListKeysRequest()),
             lambda i, r: self.shards[i].list_keys.future(r, timeout=self.timeout),
         )
+        found: dict[str, dict[int, tuple[str, tuple[int, ...]]]] = {}
         for response in results.values():
             for info in response.keys:  # type: ignore[attr-defined]
                 self._nbytes[info.key] = int(np.prod(info.shape)) * codec.numpy_dtype(info.dtype).itemsize
+                part = parse_part(info.key)
+                if part is not None and part[2] == len(self.shards):
+                    found.setdefault(part[0], {})[part[1]] = (info.key, tuple(info.shape))
+                    self._split_dtypes[part[0]] = codec.numpy_dtype(info.dtype)
+        for key, parts in found.items():
+            if len(parts) != len(self.shards) or key in self._parts:
+                continue
+            shapes = [parts[i][1] for i in range(len(self.shards))]
+            bounds = np.cumsum([0, *(shape[0] for shape in shapes)])
+            self._parts[key] = [(parts[i][0], int(bounds[i]), int(bounds[i + 1])) for i in range(len(self.shards))]
+            self._split_shapes[key] = (int(bounds[-1]), *shapes[0][1:])
 
     def push_pull(
         self,
@@ -360,8 +459,9 @@ class _StreamResult:
     NanodistError so that the caller can pull again.
     """
 
-    def __init__(self, responses: Iterator[bytes]) -> None:
+    def __init__(self, responses: Iterator[bytes], targets: Mapping[str, np.ndarray] | None = None) -> None:
         self.responses = responses
+        self.targets = targets or {}  # keys to assemble straight into the caller's memory
 
     def result(self) -> tuple[list[codec.Entry], int]:
         out: dict[str, codec.Entry] = {}
@@ -375,7 +475,11 @@ class _StreamResult:
                     continue
                 buffer = buffers.get(piece.key)
                 if buffer is None:
-                    buffer = buffers[piece.key] = np.empty(int(np.prod(piece.shape)), dtype=piece.dense.dtype)
+                    target = self.targets.get(piece.key)
+                    if target is not None and target.shape == tuple(piece.shape) and target.dtype == piece.dense.dtype:
+                        buffer = buffers[piece.key] = target.reshape(-1)
+                    else:
+                        buffer = buffers[piece.key] = np.empty(int(np.prod(piece.shape)), dtype=piece.dense.dtype)
                     out[piece.key] = codec.Entry(
                         key=piece.key, dense=buffer.reshape(piece.shape), version=piece.version
                     )
