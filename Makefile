@@ -10,7 +10,7 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto docs certs test lint demo bench soak bench-setup clean docker-base wheelhouse docker up down logs
+.PHONY: setup proto docs certs test lint demo demo-pipeline bench soak bench-setup clean docker-base wheelhouse docker up down logs
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ test: $(STAMP)
 # an MPI group and a TCP group of 2 workers each, training on scikit-learn's digits.
 demo: $(STAMP)
 	$(BIN)/nanodist up
+
+# The same cluster, each group one replica of a 2-stage pipeline (2 stages x 2 replicas).
+demo-pipeline: $(STAMP)
+	$(BIN)/nanodist up --pipeline-stages 2 --hidden 128,64
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

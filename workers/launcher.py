@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
     "max_steps": 0,
     "startup_timeout": 30.0,
     "timeout": 60.0,
+    "pipeline_stages": 0,
+    "micro_batches": 4,
+    "schedule": "1f1b",
 }
 
 
@@ -66,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (default: all epochs)")
     parser.add_argument("--startup-timeout", type=float, help="seconds for the services to turn healthy")
     parser.add_argument("--timeout", type=float, help="the workers' --timeout")
+    parser.add_argument(
+        "--pipeline-stages",
+        type=int,
+        help="run each group as one replica of a pipeline with this many stages (the group size)",
+    )
+    parser.add_argument("--micro-batches", type=int, help="micro-batches per batch in a pipeline (default 4)")
+    parser.add_argument("--schedule", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,6 +195,9 @@ def _nanodist(*args: str) -> list[str]:
 
 def launch(cluster: Cluster, s: dict[str, Any]) -> dict[str, Any]:
     groups = parse_groups(str(s["groups"]))
+    stages = int(s["pipeline_stages"])
+    if stages > 1 and groups[0][1] != stages:
+        raise LaunchError(f"--pipeline-stages {stages}: every group is one pipeline replica, so needs {stages} ranks")
     pushers = sum(size for _, size in groups) if s["flat"] else len(groups)
     ports = {"barrier": free_port(), "lock": free_port()}
     shard_ports = [free_port() for _ in range(int(s["shards"]))]
@@ -243,6 +256,12 @@ def launch(cluster: Cluster, s: dict[str, Any]) -> dict[str, Any]:
         str(s["max_steps"]),
         "--timeout",
         str(s["timeout"]),
+        "--pipeline-stages",
+        str(s["pipeline_stages"]),
+        "--micro-batches",
+        str(s["micro_batches"]),
+        "--schedule",
+        str(s["schedule"]),
     ] + (["--flat"] if s["flat"] else [])
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     for gid, (backend, size) in enumerate(groups):
@@ -282,9 +301,12 @@ def run(args: argparse.Namespace) -> None:
     cluster.stop()
     run_dir = os.path.join(s["runs_dir"], s["run_id"])
     print(f"\nnanodist up: run {s['run_id']} finished in {time.monotonic() - began:.1f} s", flush=True)
+    layout = "flat" if s["flat"] else "hierarchical"
+    if int(s["pipeline_stages"]) > 1:
+        layout = f"{s['pipeline_stages']}-stage pipeline x {len(parse_groups(str(s['groups'])))} replicas"
     print(
         f"  test accuracy {metrics['final_test_accuracy']:.4f} after {len(metrics['epochs'])} epochs "
-        f"({metrics['world_size']} workers, {s['mode'].upper()}, {'flat' if s['flat'] else 'hierarchical'})"
+        f"({metrics['world_size']} workers, {s['mode'].upper()}, {layout})"
     )
     print(f"  metrics: {os.path.join(run_dir, 'metrics.json')}")
     print(f"  plot:    {os.path.join(run_dir, 'training.png')}", flush=True)

@@ -107,3 +107,23 @@ def test_a_killed_stage_is_named_by_the_other_stages_and_nothing_hangs(start_ser
     named = [e for e in errors if f"lost the connection to stage {dead_stage}" in e]
     assert named, "\n".join(e[-1500:] for e in errors)
     assert all("pipeline stage" in e or "aborted" in e or "broken" in e for e in errors), errors
+
+
+def test_up_runs_the_pipeline_example_to_95_percent(tmp_path):
+    run_id = f"demo-pipe-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run(
+        nanodist_command(
+            "up", "--run-id", run_id, "--runs-dir", str(tmp_path), "--pipeline-stages", "2", "--hidden", "128,64"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
+    assert metrics["final_test_accuracy"] >= 0.95 and metrics["world_size"] == 4
+    assert "2-stage pipeline x 2 replicas" in result.stdout
+    assert (tmp_path / run_id / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    per_worker = metrics["timings"]["per_worker"].values()
+    assert sorted(w["stage"] for w in per_worker) == [0, 0, 1, 1]
+    assert all(0 <= w["bubble"] < 1 for w in per_worker)
