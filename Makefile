@@ -56,6 +56,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/tls_cost.py
 	$(BIN)/python bench/step_time.py
 	$(BIN)/python bench/durability.py
+	$(BIN)/python bench/tensor_sharding.py
+	$(BIN)/python bench/pipeline.py
 
 # 64 clients for 60 s against 2 shards, barrier and lock: zero errors, zero lost updates, bounded memory.
 soak: $(STAMP)

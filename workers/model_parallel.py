@@ -24,7 +24,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from nanodist.workers.comm import CommError, Communicator
+from nanodist.workers.comm import CommError, Communicator, SendHandle
 from nanodist.workers.models import MLP, Params, softmax
 
 
@@ -123,6 +123,7 @@ class Pipeline:
         self.first, self.last = self.stage == 0, self.stage == self.stages - 1
         self.timings = Timings()
         self.peak_cached = 0  # most micro-batches whose activations were held at once
+        self._sending: list[SendHandle] = []
 
     def param_names(self) -> list[str]:
         return [f"layer{i}/{p}" for i in self.layers for p in ("w", "b")]
@@ -201,6 +202,7 @@ class Pipeline:
                     self.timings.compute += time.perf_counter() - tick
                     if not self.first:
                         self._send(back, self.stage - 1)
+            self._finish_sends()
             tick = time.perf_counter()
             self.comm.broadcast(loss, root=self.stages - 1)
             self.timings.comm += time.perf_counter() - tick
@@ -211,8 +213,17 @@ class Pipeline:
         return float(loss[0]) / batch, grads
 
     def _send(self, array: np.ndarray, dest: int) -> None:
+        # Non-blocking: in 1F1B a stage sends an activation forward while its neighbour sends a
+        # gradient back; two blocking sends of large messages would wait for each other forever.
         tick = time.perf_counter()
-        self.comm.send(np.ascontiguousarray(array, dtype=self.model.dtype), dest)
+        self._sending.append(self.comm.isend(np.ascontiguousarray(array, dtype=self.model.dtype), dest))
+        self.timings.comm += time.perf_counter() - tick
+
+    def _finish_sends(self) -> None:
+        tick = time.perf_counter()
+        for handle in self._sending:
+            handle.wait()
+        self._sending.clear()
         self.timings.comm += time.perf_counter() - tick
 
     def _recv(self, shape: tuple[int, int], source: int) -> np.ndarray:

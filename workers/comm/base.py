@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from enum import StrEnum
+from typing import Protocol
 
 import numpy as np
 
@@ -47,6 +48,16 @@ def signature(array: np.ndarray, opcode: int) -> tuple[int, int, int]:
     return opcode, proto_dtype(array.dtype), array.size
 
 
+class SendHandle(Protocol):
+    def wait(self) -> None:
+        """Return once the send is complete and its buffer may be reused; raises CommError on failure."""
+
+
+class _Done:
+    def wait(self) -> None:
+        return None
+
+
 class Communicator(abc.ABC):
     """A group of `size` processes; this one is `rank`. Collectives run in place on numpy arrays."""
 
@@ -76,6 +87,15 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def recv(self, array: np.ndarray, source: int) -> np.ndarray:
         """Receive into `array` from rank `source`; shape and dtype must match what was sent."""
+
+    def isend(self, array: np.ndarray, dest: int) -> SendHandle:
+        """Start sending `array` to `dest` and return at once; keep `array` unchanged until wait().
+
+        Two ranks that send to each other at the same time must use this: with
+        blocking sends of large messages each would wait for the other to receive.
+        """
+        self.send(array, dest)
+        return _Done()
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release sockets or other resources."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from nanodist.workers.comm.base import CommError, Communicator, ReduceOp, check_array, signature
+from nanodist.workers.comm.base import CommError, Communicator, ReduceOp, SendHandle, check_array, signature
 
 CHUNK_BYTES = 2 << 20
 _OPCODES = {"allreduce": 1, "broadcast": 2, "allgather": 3}
@@ -102,6 +102,10 @@ class MPICommunicator(Communicator):
     def send(self, array: np.ndarray, dest: int) -> None:
         self.comm.Send(check_array(np.ascontiguousarray(array)), dest=dest)
 
+    def isend(self, array: np.ndarray, dest: int) -> SendHandle:
+        buffer = check_array(np.ascontiguousarray(array))
+        return _Pending(self.comm.Isend(buffer, dest=dest), buffer)
+
     def recv(self, array: np.ndarray, source: int) -> np.ndarray:
         flat = check_array(array)
         status = self.MPI.Status()
@@ -115,3 +119,11 @@ class MPICommunicator(Communicator):
                 f"{source}, expected {flat.nbytes}"
             )
         return array
+
+
+class _Pending:
+    def __init__(self, request: object, buffer: np.ndarray) -> None:
+        self.request, self.buffer = request, buffer  # MPI reads the buffer until the request completes
+
+    def wait(self) -> None:
+        self.request.Wait()  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ from nanodist.workers.comm.base import (
     CommError,
     Communicator,
     ReduceOp,
+    SendHandle,
     check_array,
     signature,
 )
@@ -432,6 +433,15 @@ class TCPCommunicator(Communicator):
 
         self._run(body)
 
+    def isend(self, array: np.ndarray, dest: int) -> SendHandle:
+        # Frames go to the sender thread's queue; wait() flushes it, surfacing any failure.
+        flat = check_array(np.ascontiguousarray(array))
+        self._check_peer(dest)
+        self._run(lambda: None)  # refuse at once if the communicator already failed
+        self._send(dest, META_KIND, META.pack(0, *signature(flat, OPCODES["send"]), self.rank))
+        self._send(dest, DATA, flat)
+        return _Queued(self, flat)
+
     def recv(self, array: np.ndarray, source: int) -> np.ndarray:
         flat = check_array(array)
         self._check_peer(source)
@@ -462,6 +472,14 @@ class TCPCommunicator(Communicator):
             self._shm.close()
         for sock in self.sockets.values():
             sock.close()
+
+
+class _Queued:
+    def __init__(self, comm: TCPCommunicator, buffer: np.ndarray) -> None:
+        self.comm, self.buffer = comm, buffer  # the buffer stays referenced until sent
+
+    def wait(self) -> None:
+        self.comm._run(lambda: None)
 
 
 def _show(field: str, value: int) -> str:
