@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from enum import StrEnum
 
 from nanodist.client import codec
+from nanodist.services.common.errors import ServiceError
 from nanodist.services.parameter_server import checkpoint, wal
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Store
@@ -50,6 +51,10 @@ class Persistence:
     ) -> None:
         if mode is not Durability.NONE and not directory:
             raise SystemExit(f"--durability {mode.value} needs --checkpoint-dir")
+        if mode is Durability.NONE and directory:
+            raise SystemExit(
+                "--durability none keeps nothing on disk; drop --checkpoint-dir or choose checkpoint or wal"
+            )
         self.store = store
         self.mode = mode
         self.directory = directory or ""
@@ -74,7 +79,10 @@ class Persistence:
             from_lsn = (restored[1] or 0) if restored else 0
             next_lsn = from_lsn
             for record in wal.read(self.wal_directory, from_lsn):
-                self._replay(record, apply_push)
+                try:
+                    self._replay(record, apply_push)
+                except ServiceError as error:  # accepted once, refused now: the flags must have changed
+                    log.error("write-ahead-log record %d is refused on replay (%s); skipped", record.lsn, error)
                 next_lsn = record.lsn + 1
             if next_lsn > from_lsn:
                 log.info(

@@ -178,3 +178,29 @@ def test_a_damaged_wal_checkpoint_falls_back_to_the_previous_one_and_replays_the
     with ParameterServerClient([restarted.address]) as client:
         assert client.pull(["w"])["w"].tolist() == [100.0] * 8
     assert "is damaged" in (tmp_path / f"ps-{server.port}.log").read_text()
+
+
+def test_a_checkpoint_keeps_a_bsp_step_in_progress_and_the_dedup_window(start_server, tmp_path):
+    args = ("--mode", "bsp", "--num-workers", "2", "--checkpoint-dir", str(tmp_path / "ckpt"))
+    server = start_server("ps", *args)
+    with ParameterServerClient([server.address], worker_id=0) as first:
+        first.init({"w": np.zeros(4, np.float32)}, sgd(1.0))
+        first.push({"w": np.full(4, -2.0, np.float32)}, step=0, request_id="first-push")
+    assert server.stop() == 0  # SIGTERM: the final checkpoint
+    restarted = start_server("ps", *args, port=server.port)
+    with ParameterServerClient([restarted.address], worker_id=0) as first:
+        first.push({"w": np.full(4, -2.0, np.float32)}, step=0, request_id="first-push")  # a retry: no effect
+    with ParameterServerClient([restarted.address], worker_id=1) as second:
+        second.push({"w": np.full(4, -4.0, np.float32)}, step=0)
+        pulled = second.pull(["w"], min_version=1)
+    assert pulled["w"].tolist() == [3.0] * 4 and pulled.versions == {"w": 1}
+
+
+def test_durability_none_with_a_directory_is_refused(tmp_path):
+    result = subprocess.run(
+        nanodist_command("serve", "ps", "--durability", "none", "--checkpoint-dir", str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "--durability none keeps nothing" in result.stderr
