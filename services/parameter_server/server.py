@@ -17,7 +17,7 @@ import numpy as np
 
 from nanodist.client import codec
 from nanodist.services.common import config as common_config
-from nanodist.services.common.errors import ServiceError, invalid
+from nanodist.services.common.errors import ServiceError, exhausted, invalid
 from nanodist.services.common.handlers import safe_parser
 from nanodist.services.common.metrics import BYTES, KEY_BYTES, KEYS, rpc, rpc_stream
 from nanodist.services.common.runtime import serve
@@ -30,6 +30,7 @@ from nanodist.v1 import parameter_server_pb2 as ps
 SERVICE = "nanodist.v1.ParameterServer"
 MAX_ENTRIES = 100_000
 MAX_REQUEST_ID = 128
+MAX_PUSH_STREAMS = 64  # PushStreams assembling at once; each may hold a full-size buffer per key
 DEFAULT_PULL_TIMEOUT_MS = 30_000
 DEFAULT_CHUNK_BYTES = 16 << 20
 log = logging.getLogger("nanodist.ps")
@@ -41,6 +42,7 @@ class ParameterServerService:
         self.max_message_bytes = max_message_bytes
         self.persistence = persistence or Persistence(store, Durability.NONE, None)
         self.changed = asyncio.Condition()
+        self.assembling = 0
 
     # --- Init -----------------------------------------------------------
 
@@ -82,10 +84,14 @@ class ParameterServerService:
 
     @rpc("ps", "PushStream")
     async def push_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        if self.assembling >= MAX_PUSH_STREAMS:
+            raise exhausted(f"{self.assembling} PushStreams are in progress, the limit of this server; retry later")
         dense: dict[str, tuple[np.ndarray, int, Slot]] = {}
+        self.assembling += 1
         try:
             return await self._assemble_stream(requests, dense)
         finally:
+            self.assembling -= 1
             # The store copies or applies gradients before returning, so the buffers are free again.
             for buffer, _, slot in dense.values():
                 if len(slot.spare) < 2 and buffer.size == slot.value.size:
