@@ -238,9 +238,12 @@ class ParameterServerClient:
         """Create keys (first writer wins). Returns, per key, whether this call created it."""
         requests: dict[int, ps.InitRequest] = {}
         owner: dict[str, str] = {}
+        if len(self.shards) > 1:
+            self._discover(params)  # a key that exists keeps its layout, split or whole
         for key, value in params.items():
             opt = optimizer.get(key) if isinstance(optimizer, Mapping) else optimizer
-            self._split(key, np.asarray(value))
+            if key not in self._nbytes and key not in self._parts:
+                self._split(key, np.asarray(value))
             for name, piece in self._expand(key, np.asarray(value)):
                 requests.setdefault(self.shard_index(name), ps.InitRequest()).entries.add(
                     key=name, value=codec.to_proto(piece), optimizer=opt or sgd(0.01)

@@ -46,3 +46,14 @@ def test_the_documented_rule_places_rows(shards):
     for i, (address, (a, b)) in enumerate(zip(shards, row_ranges(7, 2), strict=True)):
         with ParameterServerClient([address]) as one_shard:
             np.testing.assert_array_equal(one_shard.pull([part_name("w", i, 2)])[part_name("w", i, 2)], value[a:b])
+
+
+def test_a_key_keeps_the_layout_it_was_created_with(shards):
+    value = np.ones((64, 64), np.float32)  # 16 KiB
+    with ParameterServerClient(shards, split_bytes=0) as whole:
+        whole.init({"w": value})
+    with ParameterServerClient(shards, split_bytes=1024) as splitter:
+        assert splitter.init({"w": value}) == {"w": False}  # exists whole: not split now
+        splitter.push({"w": value})
+        names = [k.key for k in splitter.list_keys()]
+    assert names == ["w"]
