@@ -236,6 +236,12 @@ def test_ssp_fast_workers_never_run_more_than_s_steps_ahead_of_a_slow_one(start_
         (["--backend", "carrier-pigeon"], "--backend 'carrier-pigeon' is unknown"),
         (["--batch-size", "5000"], "batch size 5000 exceeds the shard"),
         (["--group-id", "3", "--num-groups", "2"], "--group-id 3 is outside [0, 2)"),
+        (["--pipeline-stages", "3", "--group-size", "3"], "--pipeline-stages 3 needs at least that many layers"),
+        (["--pipeline-stages", "2", "--group-size", "1", "--hidden", "32,32"], "needs --group-size K"),
+        (
+            ["--pipeline-stages", "2", "--group-size", "2", "--hidden", "32,32", "--micro-batches", "3"],
+            "--batch-size 16 must split into --micro-batches 3",
+        ),
     ],
 )
 def test_bad_worker_configuration_fails_fast_and_clearly(start_server, args, message):
