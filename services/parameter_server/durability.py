@@ -48,6 +48,7 @@ class Persistence:
         directory: str | None,
         interval: float = 300.0,
         every_pushes: int = 0,
+        max_log_bytes: int = 1 << 30,
     ) -> None:
         if mode is not Durability.NONE and not directory:
             raise SystemExit(f"--durability {mode.value} needs --checkpoint-dir")
@@ -60,10 +61,12 @@ class Persistence:
         self.directory = directory or ""
         self.interval = interval
         self.every_pushes = every_pushes
+        self.max_log_bytes = max_log_bytes  # a checkpoint lets the log start over, so disk use stays bounded
         self.log: wal.WriteAheadLog | None = None
         self._saved = _change_marker(store)
         self._saving = asyncio.Lock()
         self._since_save = 0
+        self._log_full = False
         self._tasks: set[asyncio.Task[None]] = set()  # referenced, so that the loop cannot drop them
 
     @property
@@ -118,7 +121,13 @@ class Persistence:
             if self._since_save >= self.every_pushes:
                 self._since_save = 0
                 self._spawn(self.save("push count"))
-        return self.log.append(wal.PUSH, payload) if self.log else None
+        if self.log is None:
+            return None
+        durable = self.log.append(wal.PUSH, payload)
+        if self.log.segment_bytes > self.max_log_bytes and not self._log_full:
+            self._log_full = True  # one checkpoint for it, however many pushes arrive before it starts
+            self._spawn(self.save("log size"))
+        return durable
 
     async def synced(self) -> None:
         """Wait until everything logged so far is durable (a replayed ack must not outrun its record)."""
@@ -130,6 +139,7 @@ class Persistence:
             if self.mode is Durability.NONE or _change_marker(self.store) == self._saved:
                 return
             lsn = self.log.rotate() if self.log else None
+            self._log_full = False
             snap = checkpoint.snapshot(self.store, lsn)  # on the loop: the same instant as the rotation
             marker = _change_marker(self.store)
             path = await asyncio.to_thread(checkpoint.write, self.directory, snap)

@@ -402,6 +402,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between checkpoints when something changed (a final one is written on SIGTERM)",
     )
     parser.add_argument(
+        "--max-log-bytes",
+        type=int,
+        default=env("max_log_bytes", 1 << 30),
+        help="wal: checkpoint once the log has grown by this much, so that it can start over (default 1 GiB)",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         type=int,
         default=env("checkpoint_every", 0),
@@ -421,7 +427,12 @@ def run(args: argparse.Namespace) -> None:
         limits = Limits(args.max_keys, args.max_bytes, reject_nonfinite=not args.allow_nonfinite)
         store = Store(Mode(args.mode), args.num_workers, args.staleness, args.dedup_window, limits)
         persistence = Persistence(
-            store, durability, args.checkpoint_dir, args.checkpoint_interval, args.checkpoint_every
+            store,
+            durability,
+            args.checkpoint_dir,
+            args.checkpoint_interval,
+            args.checkpoint_every,
+            args.max_log_bytes,
         )
         service = ParameterServerService(store, config.max_message_bytes, persistence)
         await persistence.start(service.apply)

@@ -101,6 +101,7 @@ class WriteAheadLog:
         self._wakeup = asyncio.Event()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         self.fsyncs = 0
+        self.segment_bytes = 0  # written since the last rotation
 
     def _open(self, lsn: int) -> int:
         path = os.path.join(self.directory, _segment_name(lsn))
@@ -115,6 +116,7 @@ class WriteAheadLog:
         except OSError as error:
             _stop(f"write-ahead log write failed: {error}")
         self.next_lsn += 1
+        self.segment_bytes += HEADER.size + len(payload)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(done)
         self._last = done
@@ -133,6 +135,7 @@ class WriteAheadLog:
         """Start a new segment at the next LSN and return that LSN (what a checkpoint taken now covers)."""
         self._retired.append(self._file)
         self._file = self._open(self.next_lsn)
+        self.segment_bytes = 0
         return self.next_lsn
 
     def prune(self, keep_from_lsn: int) -> None:
@@ -163,8 +166,7 @@ class WriteAheadLog:
         self.fsyncs += 1
 
     async def close(self) -> None:
-        if self._waiting:
-            await self.synced()
+        await self.synced()  # records queued or in the flush under way
         self._flusher.cancel()
         for fd in [*self._retired, self._file]:
             os.fsync(fd)

@@ -204,3 +204,22 @@ def test_durability_none_with_a_directory_is_refused(tmp_path):
         timeout=30,
     )
     assert result.returncode != 0 and "--durability none keeps nothing" in result.stderr
+
+
+def test_the_log_is_checkpointed_away_when_it_grows_past_its_limit(start_server, tmp_path):
+    state = tmp_path / "state"
+    server = start_server(
+        "ps", "--durability", "wal", "--checkpoint-dir", str(state), "--max-log-bytes", str(300 << 10)
+    )
+    with ParameterServerClient([server.address]) as client:
+        client.init({"w": np.zeros(SIZE, np.float32)}, sgd(1.0))
+        for _ in range(40):  # 10 MiB of log in 256 KiB pushes
+            client.push({"w": np.full(SIZE, -1.0, np.float32)})
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    log_bytes = sum(f.stat().st_size for f in (state / "wal").iterdir())
+    assert log_bytes < 2 << 20, f"{log_bytes} bytes of log are left; checkpoints should have pruned it"
+    restarted = wal_server(start_server, tmp_path, server.port)
+    with ParameterServerClient([restarted.address]) as client:
+        assert client.pull(["w"])["w"][0] == 40.0
+    assert "checkpoint (log size)" in (tmp_path / f"ps-{server.port}.log").read_text()
