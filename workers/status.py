@@ -48,7 +48,9 @@ def report(ps: list[str], barrier: str, lock: str) -> tuple[list[str], bool]:
                 s = client.stats()[0]
             line += (
                 f"  mode {s.mode}  workers {s.num_workers}  keys {s.num_keys}  {_size(s.total_bytes)}  "
-                f"pushes {s.pushes_applied} (duplicates {s.pushes_deduplicated})  clocks {list(s.worker_clocks)}"
+                f"pushes {s.pushes_applied} (duplicates {s.pushes_deduplicated})  clocks {list(s.worker_clocks)}  "
+                f"durability {s.durability}"
+                + (f" ({s.wal_records} log records, {s.wal_fsyncs} fsyncs)" if s.durability == "wal" else "")
             )
         lines.append(line)
     status = _health(barrier)

@@ -309,6 +309,9 @@ class ParameterServerService:
             pushes_applied=s.pushes_applied,
             pushes_deduplicated=s.pushes_deduplicated,
             worker_clocks=clocks,
+            durability=self.persistence.mode.value,
+            wal_records=self.persistence.log.records if self.persistence.log else 0,
+            wal_fsyncs=self.persistence.log.fsyncs if self.persistence.log else 0,
         )
 
     def update_gauges(self) -> None:

@@ -101,6 +101,7 @@ class WriteAheadLog:
         self._wakeup = asyncio.Event()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         self.fsyncs = 0
+        self.records = 0  # appended since start
         self.segment_bytes = 0  # written since the last rotation
 
     def _open(self, lsn: int) -> int:
@@ -116,6 +117,7 @@ class WriteAheadLog:
         except OSError as error:
             _stop(f"write-ahead log write failed: {error}")
         self.next_lsn += 1
+        self.records += 1
         self.segment_bytes += HEADER.size + len(payload)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(done)

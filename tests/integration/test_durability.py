@@ -215,6 +215,9 @@ def test_the_log_is_checkpointed_away_when_it_grows_past_its_limit(start_server,
         client.init({"w": np.zeros(SIZE, np.float32)}, sgd(1.0))
         for _ in range(40):  # 10 MiB of log in 256 KiB pushes
             client.push({"w": np.full(SIZE, -1.0, np.float32)})
+        (stats,) = client.stats()
+    assert stats.durability == "wal" and stats.wal_records == 41  # the Init and 40 pushes
+    assert 1 <= stats.wal_fsyncs <= 41
     server.process.send_signal(signal.SIGKILL)
     server.process.wait()
     log_bytes = sum(f.stat().st_size for f in (state / "wal").iterdir())

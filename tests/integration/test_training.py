@@ -281,6 +281,7 @@ def test_status_shows_every_service_and_fails_when_one_is_down(start_server):
     result = subprocess.run(nanodist_command(*args), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert f"{ps.address}  SERVING  mode asp  workers 1  keys 1  1.0 KB" in result.stdout
+    assert "durability none" in result.stdout
     assert f"barrier {barrier.address}  SERVING" in result.stdout
     assert f"eval  holders ['alice (token {held.fencing_token}" in result.stdout
     lock.stop()

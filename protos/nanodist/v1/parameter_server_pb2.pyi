@@ -181,7 +181,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("mode", "num_workers", "staleness", "num_keys", "total_bytes", "pushes_applied", "pushes_deduplicated", "worker_clocks")
+    __slots__ = ("mode", "num_workers", "staleness", "num_keys", "total_bytes", "pushes_applied", "pushes_deduplicated", "worker_clocks", "durability", "wal_records", "wal_fsyncs")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,9 @@ class StatsResponse(_message.Message):
     PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     PUSHES_DEDUPLICATED_FIELD_NUMBER: _ClassVar[int]
     WORKER_CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DURABILITY_FIELD_NUMBER: _ClassVar[int]
+    WAL_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    WAL_FSYNCS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     num_workers: int
     staleness: int
@@ -198,4 +201,7 @@ class StatsResponse(_message.Message):
     pushes_applied: int
     pushes_deduplicated: int
     worker_clocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, mode: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., num_keys: _Optional[int] = ..., total_bytes: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_deduplicated: _Optional[int] = ..., worker_clocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    durability: str
+    wal_records: int
+    wal_fsyncs: int
+    def __init__(self, mode: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., num_keys: _Optional[int] = ..., total_bytes: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_deduplicated: _Optional[int] = ..., worker_clocks: _Optional[_Iterable[int]] = ..., durability: _Optional[str] = ..., wal_records: _Optional[int] = ..., wal_fsyncs: _Optional[int] = ...) -> None: ...
