@@ -126,6 +126,9 @@ def main() -> None:
                 rows.append(
                     [kib, name, mib[name] * 1024 / kib, mib[name], mib[name] / mib["none"], mib[name] / mib["raw"]]
                 )
+        with ParameterServerClient([f"127.0.0.1:{ports['wal']}"]) as client:
+            (stats,) = client.stats()
+        group_commit = stats.wal_records / max(1, stats.wal_fsyncs)
     finally:
         stop_all(servers)
     print(
@@ -133,6 +136,7 @@ def main() -> None:
         f"'disk' is fsynced appends of {args.clients} records at a time in {workdir}"
     )
     print(table(["KiB", "server", "pushes/s", "MiB/s", "vs none", "vs raw"], rows))
+    print(f"wal group commit: {group_commit:.1f} records per fsync on average")
 
 
 if __name__ == "__main__":
