@@ -10,12 +10,10 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pytest
 
-from nanodist.workers.data import ShardSampler, load_digits
-from nanodist.workers.models import MLP
 from tests.conftest import nanodist_command
+from tests.integration.reference import assert_matches_single_process
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
 HIDDEN = (32, 32, 16)  # four layers: enough for three stages
@@ -69,17 +67,9 @@ def test_pipeline_training_equals_single_process_training(start_server, tmp_path
     assert metrics["world_size"] == stages * len(backends)
     assert {w["stage"] for w in metrics["timings"]["per_worker"].values()} == set(range(stages))
 
-    data = load_digits(seed=seed)
-    model = MLP((64, *HIDDEN, 10))
-    params = model.init(seed)
-    samplers = [ShardSampler(len(data.y_train), r, len(backends), seed=seed) for r in range(len(backends))]
-    for t in range(steps):
-        combined = np.concatenate([s.batches(1, batch)[t] for s in samplers])
-        _, grads = model.loss_and_grads(params, data.x_train[combined], data.y_train[combined])
-        params = {k: v - np.float32(lr) * grads[k] for k, v in params.items()}
-    with np.load(dump, allow_pickle=False) as trained:
-        for key, expected in params.items():
-            np.testing.assert_allclose(trained[key.replace("/", ".")], expected, rtol=1e-4, atol=2e-6, err_msg=key)
+    assert_matches_single_process(
+        dump, (64, *HIDDEN, 10), shards=len(backends), steps=steps, lr=lr, batch=batch, seed=seed
+    )
 
 
 def test_a_killed_stage_is_named_by_the_other_stages_and_nothing_hangs(start_server, tmp_path):

@@ -10,9 +10,8 @@ import uuid
 import numpy as np
 import pytest
 
-from nanodist.workers.data import ShardSampler, load_digits
-from nanodist.workers.models import MLP
 from tests.conftest import nanodist_command
+from tests.integration.reference import assert_matches_single_process
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
 
@@ -174,17 +173,7 @@ def test_synchronous_training_equals_single_process_training_on_the_combined_bat
     assert [p.wait(timeout=180) for p in procs] == [0] * len(procs)
     assert json.loads((tmp_path / run_id / "metrics.json").read_text())["world_size"] == world
 
-    data = load_digits(seed=seed)
-    model = MLP((64, 64, 10))
-    params = model.init(seed)
-    samplers = [ShardSampler(len(data.y_train), rank, world, seed=seed) for rank in range(world)]
-    for t in range(steps):
-        combined = np.concatenate([s.batches(1, batch)[t] for s in samplers])
-        _, grads = model.loss_and_grads(params, data.x_train[combined], data.y_train[combined])
-        params = {k: v - np.float32(lr) * grads[k] for k, v in params.items()}
-    with np.load(dump, allow_pickle=False) as trained:
-        for key, expected in params.items():
-            np.testing.assert_allclose(trained[key.replace("/", ".")], expected, rtol=1e-4, atol=2e-6, err_msg=key)
+    assert_matches_single_process(dump, (64, 64, 10), shards=world, steps=steps, lr=lr, batch=batch, seed=seed)
 
 
 def test_ssp_fast_workers_never_run_more_than_s_steps_ahead_of_a_slow_one(start_server, tmp_path):
