@@ -44,9 +44,16 @@ demo: $(STAMP)
 demo-pipeline: $(STAMP)
 	$(BIN)/nanodist up --pipeline-stages 2 --hidden 128,64
 
+# mypy cannot follow package-dir, so it checks the package through a tree of links that mirrors it.
+TYPECHECK := $(VENV)/typecheck/nanodist
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)
+	ln -s $(CURDIR)/protos/nanodist/* $(CURDIR)/services $(CURDIR)/client $(CURDIR)/workers $(TYPECHECK)/
+	$(BIN)/mypy
+	$(BIN)/mypy protos/apitools.py
 
 # The anchors need torch, redis-py and Debian's redis-server; a missing one is reported as skipped.
 bench: $(STAMP)

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from nanodist.client import codec
 from nanodist.client.errors import NanodistError, from_rpc_error
 from nanodist.client.retry import RetryPolicy
 from nanodist.client.rpc import ClientSecurity, open_channel
 from nanodist.client.sharding import parse_part, part_name, row_ranges, shard_of
 from nanodist.v1 import parameter_server_pb2 as ps
+from nanodist.wire import codec
 
 SERVICE = "/nanodist.v1.ParameterServer/"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30

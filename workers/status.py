@@ -9,7 +9,7 @@ import grpc
 
 from nanodist.client import BarrierClient, LockClient, NanodistError, ParameterServerClient
 from nanodist.client.health import check
-from nanodist.services.common.config import env_default
+from nanodist.settings import env_default
 from nanodist.workers.train import add_client_security_flags, apply_client_security_flags
 
 

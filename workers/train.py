@@ -30,7 +30,7 @@ from nanodist.client import (
     Values,
     sgd,
 )
-from nanodist.services.common.config import env_default
+from nanodist.settings import env_default, env_optional
 from nanodist.workers.comm import CommError, Communicator, ReduceOp
 from nanodist.workers.data import ShardSampler, load_digits
 from nanodist.workers.models import MLP
@@ -466,8 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--run-id",
-        default=env("run_id", None),
-        required=env("run_id", None) is None,
+        default=env_optional("run_id"),
+        required=env_optional("run_id") is None,
         help="names this run's keys, barriers and output folder; fresh per run (env NANODIST_RUN_ID)",
     )
     parser.add_argument("--runs-dir", default=env("runs_dir", "runs"), help="where runs/<run-id>/ goes")

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nanodist.services.common.security import SecurityConfig
 
+from nanodist.settings import env_default
+
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB; gRPC's hard ceiling is 2 GiB - 1
-
-
-def env_default(name: str, default: str | int | float | None) -> str | int | float | None:
-    """The value of NANODIST_<NAME> if set, else `default` (converted to its type)."""
-    raw = os.environ.get(f"NANODIST_{name.upper()}")
-    if raw is None or default is None:
-        return raw if raw is not None else default
-    return type(default)(raw)
 
 
 @dataclass

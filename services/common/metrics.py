@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from nanodist.client.codec import CodecError
 from nanodist.services.common.errors import ServiceError, invalid
 from nanodist.services.common.handlers import MalformedRequest
+from nanodist.wire.codec import CodecError
 
 REQUESTS = Counter("nanodist_requests_total", "RPCs handled", ["service", "method", "code"])
 LATENCY = Histogram(

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from nanodist.services.common.config import env_default
+from nanodist.settings import env_optional
 
 log = logging.getLogger("nanodist.security")
 ROLES = ("reader", "worker", "admin")
@@ -51,23 +51,22 @@ class SecurityConfig:
 
 
 def add_security_flags(parser: argparse.ArgumentParser) -> None:
-    env = env_default
-    parser.add_argument("--tls-cert", default=env("tls_cert", None), help="server certificate (PEM); enables TLS")
-    parser.add_argument("--tls-key", default=env("tls_key", None), help="server private key (PEM)")
+    parser.add_argument("--tls-cert", default=env_optional("tls_cert"), help="server certificate (PEM); enables TLS")
+    parser.add_argument("--tls-key", default=env_optional("tls_key"), help="server private key (PEM)")
     parser.add_argument(
         "--tls-client-ca",
-        default=env("tls_client_ca", None),
+        default=env_optional("tls_client_ca"),
         help="CA that client certificates must chain to; enables mutual TLS",
     )
     parser.add_argument(
         "--auth-token-file",
-        default=env("auth_token_file", None),
+        default=env_optional("auth_token_file"),
         help="file of 'TOKEN ROLE' lines; enables token authentication",
     )
     parser.add_argument(
         "--reflection",
         choices=["on", "off"],
-        default=env("reflection", None),
+        default=env_optional("reflection"),
         help="server reflection (default: on, off when token authentication is on)",
     )
 

@@ -17,6 +17,7 @@ from nanodist.services.common.runtime import serve
 from nanodist.services.common.validation import check_count, check_name
 from nanodist.services.lock.kv import KeyValueStore
 from nanodist.services.lock.locks import FencingTokens, LockTable
+from nanodist.settings import env_default, env_optional
 from nanodist.v1 import lock_pb2 as pb
 from nanodist.v1 import lock_pb2_grpc
 
@@ -159,10 +160,10 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common_config.add_server_flags(parser, default_port=50071)
-    env = common_config.env_default
+    env = env_default
     parser.add_argument(
         "--state-dir",
-        default=env("state_dir", None),
+        default=env_optional("state_dir"),
         help="directory for the fencing-token ceiling, so tokens grow across restarts "
         "without trusting the clock (env NANODIST_STATE_DIR)",
     )

@@ -16,12 +16,12 @@ import os
 from collections.abc import Callable, Coroutine
 from enum import StrEnum
 
-from nanodist.client import codec
 from nanodist.services.common.errors import ServiceError
 from nanodist.services.parameter_server import checkpoint, wal
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Store
 from nanodist.v1 import parameter_server_pb2 as ps
+from nanodist.wire import codec
 
 log = logging.getLogger("nanodist.ps.durability")
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from nanodist.client import codec
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import ServiceError, exhausted, invalid
 from nanodist.services.common.handlers import safe_parser
@@ -25,7 +24,9 @@ from nanodist.services.common.validation import check_count, check_name
 from nanodist.services.parameter_server.durability import Durability, Persistence
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Limits, Mode, Slot, Store
+from nanodist.settings import env_default, env_optional
 from nanodist.v1 import parameter_server_pb2 as ps
+from nanodist.wire import codec
 
 SERVICE = "nanodist.v1.ParameterServer"
 MAX_ENTRIES = 100_000
@@ -343,7 +344,7 @@ class ParameterServerService:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = common_config.env_default
+    env = env_default
     common_config.add_server_flags(parser, default_port=50051)
     parser.add_argument(
         "--mode",
@@ -388,13 +389,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--checkpoint-dir",
-        default=env("checkpoint_dir", None),
+        default=env_optional("checkpoint_dir"),
         help="restore from and checkpoint into this directory (env NANODIST_CHECKPOINT_DIR)",
     )
     parser.add_argument(
         "--durability",
         choices=[d.value for d in Durability],
-        default=env("durability", None),
+        default=env_optional("durability"),
         help="none, checkpoint or wal (default: checkpoint with --checkpoint-dir, else none); "
         "wal fsyncs every push before its ack (env NANODIST_DURABILITY)",
     )

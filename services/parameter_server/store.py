@@ -12,9 +12,9 @@ from enum import StrEnum
 
 import numpy as np
 
-from nanodist.client.codec import Entry
 from nanodist.services.common.errors import exhausted, failed_precondition, invalid, not_found
 from nanodist.services.parameter_server.optimizers import Optimizer, OptimizerConfig
+from nanodist.wire.codec import Entry
 
 MAX_PENDING_STEPS = 64  # BSP steps of one key that may wait for pushes at once; each holds a full-size sum
 

@@ -4,9 +4,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from nanodist.client import codec
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.v1 import tensor_pb2
+from nanodist.wire import codec, framing
 
 DTYPES = [np.float32, np.float64, np.float16, np.int32, np.int64]
 
@@ -65,7 +65,7 @@ def test_pull_response_fields_are_not_confused_with_push_fields():
 
 def test_negative_ints_use_twos_complement_like_protobuf():
     message = ps.PullRequest(worker_id=-1, min_version=-5)
-    assert codec.wire.varint(-1) == ps.PullRequest(worker_id=-1).SerializeToString()[1:]
+    assert framing.varint(-1) == ps.PullRequest(worker_id=-1).SerializeToString()[1:]
     assert ps.PullRequest.FromString(message.SerializeToString()).worker_id == -1
 
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from nanodist.client.codec import Entry
 from nanodist.services.common.errors import ServiceError
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Mode, Store
+from nanodist.wire.codec import Entry
 
 SGD1 = OptimizerConfig(learning_rate=1.0)
 

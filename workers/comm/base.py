@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from nanodist.client.codec import proto_dtype
+from nanodist.wire.codec import proto_dtype
 
 
 class ReduceOp(StrEnum):

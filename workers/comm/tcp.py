@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nanodist.client.codec import numpy_dtype
+from nanodist.wire.codec import numpy_dtype
 from nanodist.workers.comm.base import (
     UFUNCS,
     CommError,

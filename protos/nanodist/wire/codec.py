@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nanodist.client import wire
 from nanodist.v1 import tensor_pb2
+from nanodist.wire import framing as wire
 
 MAX_DIMS = 16
 
