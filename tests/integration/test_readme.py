@@ -1,36 +1,80 @@
-"""The README's Python examples run as written against live servers (only the addresses change)."""
+"""The Python examples in README.md and docs/*.md run as written against live servers (only addresses change)."""
 
+import glob
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Server
+
+# A marker found in exactly one example names it; the quick start must stay in the README.
+MARKERS = {
+    "ps": "ParameterServerClient([",
+    "barrier": "BarrierClient(",
+    "lock": "KVStore(",
+    "comm": "comm = from_env(",
+}
+PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
 
-def examples() -> dict[str, str]:
-    with open(os.path.join(ROOT, "README.md")) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
-    found = {}
-    for block in blocks:
-        for marker, name in (
-            ("ParameterServerClient([", "ps"),
-            ("KVStore(", "lock"),
-            ("Communicator.from_env()", "comm"),
-        ):
-            if marker in block:
-                found[name] = block
+def python_blocks() -> list[tuple[str, str]]:
+    """Every ```python block of every page, as (page, code)."""
+    blocks = []
+    for page in PAGES:
+        with open(os.path.join(ROOT, page)) as f:
+            blocks += [(page, code) for code in re.findall(r"```python\n(.*?)```", f.read(), re.S)]
+    return blocks
+
+
+def examples() -> dict[str, tuple[str, str]]:
+    found: dict[str, tuple[str, str]] = {}
+    for page, code in python_blocks():
+        names = [name for name, marker in MARKERS.items() if marker in code]
+        assert len(names) == 1, f"{page}: a Python example must match exactly one of {MARKERS}, got {names}"
+        assert names[0] not in found, f"{page} and {found[names[0]][0]} both hold the {names[0]!r} example"
+        found[names[0]] = (page, code)
     return found
 
 
+def run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_every_example_is_found_and_the_quick_start_is_in_the_readme():
+    found = examples()
+    assert sorted(found) == sorted(MARKERS)
+    assert found["ps"][0] == "README.md"
+
+
 @pytest.mark.parametrize("name", ["ps", "lock", "comm"])
-def test_readme_example_runs(start_server, name):
-    code = examples()[name]
+def test_example_runs(start_server: Callable[..., Server], name: str) -> None:
+    code = examples()[name][1]
     if name == "ps":
         code = code.replace("127.0.0.1:50051", start_server("ps").address)
     elif name == "lock":
         code = code.replace("127.0.0.1:50071", start_server("lock").address)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = run(code)
     assert result.returncode == 0, result.stderr
+
+
+def test_barrier_example_releases_four_members(start_server: Callable[..., Server]) -> None:
+    """The example waits for 4 parties, so 4 copies run at once, each with its own member id."""
+    code = examples()["barrier"][1].replace("127.0.0.1:50061", start_server("barrier").address)
+    assert '"worker-0"' in code
+    members = [
+        subprocess.Popen(
+            [sys.executable, "-c", code.replace('"worker-0"', f'"worker-{i}"')],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    for member in members:
+        out, err = member.communicate(timeout=90)
+        assert member.returncode == 0, err
+        assert "missing" not in out, out
