@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from nanodist.workers.comm import Communicator
+from nanodist.workers.comm import from_env
 from nanodist.workers.model_parallel import Pipeline, Schedule
 from nanodist.workers.models import MLP
 
@@ -24,8 +24,7 @@ STEPS = int(os.environ.get("BENCH_STEPS", "8"))
 
 def main() -> None:
     backend, micro, kind = sys.argv[1], int(sys.argv[2]), Schedule(sys.argv[3])
-    options = {"rank": int(sys.argv[4]), "peers": sys.argv[5]} if backend == "tcp" else {}
-    comm = Communicator.from_env(backend, **options)
+    comm = from_env(backend, rank=int(sys.argv[4]), peers=sys.argv[5]) if backend == "tcp" else from_env(backend)
     model = MLP((WIDTH,) * LAYERS + (10,))
     params = model.init(0)
     rng = np.random.default_rng(0)

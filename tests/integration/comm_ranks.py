@@ -1,7 +1,8 @@
 """A rank of the communication tests: python -m tests.integration.comm_ranks SCENARIO [BACKEND]
 
-Backends come from the environment (mpiexec, or NANODIST_* for TCP). Exits 0
-when every check passes; on a CommError prints it and exits 3.
+Backends come from the environment (mpiexec, or NANODIST_* for TCP; with
+NANODIST_LOCK_ADDRESS the ranks meet in that lock service's key-value store).
+Exits 0 when every check passes; on a CommError prints it and exits 3.
 """
 
 import os
@@ -9,7 +10,8 @@ import sys
 
 import numpy as np
 
-from nanodist.workers.comm import CommError, Communicator, ReduceOp
+from nanodist.client import KVStore
+from nanodist.workers.comm import CommError, Communicator, ReduceOp, from_env
 
 DTYPES = [np.float32, np.float64, np.int64]
 
@@ -67,9 +69,17 @@ def mismatch(comm: Communicator) -> None:
     comm.allreduce(np.ones(10, np.float32 if comm.rank == 0 else np.float64))
 
 
+def join(backend: str | None) -> Communicator:
+    lock_address = os.environ.get("NANODIST_LOCK_ADDRESS")
+    if not lock_address:
+        return from_env(backend)
+    with KVStore(lock_address) as store:  # needed only until every rank has published its address
+        return from_env(backend, store=store)
+
+
 def main() -> None:
     scenario = sys.argv[1]
-    comm = Communicator.from_env(sys.argv[2] if len(sys.argv) > 2 else None)
+    comm = join(sys.argv[2] if len(sys.argv) > 2 else None)
     try:
         {"all": check_all, "loop": loop_until_killed, "mismatch": mismatch}[scenario](comm)
     except CommError as error:

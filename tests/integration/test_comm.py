@@ -9,8 +9,9 @@ import uuid
 import numpy as np
 import pytest
 
-from nanodist.workers.comm import CommError, Communicator, ReduceOp, SingleProcess
-from nanodist.workers.comm.rendezvous import via_kv
+from nanodist.client import KVStore
+from nanodist.workers.comm import CommError, ReduceOp, SingleProcess, from_env
+from nanodist.workers.comm.rendezvous import via_store
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
 RANKS = [sys.executable, "-m", "tests.integration.comm_ranks"]
@@ -100,24 +101,22 @@ def test_tcp_dtype_mismatch_is_detected_on_both_ranks():
 def test_rendezvous_names_the_ranks_that_never_joined(start_server):
     lock = start_server("lock")
     begin = time.monotonic()
-    with pytest.raises(CommError, match=r"ranks \[1, 2\] did not join within 1s"):
-        via_kv(lock.address, uuid.uuid4().hex, 3, timeout=1)
+    with KVStore(lock.address) as store, pytest.raises(CommError, match=r"ranks \[1, 2\] did not join within 1s"):
+        via_store(store, uuid.uuid4().hex, 3, timeout=1)
     assert time.monotonic() - begin < 5
 
 
 def test_a_full_group_refuses_another_rank(start_server):
     lock = start_server("lock")
     group = uuid.uuid4().hex
-    from nanodist.client import KVStore
-
     with KVStore(lock.address) as store:
         store.add(f"{group}/next-rank", 2)
-    with pytest.raises(CommError, match="already has its 2 ranks"):
-        via_kv(lock.address, group, 2, timeout=1)
+        with pytest.raises(CommError, match="already has its 2 ranks"):
+            via_store(store, group, 2, timeout=1)
 
 
 def test_single_process_collectives_are_identity():
-    comm = Communicator.from_env("single")
+    comm = from_env("single")
     assert isinstance(comm, SingleProcess) and (comm.rank, comm.size) == (0, 1)
     array = np.arange(4.0)
     assert comm.allreduce(array, ReduceOp.MEAN) is array and array.tolist() == [0, 1, 2, 3]
@@ -128,7 +127,7 @@ def test_single_process_collectives_are_identity():
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(CommError, match="unknown backend 'carrier-pigeon'"):
-        Communicator.from_env("carrier-pigeon")
+        from_env("carrier-pigeon")
 
 
 @pytest.mark.parametrize("backend", ["tcp", "mpi"])

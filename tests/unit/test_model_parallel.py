@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nanodist.workers.comm import Communicator
+from nanodist.workers.comm import from_env
 from nanodist.workers.model_parallel import Pipeline, Schedule, schedule, split_layers
 from nanodist.workers.models import MLP
 
@@ -48,7 +48,7 @@ def test_one_stage_with_micro_batches_equals_the_whole_batch_gradient(kind):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((24, 64)).astype(np.float32), rng.integers(0, 10, 24)
     expected_loss, expected = model.loss_and_grads(params, x, y)
-    loss, grads = Pipeline(Communicator.from_env("single"), model, micro_batches=4, kind=kind).step(params, x, y)
+    loss, grads = Pipeline(from_env("single"), model, micro_batches=4, kind=kind).step(params, x, y)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     for name, grad in expected.items():
         np.testing.assert_allclose(grads[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)

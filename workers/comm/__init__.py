@@ -2,5 +2,6 @@
 
 from nanodist.workers.comm.base import CommError, Communicator, ReduceOp, SendHandle, SingleProcess
 from nanodist.workers.comm.factory import from_env
+from nanodist.workers.comm.rendezvous import RendezvousStore
 
-__all__ = ["CommError", "Communicator", "ReduceOp", "SendHandle", "SingleProcess", "from_env"]
+__all__ = ["CommError", "Communicator", "ReduceOp", "RendezvousStore", "SendHandle", "SingleProcess", "from_env"]

@@ -59,7 +59,10 @@ class _Done:
 
 
 class Communicator(abc.ABC):
-    """A group of `size` processes; this one is `rank`. Collectives run in place on numpy arrays."""
+    """A group of `size` processes; this one is `rank`. Collectives run in place on numpy arrays.
+
+    Build one with nanodist.workers.comm.from_env(), which picks the backend.
+    """
 
     rank: int
     size: int
@@ -108,12 +111,6 @@ class Communicator(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @staticmethod
-    def from_env(backend: str | None = None, **options: object) -> Communicator:
-        from nanodist.workers.comm.factory import from_env
-
-        return from_env(backend, **options)
 
 
 class SingleProcess(Communicator):

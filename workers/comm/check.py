@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-from nanodist.workers.comm import CommError, Communicator, ReduceOp
+from nanodist.workers.comm.base import CommError, Communicator, ReduceOp
+from nanodist.workers.comm.factory import detect_backend, from_env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,13 +86,11 @@ def _check(comm: Communicator, size_mb: int) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from nanodist.workers.comm.factory import detect_backend
-
     inside = detect_backend() != "single"
     if not inside:
         raise SystemExit(_launch(args))
     try:
-        with Communicator.from_env(args.backend) as comm:
+        with from_env(args.backend) as comm:
             _check(comm, args.size_mb)
     except (CommError, AssertionError) as error:
         print(f"comm-check failed: {error}", file=sys.stderr)

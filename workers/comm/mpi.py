@@ -8,18 +8,23 @@ of its time faulting those pages in (see bench/allreduce.py).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nanodist.workers.comm.base import CommError, Communicator, ReduceOp, SendHandle, check_array, signature
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 CHUNK_BYTES = 2 << 20
 _OPCODES = {"allreduce": 1, "broadcast": 2, "allgather": 3}
 
 
 class MPICommunicator(Communicator):
-    def __init__(self, comm: object | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, comm: MPI.Intracomm | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+        # Imported here, not at the top: importing mpi4py.MPI initialises MPI, which only a
+        # process that chose the MPI backend (under mpiexec) should do.
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -52,7 +57,7 @@ class MPICommunicator(Communicator):
             )
 
     @staticmethod
-    def _wait_yielding(request: Any) -> None:
+    def _wait_yielding(request: MPI.Request) -> None:
         """Wait for a request without pinning a core.
 
         MPICH busy-polls inside blocking calls. This check is where a rank
@@ -122,8 +127,8 @@ class MPICommunicator(Communicator):
 
 
 class _Pending:
-    def __init__(self, request: object, buffer: np.ndarray) -> None:
+    def __init__(self, request: MPI.Request, buffer: np.ndarray) -> None:
         self.request, self.buffer = request, buffer  # MPI reads the buffer until the request completes
 
     def wait(self) -> None:
-        self.request.Wait()  # type: ignore[attr-defined]
+        self.request.Wait()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
@@ -44,7 +45,7 @@ class SharedWindows:
             name=f"nd{os.getpid()}_{secrets.token_hex(6)}",
         )
         token = secrets.token_bytes(16)
-        own.buf[48:64] = token
+        _view(own)[48:64] = token
         name = own.name.lstrip("/").encode()
         return own, name.ljust(48, b"\0") + token
 
@@ -62,9 +63,11 @@ class SharedWindows:
                     continue
                 segment = shared_memory.SharedMemory(name=raw[:48].rstrip(b"\0").decode())
                 # Python 3.11 registers attached segments for deletion at exit; the owner unlinks them.
-                resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+                # (Python 3.13's SharedMemory(track=False) would make this unnecessary.)
+                tracked = segment._name  # type: ignore[attr-defined]  # private: the name the tracker registered
+                resource_tracker.unregister(tracked, "shared_memory")
                 segments.append(segment)
-                if bytes(segment.buf[48:64]) != raw[48:64]:
+                if bytes(_view(segment)[48:64]) != raw[48:64]:
                     raise OSError("token mismatch: a different segment of the same name")
         except (OSError, ValueError):
             for segment in segments:
@@ -75,13 +78,14 @@ class SharedWindows:
 
     def buffer(self, peer: int, which: int, dtype: np.dtype, count: int) -> np.ndarray:
         return np.frombuffer(
-            self.segments[peer].buf,
+            _view(self.segments[peer]),
             dtype=dtype,
             count=count,
             offset=HEADER + which * self.window_bytes,
         )
 
-    def allreduce(self, flat: np.ndarray, ufunc: np.ufunc, size: int, sync) -> None:  # type: ignore[no-untyped-def]
+    def allreduce(self, flat: np.ndarray, ufunc: np.ufunc, size: int, sync: Callable[[], None]) -> None:
+        """Reduce `flat` in place across the `size` ranks; `sync` is a barrier among them."""
         per_window = max(1, self.window_bytes // flat.itemsize)
         for start in range(0, flat.size, per_window):
             piece = flat[start : start + per_window]
@@ -103,3 +107,10 @@ class SharedWindows:
     def close(self) -> None:
         for segment in self.segments:
             segment.close()
+
+
+def _view(segment: shared_memory.SharedMemory) -> memoryview:
+    """The segment's memory (None only once the segment is closed)."""
+    if segment.buf is None:
+        raise OSError(f"shared memory segment {segment.name} is already closed")
+    return segment.buf
