@@ -13,21 +13,17 @@ from nanodist.client.errors import (
 )
 from nanodist.client.kv_client import KVStore
 from nanodist.client.lock_client import Held, LockClient
-from nanodist.client.ps_client import (
-    ParameterServerClient,
-    SparseGradient,
-    Values,
-    adagrad,
-    adam,
-    momentum,
-    sgd,
-)
+from nanodist.client.optimizers import adagrad, adam, average, momentum, sgd
+from nanodist.client.ps_client import ParameterServerClient
+from nanodist.client.ps_values import SparseGradient, Values
 from nanodist.client.retry import RetryPolicy
+from nanodist.client.rpc import ClientSecurity
 from nanodist.client.sharding import shard_of
 
 __all__ = [
     "BarrierBroken",
     "BarrierClient",
+    "ClientSecurity",
     "Held",
     "KVStore",
     "LockClient",
@@ -46,6 +42,7 @@ __all__ = [
     "Values",
     "adagrad",
     "adam",
+    "average",
     "momentum",
     "sgd",
     "shard_of",

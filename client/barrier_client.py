@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
+import uuid
 from dataclasses import dataclass
 
 import grpc
 
+from nanodist.client.base import ServiceClient, default_member_id
 from nanodist.client.errors import NanodistError, NotFound, from_rpc_error
 from nanodist.client.retry import RetryPolicy
-from nanodist.client.rpc import call, open_channel, trailing
+from nanodist.client.rpc import ClientSecurity, trailing
 from nanodist.v1 import barrier_pb2 as pb
 from nanodist.v1 import barrier_pb2_grpc
 
 
 class BarrierBroken(NanodistError):
-    """The barrier broke (timeout, abort or a lost member); `missing` names who had not arrived."""
+    """The barrier broke (timeout, abort or a lost member); `missing` names who had not arrived.
+
+    `code` is ABORTED, or DEADLINE_EXCEEDED for the waiter whose own timeout broke it.
+    """
 
     def __init__(self, message: str, code: grpc.StatusCode, missing: list[str]) -> None:
         super().__init__(message, code)
@@ -30,11 +33,7 @@ class Released:
     arrival_index: int
 
 
-def default_member_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-class BarrierClient:
+class BarrierClient(ServiceClient):
     """A member of one or more barriers, with a heartbeat session.
 
     The session is renewed in a background thread every ttl/3; if this process
@@ -50,20 +49,26 @@ class BarrierClient:
         barriers: tuple[str, ...] | list[str] = (),
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
-        self.address = address
+        super().__init__(address, timeout=timeout, retry=retry, security=security)
         self.member_id = member_id or default_member_id()
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._channel = open_channel(address)
         self._stub = barrier_pb2_grpc.BarrierStub(self._channel)
-        opened = call(
-            self._stub.OpenSession,
-            pb.OpenSessionRequest(member_id=self.member_id, ttl_ms=int(session_ttl * 1000), barriers=list(barriers)),
-            timeout,
-            address,
-            self.retry,
+        # One key for this open, reused by every retry: if an attempt opened a
+        # session but its response was lost, the retry gets that session back
+        # instead of opening a second one and leaving the first to lapse (which
+        # would break this member's barriers).
+        request = pb.OpenSessionRequest(
+            member_id=self.member_id,
+            ttl_ms=int(session_ttl * 1000),
+            barriers=list(barriers),
+            idempotency_key=uuid.uuid4().hex,
         )
+        try:
+            opened = self._call(self._stub.OpenSession, request, idempotent=True)
+        except BaseException:
+            self._channel.close()
+            raise
         self.session_id = opened.session_id
         self._stop = threading.Event()
         self.session_lost: NanodistError | None = None
@@ -78,11 +83,8 @@ class BarrierClient:
     def _keep_alive(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
-                call(
-                    self._stub.KeepAlive,
-                    pb.KeepAliveSessionRequest(session_id=self.session_id),
-                    interval,
-                    self.address,
+                self._call(
+                    self._stub.KeepAlive, pb.KeepAliveSessionRequest(session_id=self.session_id), timeout=interval
                 )
             except NotFound as error:
                 self.session_lost = error
@@ -105,51 +107,26 @@ class BarrierClient:
         except grpc.RpcError as error:
             missing = trailing(error, "nanodist-missing")
             if missing is not None:
-                raise BarrierBroken(
-                    error.details(),
-                    error.code(),  # type: ignore[attr-defined]
-                    [m for m in missing.split(",") if m],
-                ) from None
+                message = error.details() or error.code().name
+                raise BarrierBroken(message, error.code(), [m for m in missing.split(",") if m]) from None
             raise from_rpc_error(error, self.address) from None
         return Released(response.generation, response.arrival_index)
 
     def abort(self, name: str, reason: str = "") -> int:
-        return call(
-            self._stub.Abort,
-            pb.AbortRequest(name=name, member_id=self.member_id, reason=reason),
-            self.timeout,
-            self.address,
-        ).generation
+        request = pb.AbortRequest(name=name, member_id=self.member_id, reason=reason)
+        return self._call(self._stub.Abort, request).generation
 
     def reset(self, name: str) -> int:
-        return call(self._stub.Reset, pb.ResetRequest(name=name), self.timeout, self.address).generation
+        return self._call(self._stub.Reset, pb.ResetRequest(name=name)).generation
 
     def status(self, name: str = "") -> list[pb.BarrierState]:
-        return list(
-            call(
-                self._stub.Status,
-                pb.BarrierStatusRequest(name=name),
-                self.timeout,
-                self.address,
-                self.retry,
-            ).barriers
-        )
+        return list(self._call(self._stub.Status, pb.BarrierStatusRequest(name=name), idempotent=True).barriers)
 
     def close(self) -> None:
+        """End the session (the member's barriers do not break) and the channel."""
         self._stop.set()
         try:
-            call(
-                self._stub.CloseSession,
-                pb.CloseSessionRequest(session_id=self.session_id),
-                5.0,
-                self.address,
-            )
+            self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.session_id), timeout=5.0)
         except NanodistError:
             pass  # the lease lapses on its own
-        self._channel.close()
-
-    def __enter__(self) -> BarrierClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()

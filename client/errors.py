@@ -1,4 +1,10 @@
-"""Typed exceptions for failed calls; each carries the server's status and message."""
+"""Typed exceptions for failed calls; each carries the server's status and message.
+
+Three of them also derive from a builtin, so that code which must not import the
+client (workers/comm's rendezvous, user callbacks) can still catch them:
+DeadlineExceeded is a TimeoutError, NotFound a LookupError and Unavailable a
+ConnectionError.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ class InvalidArgument(NanodistError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class NotFound(NanodistError):
+class NotFound(NanodistError, LookupError):
     code = grpc.StatusCode.NOT_FOUND
 
 
@@ -36,7 +42,9 @@ class Aborted(NanodistError):
     code = grpc.StatusCode.ABORTED
 
 
-class DeadlineExceeded(NanodistError):
+# TimeoutError and ConnectionError are OSErrors; because NanodistError defines
+# __init__, OSError keeps the message as the only argument (errno stays None).
+class DeadlineExceeded(NanodistError, TimeoutError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -44,11 +52,11 @@ class ResourceExhausted(NanodistError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Unavailable(NanodistError):
+class Unavailable(NanodistError, ConnectionError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-_BY_CODE = {
+_BY_CODE: dict[grpc.StatusCode, type[NanodistError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument,
@@ -63,9 +71,9 @@ _BY_CODE = {
 
 
 def from_rpc_error(error: grpc.RpcError, target: str = "") -> NanodistError:
-    """The typed exception for a failed call (grpc.RpcError is also a grpc.Call)."""
-    code = error.code()  # type: ignore[attr-defined]
-    details = error.details() or code.name  # type: ignore[attr-defined]
+    """The typed exception for a failed call: the class for its status code, else a NanodistError."""
+    code = error.code()
+    details = error.details() or code.name
     if target:
         details = f"{details} [{target}]"
     return _BY_CODE.get(code, NanodistError)(details, code)

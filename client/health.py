@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         status = check(args.address, args.service, args.timeout)
     except grpc.RpcError as error:
-        print(f"{args.address}: {error.code().name}: {error.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"{args.address}: {error.code().name}: {error.details()}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"{args.address}: {status}")
     raise SystemExit(0 if status == "SERVING" else 1)

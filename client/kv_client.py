@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from nanodist.client.base import ServiceClient
 from nanodist.client.retry import RetryPolicy
-from nanodist.client.rpc import call, open_channel
+from nanodist.client.rpc import ClientSecurity
 from nanodist.v1 import lock_pb2 as pb
 from nanodist.v1 import lock_pb2_grpc
 
@@ -14,32 +15,30 @@ def _bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-class KVStore:
+class KVStore(ServiceClient):
     """set/get/add/compare_set/wait/delete_key on bytes values (str is UTF-8 encoded)."""
 
-    def __init__(self, address: str, *, timeout: float = 30.0, retry: RetryPolicy | None = None) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._channel = open_channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        security: ClientSecurity | None = None,
+    ) -> None:
+        super().__init__(address, timeout=timeout, retry=retry, security=security)
         self._stub = lock_pb2_grpc.KeyValueStub(self._channel)
 
     def set(self, key: str, value: bytes | str) -> None:
-        call(
-            self._stub.Set,
-            pb.SetRequest(key=key, value=_bytes(value)),
-            self.timeout,
-            self.address,
-            self.retry,
-        )
+        self._call(self._stub.Set, pb.SetRequest(key=key, value=_bytes(value)), idempotent=True)
 
     def get(self, key: str) -> bytes:
         """The value; NotFound if absent (use wait() to block for it)."""
-        return call(self._stub.Get, pb.GetRequest(key=key), self.timeout, self.address, self.retry).value
+        return self._call(self._stub.Get, pb.GetRequest(key=key), idempotent=True).value
 
     def add(self, key: str, delta: int = 1) -> int:
         """Atomically add to a counter (absent = 0) and return the new value. Not retried: not idempotent."""
-        return call(self._stub.Add, pb.AddRequest(key=key, delta=delta), self.timeout, self.address).value
+        return self._call(self._stub.Add, pb.AddRequest(key=key, delta=delta)).value
 
     def compare_set(self, key: str, expected: bytes | str | None, desired: bytes | str) -> tuple[bool, bytes | None]:
         """Store `desired` if the key holds `expected` (None: if absent). Returns (swapped, value now)."""
@@ -49,22 +48,13 @@ class KVStore:
             expect_absent=expected is None,
             desired=_bytes(desired),
         )
-        response = call(self._stub.CompareAndSwap, request, self.timeout, self.address)
+        response = self._call(self._stub.CompareAndSwap, request)
         return response.swapped, response.value if response.exists else None
 
     def delete_key(self, key: str) -> bool:
-        return call(self._stub.Delete, pb.DeleteRequest(key=key), self.timeout, self.address, self.retry).deleted
+        return self._call(self._stub.Delete, pb.DeleteRequest(key=key), idempotent=True).deleted
 
     def wait(self, keys: Iterable[str], timeout: float = 60.0) -> None:
         """Block until every key exists; DeadlineExceeded names the missing keys."""
         request = pb.WaitKeysRequest(keys=list(keys), timeout_ms=max(1, int(timeout * 1000)))
-        call(self._stub.Wait, request, timeout + 10, self.address, self.retry)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> KVStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._call(self._stub.Wait, request, timeout=timeout + 10, idempotent=True)

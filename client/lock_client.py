@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from nanodist.client.barrier_client import default_member_id
+from nanodist.client.base import ServiceClient, default_member_id
 from nanodist.client.errors import NanodistError, NotFound
 from nanodist.client.retry import RetryPolicy
-from nanodist.client.rpc import call, open_channel
+from nanodist.client.rpc import ClientSecurity
 from nanodist.v1 import lock_pb2 as pb
 from nanodist.v1 import lock_pb2_grpc
 
@@ -27,7 +27,9 @@ class Held:
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
-class LockClient:
+class LockClient(ServiceClient):
+    """Named locks (FIFO, exclusive or shared) held by `owner` under leases with fencing tokens."""
+
     def __init__(
         self,
         address: str,
@@ -35,12 +37,10 @@ class LockClient:
         *,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
-        self.address = address
+        super().__init__(address, timeout=timeout, retry=retry, security=security)
         self.owner = owner or default_member_id()
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._channel = open_channel(address)
         self._stub = lock_pb2_grpc.LockStub(self._channel)
 
     def _request(self, name: str, ttl: float, shared: bool, wait: float = 0) -> pb.AcquireRequest:
@@ -58,35 +58,20 @@ class LockClient:
 
     def acquire(self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False) -> Held:
         """Wait up to `timeout` seconds for the lock (FIFO); DeadlineExceeded names the holder."""
-        response = call(
-            self._stub.Acquire,
-            self._request(name, ttl, shared, timeout),
-            timeout + 10,
-            self.address,
-        )
+        response = self._call(self._stub.Acquire, self._request(name, ttl, shared, timeout), timeout=timeout + 10)
         return self._held(name, response)
 
     def try_acquire(self, name: str, ttl: float = 10.0, shared: bool = False) -> Held | None:
-        response = call(self._stub.TryAcquire, self._request(name, ttl, shared), self.timeout, self.address)
+        response = self._call(self._stub.TryAcquire, self._request(name, ttl, shared))
         return self._held(name, response) if response.acquired else None
 
     def release(self, held: Held) -> None:
         held._stop.set()
-        call(
-            self._stub.Release,
-            pb.ReleaseRequest(name=held.name, lease_id=held.lease_id),
-            self.timeout,
-            self.address,
-            self.retry,
-        )
+        request = pb.ReleaseRequest(name=held.name, lease_id=held.lease_id)
+        self._call(self._stub.Release, request, idempotent=True)
 
     def keep_alive(self, held: Held) -> None:
-        call(
-            self._stub.KeepAlive,
-            pb.KeepAliveRequest(lease_ids=[held.lease_id]),
-            self.timeout,
-            self.address,
-        )
+        self._call(self._stub.KeepAlive, pb.KeepAliveRequest(lease_ids=[held.lease_id]))
 
     def _renew_until_released(self, held: Held) -> None:
         while not held._stop.wait(held.ttl / 3):
@@ -113,21 +98,4 @@ class LockClient:
                 self.release(held)
 
     def status(self, name: str = "") -> list[pb.LockState]:
-        return list(
-            call(
-                self._stub.Status,
-                pb.LockStatusRequest(name=name),
-                self.timeout,
-                self.address,
-                self.retry,
-            ).locks
-        )
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> LockClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return list(self._call(self._stub.Status, pb.LockStatusRequest(name=name), idempotent=True).locks)

@@ -28,7 +28,7 @@ class RetryPolicy:
             try:
                 return attempt()
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 pause = random.uniform(0, backoff)
                 if time.monotonic() + pause >= deadline:

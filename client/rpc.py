@@ -11,7 +11,7 @@ of its first line is sent as `authorization: Bearer ...`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,10 +21,14 @@ from nanodist.client.errors import from_rpc_error
 from nanodist.client.retry import RetryPolicy
 
 T = TypeVar("T")
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 
 @dataclass(frozen=True)
 class ClientSecurity:
+    """TLS files and the bearer-token file for a client's channels; all None means plaintext, no token."""
+
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -50,7 +54,19 @@ class ClientSecurity:
                 fields = line.split("#", 1)[0].split()
                 if fields:
                     return fields[0]
-        raise ValueError(f"{self.token_file}: no token")
+        raise ValueError(f"token_file {self.token_file}: no token in it (blank lines and # comments only)")
+
+
+@dataclass
+class _CallDetails(grpc.ClientCallDetails):
+    """Call details with one more metadata entry; grpc reads them by attribute."""
+
+    method: str
+    timeout: float | None
+    metadata: tuple[tuple[str, str | bytes], ...] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
 
 
 class _BearerToken(
@@ -64,20 +80,47 @@ class _BearerToken(
     def __init__(self, token: str) -> None:
         self.header = ("authorization", f"Bearer {token}")
 
-    def _with_token(self, details: Any) -> Any:
-        return details._replace(metadata=[*(details.metadata or ()), self.header])
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            (*(details.metadata or ()), self.header),
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
 
-    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return continuation(self._with_token(details), request)
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Request], grpc._CallFuture[Response]],
+        client_call_details: grpc.ClientCallDetails,
+        request: Request,
+    ) -> grpc._CallFuture[Response]:
+        return continuation(self._with_token(client_call_details), request)
 
-    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return continuation(self._with_token(details), request)
+    def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Request], grpc._CallIterator[Response]],
+        client_call_details: grpc.ClientCallDetails,
+        request: Request,
+    ) -> grpc._CallIterator[Response]:
+        return continuation(self._with_token(client_call_details), request)
 
-    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
-        return continuation(self._with_token(details), requests)
+    def intercept_stream_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Iterator[Request]], grpc._CallFuture[Response]],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[Request],
+    ) -> grpc._CallFuture[Response]:
+        return continuation(self._with_token(client_call_details), request_iterator)
 
-    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
-        return continuation(self._with_token(details), requests)
+    def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Iterator[Request]], grpc._CallIterator[Response]],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[Request],
+    ) -> grpc._CallIterator[Response]:
+        return continuation(self._with_token(client_call_details), request_iterator)
 
 
 def _read(path: str | None) -> bytes | None:
@@ -90,6 +133,7 @@ def _read(path: str | None) -> bytes | None:
 def open_channel(
     address: str, options: list[tuple[str, Any]] | None = None, security: ClientSecurity | None = None
 ) -> grpc.Channel:
+    """A channel to `address`, secured by `security` (None: from NANODIST_TLS_* and NANODIST_AUTH_TOKEN_FILE)."""
     security = security or ClientSecurity.from_env()
     options = list(options or [])
     if security.ca:
@@ -100,7 +144,6 @@ def open_channel(
     else:
         channel = grpc.insecure_channel(address, options=options)
     token = security.token()
-    # Details of the intercepted channel are namedtuples in grpc; _replace keeps the rest of the call intact.
     return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
 
 
@@ -115,7 +158,9 @@ def call(method: Callable[..., T], request: Any, timeout: float, address: str, r
 
 
 def trailing(error: grpc.RpcError, key: str) -> str | None:
-    for name, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if name == key:
-            return value
+    """The value of a trailing-metadata entry of a failed call, or None."""
+    for entry in error.trailing_metadata() or ():
+        if entry.key == key:
+            # A text entry arrives as str; the stubs type every value as bytes.
+            return entry.value if isinstance(entry.value, str) else entry.value.decode()
     return None

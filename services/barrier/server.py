@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
 import grpc
 
 from nanodist.services.barrier.state import Barrier, BarrierBroken
-from nanodist.services.common import config as common_config
+from nanodist.services.common.boundary import unary
 from nanodist.services.common.errors import exhausted, invalid, not_found
-from nanodist.services.common.handlers import servicer_handler
 from nanodist.services.common.leases import Lease, LeaseTable, check_ttl
-from nanodist.services.common.metrics import rpc
-from nanodist.services.common.runtime import serve
 from nanodist.services.common.validation import check_count, check_name, check_range
 from nanodist.v1 import barrier_pb2 as pb
 from nanodist.v1 import barrier_pb2_grpc
@@ -30,6 +26,7 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
     def __init__(self) -> None:
         self.barriers: dict[str, Barrier] = {}
         self.sessions = LeaseTable()
+        self.open_keys: dict[str, str] = {}  # OpenSession idempotency_key -> its session's id
 
     def barrier(self, name: str) -> Barrier:
         check_name(name, "name")
@@ -55,7 +52,7 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
             ):
                 log.warning("barrier %s broken: session of %s lapsed", barrier.name, member)
 
-    @rpc("barrier", "OpenSession")
+    @unary("barrier", "OpenSession")
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
@@ -64,26 +61,43 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
         check_count(len(request.barriers), "barriers", 1000)
         for i, name in enumerate(request.barriers):
             check_name(name, f"barriers[{i}]")
+        key = request.idempotency_key
+        if key:
+            check_name(key, "idempotency_key")
+        # A retry of an open whose response was lost: hand back the live session
+        # rather than open a second one whose lapse would break these barriers.
+        lease = self.sessions.leases.get(self.open_keys.get(key, "")) if key else None
+        if lease is not None and lease.payload["member"] != request.member_id:
+            raise invalid(f"idempotency_key: {key!r} already opened a session for another member")
         self.sessions.start()
         for name in request.barriers:
             self.barrier(name).known.add(request.member_id)
+        if lease is not None:
+            self.sessions.renew(lease.lease_id)
+            return pb.OpenSessionResponse(session_id=lease.lease_id, ttl_ms=lease.ttl_ms)
         lease = self.sessions.grant(request.ttl_ms, self._session_lapsed, member=request.member_id)
+        if key:
+            self.open_keys[key] = lease.lease_id
+            # Keys of lapsed or closed sessions are never honoured; forget them once
+            # they outnumber the live sessions, so memory follows the live sessions.
+            if len(self.open_keys) > 2 * len(self.sessions.leases):
+                self.open_keys = {k: s for k, s in self.open_keys.items() if s in self.sessions.leases}
         return pb.OpenSessionResponse(session_id=lease.lease_id, ttl_ms=lease.ttl_ms)
 
-    @rpc("barrier", "KeepAlive")
+    @unary("barrier", "KeepAlive")
     async def KeepAlive(
         self, request: pb.KeepAliveSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.KeepAliveSessionResponse:
         return pb.KeepAliveSessionResponse(ttl_ms=self.sessions.renew(request.session_id).ttl_ms)
 
-    @rpc("barrier", "CloseSession")
+    @unary("barrier", "CloseSession")
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloseSessionResponse:
         self.sessions.revoke(request.session_id)
         return pb.CloseSessionResponse()
 
-    @rpc("barrier", "Wait")
+    @unary("barrier", "Wait")
     async def Wait(self, request: pb.WaitRequest, context: grpc.aio.ServicerContext) -> pb.WaitResponse:
         check_name(request.member_id, "member_id")
         check_range(request.parties, "parties", 1, MAX_PARTIES)
@@ -111,7 +125,7 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
             raise
         return pb.WaitResponse(generation=generation, arrival_index=index)
 
-    @rpc("barrier", "Abort")
+    @unary("barrier", "Abort")
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         barrier = self._existing(request.name)
         if request.member_id:
@@ -122,11 +136,11 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
         barrier.break_(f"aborted by {who}" + (f": {request.reason}" if request.reason else ""))
         return pb.AbortResponse(generation=barrier.generation)
 
-    @rpc("barrier", "Reset")
+    @unary("barrier", "Reset")
     async def Reset(self, request: pb.ResetRequest, context: grpc.aio.ServicerContext) -> pb.ResetResponse:
         return pb.ResetResponse(generation=self._existing(request.name).reset())
 
-    @rpc("barrier", "Status")
+    @unary("barrier", "Status")
     async def Status(
         self, request: pb.BarrierStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.BarrierStatusResponse:
@@ -142,22 +156,3 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
                 broken_reason=b.broken.message if b.broken else "",
             )
         return response
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common_config.add_server_flags(parser, default_port=50061)
-
-
-def run(args: argparse.Namespace) -> None:
-    config = common_config.server_config(args)
-
-    async def main() -> None:
-        service = BarrierService()
-
-        def register(server: grpc.aio.Server) -> list[str]:
-            server.add_generic_rpc_handlers((servicer_handler(service, pb.DESCRIPTOR.services_by_name["Barrier"]),))
-            return [pb.DESCRIPTOR.services_by_name["Barrier"].full_name]
-
-        await serve("barrier", config, register)
-
-    asyncio.run(main())

@@ -20,11 +20,11 @@ from nanodist.client import (
     ResourceExhausted,
     SparseGradient,
     adam,
-    codec,
     sgd,
 )
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.v1 import tensor_pb2
+from nanodist.wire import codec
 from tests.conftest import free_port, health_status, nanodist_command, wait_healthy
 from tests.integration import bsp_worker
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nanodist/v1/barrier.proto\x12\x0bnanodist.v1\"I\n\x12OpenSessionRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x62\x61rriers\x18\x03 \x03(\t\"9\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"-\n\x17KeepAliveSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x18KeepAliveSessionResponse\x12\x0e\n\x06ttl_ms\x18\x01 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"g\n\x0bWaitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07parties\x18\x02 \x01(\x05\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x03\x12\x12\n\nsession_id\x18\x05 \x01(\t\"9\n\x0cWaitResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x15\n\rarrival_index\x18\x02 \x01(\x05\"?\n\x0c\x41\x62ortRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"#\n\rAbortResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\"\x1c\n\x0cResetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\rResetResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\"$\n\x14\x42\x61rrierStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"z\n\x0c\x42\x61rrierState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07parties\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07\x61rrived\x18\x04 \x03(\t\x12\x0f\n\x07missing\x18\x05 \x03(\t\x12\x15\n\rbroken_reason\x18\x06 \x01(\t\"D\n\x15\x42\x61rrierStatusResponse\x12+\n\x08\x62\x61rriers\x18\x01 \x03(\x0b\x32\x19.nanodist.v1.BarrierState2\x98\x04\n\x07\x42\x61rrier\x12P\n\x0bOpenSession\x12\x1f.nanodist.v1.OpenSessionRequest\x1a .nanodist.v1.OpenSessionResponse\x12X\n\tKeepAlive\x12$.nanodist.v1.KeepAliveSessionRequest\x1a%.nanodist.v1.KeepAliveSessionResponse\x12S\n\x0c\x43loseSession\x12 .nanodist.v1.CloseSessionRequest\x1a!.nanodist.v1.CloseSessionResponse\x12;\n\x04Wait\x12\x18.nanodist.v1.WaitRequest\x1a\x19.nanodist.v1.WaitResponse\x12>\n\x05\x41\x62ort\x12\x19.nanodist.v1.AbortRequest\x1a\x1a.nanodist.v1.AbortResponse\x12>\n\x05Reset\x12\x19.nanodist.v1.ResetRequest\x1a\x1a.nanodist.v1.ResetResponse\x12O\n\x06Status\x12!.nanodist.v1.BarrierStatusRequest\x1a\".nanodist.v1.BarrierStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nanodist/v1/barrier.proto\x12\x0bnanodist.v1\"b\n\x12OpenSessionRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x62\x61rriers\x18\x03 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"9\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"-\n\x17KeepAliveSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x18KeepAliveSessionResponse\x12\x0e\n\x06ttl_ms\x18\x01 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"g\n\x0bWaitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07parties\x18\x02 \x01(\x05\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x03\x12\x12\n\nsession_id\x18\x05 \x01(\t\"9\n\x0cWaitResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x15\n\rarrival_index\x18\x02 \x01(\x05\"?\n\x0c\x41\x62ortRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"#\n\rAbortResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\"\x1c\n\x0cResetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\rResetResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\"$\n\x14\x42\x61rrierStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"z\n\x0c\x42\x61rrierState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07parties\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07\x61rrived\x18\x04 \x03(\t\x12\x0f\n\x07missing\x18\x05 \x03(\t\x12\x15\n\rbroken_reason\x18\x06 \x01(\t\"D\n\x15\x42\x61rrierStatusResponse\x12+\n\x08\x62\x61rriers\x18\x01 \x03(\x0b\x32\x19.nanodist.v1.BarrierState2\x98\x04\n\x07\x42\x61rrier\x12P\n\x0bOpenSession\x12\x1f.nanodist.v1.OpenSessionRequest\x1a .nanodist.v1.OpenSessionResponse\x12X\n\tKeepAlive\x12$.nanodist.v1.KeepAliveSessionRequest\x1a%.nanodist.v1.KeepAliveSessionResponse\x12S\n\x0c\x43loseSession\x12 .nanodist.v1.CloseSessionRequest\x1a!.nanodist.v1.CloseSessionResponse\x12;\n\x04Wait\x12\x18.nanodist.v1.WaitRequest\x1a\x19.nanodist.v1.WaitResponse\x12>\n\x05\x41\x62ort\x12\x19.nanodist.v1.AbortRequest\x1a\x1a.nanodist.v1.AbortResponse\x12>\n\x05Reset\x12\x19.nanodist.v1.ResetRequest\x1a\x1a.nanodist.v1.ResetResponse\x12O\n\x06Status\x12!.nanodist.v1.BarrierStatusRequest\x1a\".nanodist.v1.BarrierStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,35 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nanodist.v1.barrier_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPENSESSIONREQUEST']._serialized_start=42
-  _globals['_OPENSESSIONREQUEST']._serialized_end=115
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=117
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=174
-  _globals['_KEEPALIVESESSIONREQUEST']._serialized_start=176
-  _globals['_KEEPALIVESESSIONREQUEST']._serialized_end=221
-  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_start=223
-  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_end=265
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=267
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=308
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=310
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=332
-  _globals['_WAITREQUEST']._serialized_start=334
-  _globals['_WAITREQUEST']._serialized_end=437
-  _globals['_WAITRESPONSE']._serialized_start=439
-  _globals['_WAITRESPONSE']._serialized_end=496
-  _globals['_ABORTREQUEST']._serialized_start=498
-  _globals['_ABORTREQUEST']._serialized_end=561
-  _globals['_ABORTRESPONSE']._serialized_start=563
-  _globals['_ABORTRESPONSE']._serialized_end=598
-  _globals['_RESETREQUEST']._serialized_start=600
-  _globals['_RESETREQUEST']._serialized_end=628
-  _globals['_RESETRESPONSE']._serialized_start=630
-  _globals['_RESETRESPONSE']._serialized_end=665
-  _globals['_BARRIERSTATUSREQUEST']._serialized_start=667
-  _globals['_BARRIERSTATUSREQUEST']._serialized_end=703
-  _globals['_BARRIERSTATE']._serialized_start=705
-  _globals['_BARRIERSTATE']._serialized_end=827
-  _globals['_BARRIERSTATUSRESPONSE']._serialized_start=829
-  _globals['_BARRIERSTATUSRESPONSE']._serialized_end=897
-  _globals['_BARRIER']._serialized_start=900
-  _globals['_BARRIER']._serialized_end=1436
+  _globals['_OPENSESSIONREQUEST']._serialized_end=140
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=142
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=199
+  _globals['_KEEPALIVESESSIONREQUEST']._serialized_start=201
+  _globals['_KEEPALIVESESSIONREQUEST']._serialized_end=246
+  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_start=248
+  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_end=290
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=292
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=333
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=335
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=357
+  _globals['_WAITREQUEST']._serialized_start=359
+  _globals['_WAITREQUEST']._serialized_end=462
+  _globals['_WAITRESPONSE']._serialized_start=464
+  _globals['_WAITRESPONSE']._serialized_end=521
+  _globals['_ABORTREQUEST']._serialized_start=523
+  _globals['_ABORTREQUEST']._serialized_end=586
+  _globals['_ABORTRESPONSE']._serialized_start=588
+  _globals['_ABORTRESPONSE']._serialized_end=623
+  _globals['_RESETREQUEST']._serialized_start=625
+  _globals['_RESETREQUEST']._serialized_end=653
+  _globals['_RESETRESPONSE']._serialized_start=655
+  _globals['_RESETRESPONSE']._serialized_end=690
+  _globals['_BARRIERSTATUSREQUEST']._serialized_start=692
+  _globals['_BARRIERSTATUSREQUEST']._serialized_end=728
+  _globals['_BARRIERSTATE']._serialized_start=730
+  _globals['_BARRIERSTATE']._serialized_end=852
+  _globals['_BARRIERSTATUSRESPONSE']._serialized_start=854
+  _globals['_BARRIERSTATUSRESPONSE']._serialized_end=922
+  _globals['_BARRIER']._serialized_start=925
+  _globals['_BARRIER']._serialized_end=1461
 # @@protoc_insertion_point(module_scope)

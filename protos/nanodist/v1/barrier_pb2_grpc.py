@@ -81,8 +81,10 @@ class BarrierServicer:
     def OpenSession(self, request, context):
         """OpenSession starts a heartbeat lease for a member. If the lease lapses
         (no KeepAlive within ttl_ms), every barrier the member belongs to breaks,
-        naming the member. Not idempotent: each call opens a new session.
-        Errors: INVALID_ARGUMENT for a bad member_id, barrier name or ttl_ms.
+        naming the member. Idempotent per idempotency_key: a repeated key returns
+        the session it opened while that session lives; without a key each call
+        opens a new session. Errors: INVALID_ARGUMENT for a bad member_id, barrier
+        name, ttl_ms or idempotency_key, or a key already used by another member.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

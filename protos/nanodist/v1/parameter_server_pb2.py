@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from nanodist.v1 import tensor_pb2 as nanodist_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"nanodist/v1/parameter_server.proto\x12\x0bnanodist.v1\x1a\x18nanodist/v1/tensor.proto\"\xda\x01\n\tOptimizer\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.nanodist.v1.Optimizer.Kind\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x04 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x05 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x06 \x01(\x01\"J\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03SGD\x10\x01\x12\x0c\n\x08MOMENTUM\x10\x02\x12\x08\n\x04\x41\x44\x41M\x10\x03\x12\x0b\n\x07\x41\x44\x41GRAD\x10\x04\"g\n\tInitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.nanodist.v1.Tensor\x12)\n\toptimizer\x18\x03 \x01(\x0b\x32\x16.nanodist.v1.Optimizer\"6\n\x0bInitRequest\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.nanodist.v1.InitEntry\";\n\nInitResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x03\"8\n\x0cInitResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.nanodist.v1.InitResult\"\x89\x01\n\rGradientEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x13.nanodist.v1.TensorH\x00\x12)\n\x06sparse\x18\x03 \x01(\x0b\x32\x17.nanodist.v1.SparseRowsH\x00\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x42\n\n\x08gradient\"\x86\x01\n\x0bPushRequest\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.nanodist.v1.GradientEntry\x12\x11\n\tworker_id\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rfencing_token\x18\x05 \x01(\x03\"D\n\x0cPushResponse\x12\x10\n\x08versions\x18\x01 \x03(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x03 \x01(\x08\"&\n\tPullEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x03(\x03\"\x96\x01\n\x0bPullRequest\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.nanodist.v1.PullEntry\x12\x13\n\x0bmin_version\x18\x02 \x01(\x03\x12\r\n\x05\x63lock\x18\x03 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x11\n\tworker_id\x18\x06 \x01(\x05\"\xa3\x01\n\nValueEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x13.nanodist.v1.TensorH\x00\x12)\n\x06sparse\x18\x03 \x01(\x0b\x32\x17.nanodist.v1.SparseRowsH\x00\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\r\n\x05shape\x18\x06 \x03(\x03\x42\x07\n\x05value\"O\n\x0cPullResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.nanodist.v1.ValueEntry\x12\x15\n\rslowest_clock\x18\x02 \x01(\x03\"\x11\n\x0fListKeysRequest\"\x84\x01\n\x07KeyInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.nanodist.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12)\n\toptimizer\x18\x05 \x01(\x0b\x32\x16.nanodist.v1.Optimizer\"6\n\x10ListKeysResponse\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.nanodist.v1.KeyInfo\"\x0e\n\x0cStatsRequest\"\xf5\x01\n\rStatsResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x13\n\x0bnum_workers\x18\x02 \x01(\x05\x12\x11\n\tstaleness\x18\x03 \x01(\x05\x12\x10\n\x08num_keys\x18\x04 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x16\n\x0epushes_applied\x18\x06 \x01(\x03\x12\x1b\n\x13pushes_deduplicated\x18\x07 \x01(\x03\x12\x15\n\rworker_clocks\x18\x08 \x03(\x03\x12\x12\n\ndurability\x18\t \x01(\t\x12\x13\n\x0bwal_records\x18\n \x01(\x03\x12\x12\n\nwal_fsyncs\x18\x0b \x01(\x03\x32\xdb\x03\n\x0fParameterServer\x12;\n\x04Init\x12\x18.nanodist.v1.InitRequest\x1a\x19.nanodist.v1.InitResponse\x12;\n\x04Push\x12\x18.nanodist.v1.PushRequest\x1a\x19.nanodist.v1.PushResponse\x12\x43\n\nPushStream\x12\x18.nanodist.v1.PushRequest\x1a\x19.nanodist.v1.PushResponse(\x01\x12;\n\x04Pull\x12\x18.nanodist.v1.PullRequest\x1a\x19.nanodist.v1.PullResponse\x12\x43\n\nPullStream\x12\x18.nanodist.v1.PullRequest\x1a\x19.nanodist.v1.PullResponse0\x01\x12G\n\x08ListKeys\x12\x1c.nanodist.v1.ListKeysRequest\x1a\x1d.nanodist.v1.ListKeysResponse\x12>\n\x05Stats\x12\x19.nanodist.v1.StatsRequest\x1a\x1a.nanodist.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"nanodist/v1/parameter_server.proto\x12\x0bnanodist.v1\x1a\x18nanodist/v1/tensor.proto\"\xe7\x01\n\tOptimizer\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.nanodist.v1.Optimizer.Kind\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x04 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x05 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x06 \x01(\x01\"W\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03SGD\x10\x01\x12\x0c\n\x08MOMENTUM\x10\x02\x12\x08\n\x04\x41\x44\x41M\x10\x03\x12\x0b\n\x07\x41\x44\x41GRAD\x10\x04\x12\x0b\n\x07\x41VERAGE\x10\x05\"g\n\tInitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.nanodist.v1.Tensor\x12)\n\toptimizer\x18\x03 \x01(\x0b\x32\x16.nanodist.v1.Optimizer\"6\n\x0bInitRequest\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.nanodist.v1.InitEntry\";\n\nInitResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x03\"8\n\x0cInitResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.nanodist.v1.InitResult\"\x89\x01\n\rGradientEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x13.nanodist.v1.TensorH\x00\x12)\n\x06sparse\x18\x03 \x01(\x0b\x32\x17.nanodist.v1.SparseRowsH\x00\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x42\n\n\x08gradient\"\x86\x01\n\x0bPushRequest\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.nanodist.v1.GradientEntry\x12\x11\n\tworker_id\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rfencing_token\x18\x05 \x01(\x03\"D\n\x0cPushResponse\x12\x10\n\x08versions\x18\x01 \x03(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x03 \x01(\x08\"&\n\tPullEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x03(\x03\"\x96\x01\n\x0bPullRequest\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.nanodist.v1.PullEntry\x12\x13\n\x0bmin_version\x18\x02 \x01(\x03\x12\r\n\x05\x63lock\x18\x03 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x11\n\tworker_id\x18\x06 \x01(\x05\"\xa3\x01\n\nValueEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x13.nanodist.v1.TensorH\x00\x12)\n\x06sparse\x18\x03 \x01(\x0b\x32\x17.nanodist.v1.SparseRowsH\x00\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\r\n\x05shape\x18\x06 \x03(\x03\x42\x07\n\x05value\"O\n\x0cPullResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.nanodist.v1.ValueEntry\x12\x15\n\rslowest_clock\x18\x02 \x01(\x03\"\x11\n\x0fListKeysRequest\"\x84\x01\n\x07KeyInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.nanodist.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12)\n\toptimizer\x18\x05 \x01(\x0b\x32\x16.nanodist.v1.Optimizer\"6\n\x10ListKeysResponse\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.nanodist.v1.KeyInfo\"\x0e\n\x0cStatsRequest\"\xf5\x01\n\rStatsResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x13\n\x0bnum_workers\x18\x02 \x01(\x05\x12\x11\n\tstaleness\x18\x03 \x01(\x05\x12\x10\n\x08num_keys\x18\x04 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x16\n\x0epushes_applied\x18\x06 \x01(\x03\x12\x1b\n\x13pushes_deduplicated\x18\x07 \x01(\x03\x12\x15\n\rworker_clocks\x18\x08 \x03(\x03\x12\x12\n\ndurability\x18\t \x01(\t\x12\x13\n\x0bwal_records\x18\n \x01(\x03\x12\x12\n\nwal_fsyncs\x18\x0b \x01(\x03\x32\xdb\x03\n\x0fParameterServer\x12;\n\x04Init\x12\x18.nanodist.v1.InitRequest\x1a\x19.nanodist.v1.InitResponse\x12;\n\x04Push\x12\x18.nanodist.v1.PushRequest\x1a\x19.nanodist.v1.PushResponse\x12\x43\n\nPushStream\x12\x18.nanodist.v1.PushRequest\x1a\x19.nanodist.v1.PushResponse(\x01\x12;\n\x04Pull\x12\x18.nanodist.v1.PullRequest\x1a\x19.nanodist.v1.PullResponse\x12\x43\n\nPullStream\x12\x18.nanodist.v1.PullRequest\x1a\x19.nanodist.v1.PullResponse0\x01\x12G\n\x08ListKeys\x12\x1c.nanodist.v1.ListKeysRequest\x1a\x1d.nanodist.v1.ListKeysResponse\x12>\n\x05Stats\x12\x19.nanodist.v1.StatsRequest\x1a\x1a.nanodist.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,41 +33,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nanodist.v1.parameter_serve
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPTIMIZER']._serialized_start=78
-  _globals['_OPTIMIZER']._serialized_end=296
+  _globals['_OPTIMIZER']._serialized_end=309
   _globals['_OPTIMIZER_KIND']._serialized_start=222
-  _globals['_OPTIMIZER_KIND']._serialized_end=296
-  _globals['_INITENTRY']._serialized_start=298
-  _globals['_INITENTRY']._serialized_end=401
-  _globals['_INITREQUEST']._serialized_start=403
-  _globals['_INITREQUEST']._serialized_end=457
-  _globals['_INITRESULT']._serialized_start=459
-  _globals['_INITRESULT']._serialized_end=518
-  _globals['_INITRESPONSE']._serialized_start=520
-  _globals['_INITRESPONSE']._serialized_end=576
-  _globals['_GRADIENTENTRY']._serialized_start=579
-  _globals['_GRADIENTENTRY']._serialized_end=716
-  _globals['_PUSHREQUEST']._serialized_start=719
-  _globals['_PUSHREQUEST']._serialized_end=853
-  _globals['_PUSHRESPONSE']._serialized_start=855
-  _globals['_PUSHRESPONSE']._serialized_end=923
-  _globals['_PULLENTRY']._serialized_start=925
-  _globals['_PULLENTRY']._serialized_end=963
-  _globals['_PULLREQUEST']._serialized_start=966
-  _globals['_PULLREQUEST']._serialized_end=1116
-  _globals['_VALUEENTRY']._serialized_start=1119
-  _globals['_VALUEENTRY']._serialized_end=1282
-  _globals['_PULLRESPONSE']._serialized_start=1284
-  _globals['_PULLRESPONSE']._serialized_end=1363
-  _globals['_LISTKEYSREQUEST']._serialized_start=1365
-  _globals['_LISTKEYSREQUEST']._serialized_end=1382
-  _globals['_KEYINFO']._serialized_start=1385
-  _globals['_KEYINFO']._serialized_end=1517
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1519
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1573
-  _globals['_STATSREQUEST']._serialized_start=1575
-  _globals['_STATSREQUEST']._serialized_end=1589
-  _globals['_STATSRESPONSE']._serialized_start=1592
-  _globals['_STATSRESPONSE']._serialized_end=1837
-  _globals['_PARAMETERSERVER']._serialized_start=1840
-  _globals['_PARAMETERSERVER']._serialized_end=2315
+  _globals['_OPTIMIZER_KIND']._serialized_end=309
+  _globals['_INITENTRY']._serialized_start=311
+  _globals['_INITENTRY']._serialized_end=414
+  _globals['_INITREQUEST']._serialized_start=416
+  _globals['_INITREQUEST']._serialized_end=470
+  _globals['_INITRESULT']._serialized_start=472
+  _globals['_INITRESULT']._serialized_end=531
+  _globals['_INITRESPONSE']._serialized_start=533
+  _globals['_INITRESPONSE']._serialized_end=589
+  _globals['_GRADIENTENTRY']._serialized_start=592
+  _globals['_GRADIENTENTRY']._serialized_end=729
+  _globals['_PUSHREQUEST']._serialized_start=732
+  _globals['_PUSHREQUEST']._serialized_end=866
+  _globals['_PUSHRESPONSE']._serialized_start=868
+  _globals['_PUSHRESPONSE']._serialized_end=936
+  _globals['_PULLENTRY']._serialized_start=938
+  _globals['_PULLENTRY']._serialized_end=976
+  _globals['_PULLREQUEST']._serialized_start=979
+  _globals['_PULLREQUEST']._serialized_end=1129
+  _globals['_VALUEENTRY']._serialized_start=1132
+  _globals['_VALUEENTRY']._serialized_end=1295
+  _globals['_PULLRESPONSE']._serialized_start=1297
+  _globals['_PULLRESPONSE']._serialized_end=1376
+  _globals['_LISTKEYSREQUEST']._serialized_start=1378
+  _globals['_LISTKEYSREQUEST']._serialized_end=1395
+  _globals['_KEYINFO']._serialized_start=1398
+  _globals['_KEYINFO']._serialized_end=1530
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1532
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1586
+  _globals['_STATSREQUEST']._serialized_start=1588
+  _globals['_STATSREQUEST']._serialized_end=1602
+  _globals['_STATSRESPONSE']._serialized_start=1605
+  _globals['_STATSRESPONSE']._serialized_end=1850
+  _globals['_PARAMETERSERVER']._serialized_start=1853
+  _globals['_PARAMETERSERVER']._serialized_end=2328
 # @@protoc_insertion_point(module_scope)

@@ -17,11 +17,13 @@ class Optimizer(_message.Message):
         MOMENTUM: _ClassVar[Optimizer.Kind]
         ADAM: _ClassVar[Optimizer.Kind]
         ADAGRAD: _ClassVar[Optimizer.Kind]
+        AVERAGE: _ClassVar[Optimizer.Kind]
     KIND_UNSPECIFIED: Optimizer.Kind
     SGD: Optimizer.Kind
     MOMENTUM: Optimizer.Kind
     ADAM: Optimizer.Kind
     ADAGRAD: Optimizer.Kind
+    AVERAGE: Optimizer.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
