@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import free_port, nanodist, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import BarrierClient, LockClient, ParameterServerClient, sgd  # noqa: E402
+from nanodist.workers.progress import Progress  # noqa: E402
 
 OPS = ["push", "pull", "lock", "barrier"]
 
@@ -38,6 +40,11 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def clients_progress(processes: int) -> Progress:
+    """A bar on a terminal; off one (CI, a log file) a line as processes finish and at least every 10 s."""
+    return Progress("soak:", processes, unit="client processes finished", every=10.0, stream=sys.stderr)
 
 
 def client_process(index: int, addresses: dict[str, list[str]], args: argparse.Namespace, out: mp.Queue) -> None:
@@ -171,11 +178,13 @@ def main() -> None:
         rss_at_warmup: dict[str, float] = {}
         peak: Counter[str] = Counter()
         results = []
+        progress = clients_progress(len(procs))
         while len(results) < len(procs):
             try:
                 results.append(out.get(timeout=1.0))
-            except Exception:  # noqa: BLE001 - queue.Empty: sample memory and keep waiting
-                pass
+                finished = 1
+            except queue.Empty:  # sample memory and keep waiting
+                finished = 0
             elapsed = time.time() - began
             for name, pid in watched.items():
                 if servers[name].poll() is None:
@@ -183,9 +192,8 @@ def main() -> None:
                     peak[name] = max(peak[name], now)
                     if elapsed >= args.warmup and name not in rss_at_warmup:
                         rss_at_warmup[name] = now
-            print(
-                f"  {elapsed:5.0f}s: {len(results)}/{len(procs)} client processes finished", file=sys.stderr, end="\r"
-            )
+            progress.update(finished, f"after {elapsed:.0f} s")
+        progress.close()
         for proc in procs:
             proc.join()
         wall = time.time() - began
@@ -203,7 +211,6 @@ def main() -> None:
         lost = [k for k in keys if final[k][0] != acked[k] or not np.all(final[k] == final[k][0])]
     finally:
         stop_all(list(servers.values()))
-    print(file=sys.stderr)
     rows = []
     for op in OPS:
         samples = np.concatenate(latencies[op]) if latencies[op] else np.zeros(0)

@@ -1,67 +1,134 @@
-"""The `nanodist` command: serve a role, run a worker, launch a local cluster, or check collectives."""
+"""The `nanodist` command: serve a role, run a worker, launch a local cluster, or check collectives.
+
+Every subcommand is listed with its help line, but only the one that runs is
+imported (with its flags): a container health check runs `nanodist health`
+every few seconds and must not load the services, scikit-learn or MPI.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from nanodist import __version__
-from nanodist.services.common.logs import setup_logging
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from nanodist.client import health
-    from nanodist.services.barrier import server as barrier_server
-    from nanodist.services.lock import server as lock_server
-    from nanodist.services.parameter_server import server as ps_server
-    from nanodist.workers import launcher, status, train
+class Subcommand(Protocol):
+    """A module with the flags and the entry point of one subcommand."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> None: ...
+
+
+# Each loader imports its module only when called: that is the point of this table.
+def _ps() -> Subcommand:
+    from nanodist.services.parameter_server import cli
+
+    return cli
+
+
+def _barrier() -> Subcommand:
+    from nanodist.services.barrier import cli
+
+    return cli
+
+
+def _lock() -> Subcommand:
+    from nanodist.services.lock import cli
+
+    return cli
+
+
+def _worker() -> Subcommand:
+    from nanodist.workers import train
+
+    return train
+
+
+def _up() -> Subcommand:
+    from nanodist.workers import launcher
+
+    return launcher
+
+
+def _comm_check() -> Subcommand:
     from nanodist.workers.comm import check
 
+    return check
+
+
+def _health() -> Subcommand:
+    from nanodist.client import health
+
+    return health
+
+
+def _status() -> Subcommand:
+    from nanodist.workers import status
+
+    return status
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    load: Callable[[], Subcommand]
+
+
+ROLES = {
+    "ps": Command("parameter-server shard", _ps),
+    "barrier": Command("barrier service", _barrier),
+    "lock": Command("lock, atomic counter and key-value service", _lock),
+}
+COMMANDS = {
+    "worker": Command("a training worker (data-parallel, or one pipeline stage)", _worker),
+    "up": Command("run a whole cluster as local processes and train", _up),
+    "comm-check": Command("check collectives and print bandwidth", _comm_check),
+    "health": Command("gRPC health check; exit 0 if SERVING", _health),
+    "status": Command("health and state of every service of a cluster", _status),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: every subcommand by name and help, the chosen one with its flags."""
+    # The top level takes no option with a value, so the first word that is not an option is the command.
+    words = [a for a in argv if not a.startswith("-")]
+    chosen = words[0] if words else None
+    role = words[1] if chosen == "serve" and len(words) > 1 else None
     parser = argparse.ArgumentParser(prog="nanodist", description="nanodist: distributed training over gRPC services")
     parser.add_argument("--version", action="version", version=f"nanodist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    roles = commands.add_parser("serve", help="run one service").add_subparsers(dest="role", required=True)
-    ps_server.add_arguments(roles.add_parser("ps", help="parameter-server shard"))
-    barrier_server.add_arguments(roles.add_parser("barrier", help="barrier service"))
-    lock_server.add_arguments(roles.add_parser("lock", help="lock, atomic counter and key-value service"))
-    train.add_arguments(commands.add_parser("worker", help="a data-parallel training worker"))
-    launcher.add_arguments(commands.add_parser("up", help="run a whole cluster as local processes and train"))
-    check.add_arguments(commands.add_parser("comm-check", help="check collectives and print bandwidth"))
-    health.add_arguments(commands.add_parser("health", help="gRPC health check; exit 0 if SERVING"))
-    status.add_arguments(commands.add_parser("status", help="health and state of every service of a cluster"))
+    serve = commands.add_parser("serve", help="run one service")
+    roles = serve.add_subparsers(dest="role", required=True)
+    for name, command in ROLES.items():
+        _add(roles, name, command, name == role)
+    for name, command in COMMANDS.items():
+        _add(commands, name, command, name == chosen)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def _add(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str, command: Command, chosen: bool
+) -> None:
+    parser = subparsers.add_parser(name, help=command.help)
+    if chosen:
+        module = command.load()
+        module.add_arguments(parser)
+        parser.set_defaults(run=module.run)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     if args.command == "serve":
+        from nanodist.services.common.logs import setup_logging
+
         setup_logging(args.log_format)
-        if args.role == "ps":
-            from nanodist.services.parameter_server import server
-        elif args.role == "barrier":
-            from nanodist.services.barrier import server
-        else:
-            from nanodist.services.lock import server
-        server.run(args)
-    elif args.command == "worker":
-        from nanodist.workers import train
-
-        train.run(args)
-    elif args.command == "status":
-        from nanodist.workers import status
-
-        status.run(args)
-    elif args.command == "health":
-        from nanodist.client import health
-
-        health.run(args)
-    elif args.command == "up":
-        from nanodist.workers import launcher
-
-        launcher.run(args)
-    else:
-        from nanodist.workers.comm import check
-
-        check.run(args)
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -20,32 +20,31 @@ import sys
 import threading
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-DEFAULTS: dict[str, Any] = {
-    "run_id": None,
-    "runs_dir": "runs",
-    "shards": 2,
-    "groups": "mpi:2,tcp:2",
-    "mode": "bsp",
-    "staleness": 0,
-    "flat": False,
-    "epochs": 10,
-    "batch_size": 16,
-    "lr": 0.3,
-    "hidden": "64",
-    "seed": 0,
-    "max_steps": 0,
-    "startup_timeout": 30.0,
-    "timeout": 60.0,
-    "pipeline_stages": 0,
-    "micro_batches": 4,
-    "schedule": "1f1b",
-}
+from nanodist.workers.config import ConfigError, TrainConfig
+from nanodist.workers.settings import SettingError, add_flags, build, declared, from_file, setting, to_argv
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    """What only the launcher decides. Every worker setting is TrainConfig's and passes through."""
+
+    shards: int = setting(2, flag="--shards", help="parameter-server shards", env=False)
+    groups: str = setting(
+        "mpi:2,tcp:2", flag="--groups", help="worker groups as backend:size, comma-separated", env=False
+    )
+    startup_timeout: float = setting(
+        30.0, flag="--startup-timeout", help="seconds for the services to turn healthy", env=False
+    )
+
+
+# The worker settings the launcher fills in itself, from the cluster it starts and from --groups.
+PLACED = ("ps", "barrier", "lock", "backend", "group_id", "num_groups", "group_size")
 
 
 class LaunchError(RuntimeError):
@@ -53,44 +52,62 @@ class LaunchError(RuntimeError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="a TOML file with any of the settings below (flags win)")
-    parser.add_argument("--run-id", help="default: run-<date>-<time>")
-    parser.add_argument("--runs-dir", help="where runs/<run-id>/ is written (default runs)")
-    parser.add_argument("--shards", type=int, help="parameter-server shards (default 2)")
-    parser.add_argument("--groups", help="worker groups as backend:size, comma-separated (default mpi:2,tcp:2)")
-    parser.add_argument("--mode", choices=["bsp", "asp", "ssp"], help="consistency (default bsp)")
-    parser.add_argument("--staleness", type=int, help="SSP bound (default 0)")
-    parser.add_argument("--flat", action="store_const", const=True, help="every worker pushes (no group allreduce)")
-    parser.add_argument("--epochs", type=int, help="default 10")
-    parser.add_argument("--batch-size", type=int, help="per worker (default 16)")
-    parser.add_argument("--lr", type=float, help="SGD learning rate on the server (default 0.3)")
-    parser.add_argument("--hidden", help="hidden layer sizes (default 64)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--max-steps", type=int, help="stop after this many steps (default: all epochs)")
-    parser.add_argument("--startup-timeout", type=float, help="seconds for the services to turn healthy")
-    parser.add_argument("--timeout", type=float, help="the workers' --timeout")
-    parser.add_argument(
-        "--pipeline-stages",
-        type=int,
-        help="run each group as one replica of a pipeline with this many stages (the group size)",
+    parser.add_argument("--config", help="a TOML file with any of the settings below, by flag name (flags win)")
+    # No NANODIST_* defaults here: the launcher passes every setting on, so the workers all agree.
+    add_flags(parser, LaunchConfig, environment=False, defaults=False)
+    add_flags(parser, TrainConfig, exclude=PLACED, environment=False, defaults=False)
+
+
+def settings(args: argparse.Namespace) -> tuple[LaunchConfig, TrainConfig]:
+    """Defaults, overridden by the TOML file, overridden by flags given on the command line.
+
+    The TrainConfig is every group's; worker_config() places it in the cluster.
+    """
+    values = _read_config(args.config) if args.config else {}
+    values.update(vars(args))
+    run_id = values.get("run_id") or time.strftime("run-%Y%m%d-%H%M%S")
+    return build(LaunchConfig, values), build(TrainConfig, values, run_id=run_id)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except tomllib.TOMLDecodeError as error:
+        raise LaunchError(f"{path}: {error}") from None
+    launch = {d.setting.dest for d in declared(LaunchConfig)}
+    train = {d.setting.dest for d in declared(TrainConfig) if d.name not in PLACED}
+    unknown = sorted(set(table) - launch - train)
+    if unknown:
+        raise LaunchError(f"{path}: unknown settings {unknown}; known: {sorted(launch | train)}")
+    try:
+        return {
+            **from_file(LaunchConfig, {k: v for k, v in table.items() if k in launch}, path),
+            **from_file(TrainConfig, {k: v for k, v in table.items() if k in train}, path),
+        }
+    except SettingError as error:
+        raise LaunchError(str(error)) from None
+
+
+def worker_config(
+    train: TrainConfig, groups: list[tuple[str, int]], group_id: int, ps: list[str], barrier: str, lock: str
+) -> TrainConfig:
+    """The settings of group `group_id`'s workers: `train`, placed in the cluster."""
+    backend, size = groups[group_id]
+    return replace(
+        train,
+        ps=tuple(ps),
+        barrier=barrier,
+        lock=lock,
+        backend=backend,
+        group_id=group_id,
+        num_groups=len(groups),
+        group_size=size,
     )
-    parser.add_argument("--micro-batches", type=int, help="micro-batches per batch in a pipeline (default 4)")
-    parser.add_argument("--schedule", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
 
 
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, overridden by the TOML file, overridden by flags given on the command line."""
-    merged = dict(DEFAULTS)
-    if args.config:
-        with open(args.config, "rb") as f:
-            from_file = tomllib.load(f)
-        unknown = set(from_file) - set(DEFAULTS)
-        if unknown:
-            raise LaunchError(f"{args.config}: unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        merged.update(from_file)
-    merged.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
-    merged["run_id"] = merged["run_id"] or time.strftime("run-%Y%m%d-%H%M%S")
-    return merged
+def worker_argv(config: TrainConfig) -> list[str]:
+    return _nanodist("worker", *to_argv(config))
 
 
 def parse_groups(spec: str) -> list[tuple[str, int]]:
@@ -193,80 +210,33 @@ def _nanodist(*args: str) -> list[str]:
     return [sys.executable, "-m", "nanodist.workers.cli", *args]
 
 
-def launch(cluster: Cluster, s: dict[str, Any]) -> dict[str, Any]:
-    groups = parse_groups(str(s["groups"]))
-    stages = int(s["pipeline_stages"])
+def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[str, Any]:
+    groups = parse_groups(launch.groups)
+    stages = train.pipeline_stages
     if stages > 1 and groups[0][1] != stages:
         raise LaunchError(f"--pipeline-stages {stages}: every group is one pipeline replica, so needs {stages} ranks")
-    pushers = sum(size for _, size in groups) if s["flat"] else len(groups)
     ports = {"barrier": free_port(), "lock": free_port()}
-    shard_ports = [free_port() for _ in range(int(s["shards"]))]
-    for i, port in enumerate(shard_ports):
-        child = cluster.spawn(
-            f"ps-{i}",
-            _nanodist(
-                "serve",
-                "ps",
-                "--port",
-                str(port),
-                "--mode",
-                s["mode"],
-                "--num-workers",
-                str(pushers),
-                "--staleness",
-                str(s["staleness"]),
-            ),
-            server=True,
-        )
-        cluster.wait_healthy(child, f"127.0.0.1:{port}", s["startup_timeout"])
+    shards = [f"127.0.0.1:{free_port()}" for _ in range(launch.shards)]
+    barrier, lock = f"127.0.0.1:{ports['barrier']}", f"127.0.0.1:{ports['lock']}"
+    configs = [worker_config(train, groups, gid, shards, barrier, lock) for gid in range(len(groups))]
+    try:
+        configs[0].validate()  # before anything starts
+    except ConfigError as error:
+        raise LaunchError(str(error)) from None
+    pushers = sum(size for _, size in groups) if train.flat else len(groups)
+    for i, address in enumerate(shards):
+        port = address.rpartition(":")[2]
+        ps = ["--port", port, "--mode", train.mode, "--num-workers", str(pushers), "--staleness", str(train.staleness)]
+        child = cluster.spawn(f"ps-{i}", _nanodist("serve", "ps", *ps), server=True)
+        cluster.wait_healthy(child, address, launch.startup_timeout)
     for role in ("barrier", "lock"):
         child = cluster.spawn(role, _nanodist("serve", role, "--port", str(ports[role])), server=True)
-        cluster.wait_healthy(child, f"127.0.0.1:{ports[role]}", s["startup_timeout"])
+        cluster.wait_healthy(child, f"127.0.0.1:{ports[role]}", launch.startup_timeout)
 
-    common = [
-        "--ps",
-        ",".join(f"127.0.0.1:{p}" for p in shard_ports),
-        "--barrier",
-        f"127.0.0.1:{ports['barrier']}",
-        "--lock",
-        f"127.0.0.1:{ports['lock']}",
-        "--run-id",
-        s["run_id"],
-        "--runs-dir",
-        s["runs_dir"],
-        "--num-groups",
-        str(len(groups)),
-        "--group-size",
-        str(groups[0][1]),
-        "--mode",
-        s["mode"],
-        "--staleness",
-        str(s["staleness"]),
-        "--epochs",
-        str(s["epochs"]),
-        "--batch-size",
-        str(s["batch_size"]),
-        "--lr",
-        str(s["lr"]),
-        "--hidden",
-        str(s["hidden"]),
-        "--seed",
-        str(s["seed"]),
-        "--max-steps",
-        str(s["max_steps"]),
-        "--timeout",
-        str(s["timeout"]),
-        "--pipeline-stages",
-        str(s["pipeline_stages"]),
-        "--micro-batches",
-        str(s["micro_batches"]),
-        "--schedule",
-        str(s["schedule"]),
-    ] + (["--flat"] if s["flat"] else [])
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    for gid, (backend, size) in enumerate(groups):
-        argv = _nanodist("worker", "--backend", backend, "--group-id", str(gid), *common)
-        if backend == "mpi":
+    for config in configs:
+        gid, size, argv = config.group_id, config.group_size, worker_argv(config)
+        if config.backend == "mpi":
             if mpiexec is None:
                 raise LaunchError("an mpi group needs mpiexec (pip install mpich)")
             cluster.spawn(f"group{gid}-mpi", [mpiexec, "-n", str(size), *argv])
@@ -274,7 +244,7 @@ def launch(cluster: Cluster, s: dict[str, Any]) -> dict[str, Any]:
             for r in range(size):
                 cluster.spawn(f"group{gid}-tcp-{r}", argv)
     cluster.watch_workers()
-    with open(os.path.join(s["runs_dir"], s["run_id"], "metrics.json")) as f:
+    with open(os.path.join(train.runs_dir, train.run_id, "metrics.json")) as f:
         return json.load(f)
 
 
@@ -287,9 +257,13 @@ def run(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        s = settings(args)
-        print(f"nanodist up: run {s['run_id']}, groups {s['groups']}, {s['shards']} shards, {s['mode']}", flush=True)
-        metrics = launch(cluster, s)
+        launch_config, train = settings(args)
+        print(
+            f"nanodist up: run {train.run_id}, groups {launch_config.groups}, {launch_config.shards} shards, "
+            f"{train.mode}",
+            flush=True,
+        )
+        metrics = launch(cluster, launch_config, train)
     except KeyboardInterrupt:
         cluster.stop()
         print("nanodist up: interrupted; every process stopped", file=sys.stderr)
@@ -299,14 +273,14 @@ def run(args: argparse.Namespace) -> None:
         print(f"nanodist up: failed: {error}; every process stopped", file=sys.stderr)
         raise SystemExit(1) from None
     cluster.stop()
-    run_dir = os.path.join(s["runs_dir"], s["run_id"])
-    print(f"\nnanodist up: run {s['run_id']} finished in {time.monotonic() - began:.1f} s", flush=True)
-    layout = "flat" if s["flat"] else "hierarchical"
-    if int(s["pipeline_stages"]) > 1:
-        layout = f"{s['pipeline_stages']}-stage pipeline x {len(parse_groups(str(s['groups'])))} replicas"
+    run_dir = os.path.join(train.runs_dir, train.run_id)
+    print(f"\nnanodist up: run {train.run_id} finished in {time.monotonic() - began:.1f} s", flush=True)
+    layout = "flat" if train.flat else "hierarchical"
+    if train.pipeline_stages > 1:
+        layout = f"{train.pipeline_stages}-stage pipeline x {len(parse_groups(launch_config.groups))} replicas"
     print(
         f"  test accuracy {metrics['final_test_accuracy']:.4f} after {len(metrics['epochs'])} epochs "
-        f"({metrics['world_size']} workers, {s['mode'].upper()}, {layout})"
+        f"({metrics['world_size']} workers, {train.mode.upper()}, {layout})"
     )
     print(f"  metrics: {os.path.join(run_dir, 'metrics.json')}")
     print(f"  plot:    {os.path.join(run_dir, 'training.png')}", flush=True)

@@ -57,7 +57,9 @@ def _balanced(weights: list[int], stages: int) -> list[int]:
     """Layers per stage minimising the heaviest stage (dynamic programming over cut points)."""
     n = len(weights)
     prefix = np.cumsum([0, *weights])
-    best = {(0, 0): (0, [])}  # (layers used, stages used) -> (heaviest stage, counts)
+    best: dict[tuple[int, int], tuple[int, list[int]]] = {
+        (0, 0): (0, [])
+    }  # (layers, stages) used -> (heaviest, counts)
     for used_stages in range(stages):
         for used in range(n):
             if (used, used_stages) not in best:
@@ -160,7 +162,7 @@ class Pipeline:
         multiple of the micro-batch count. The loss is sent back from the last stage to every stage.
         """
         began = time.perf_counter()
-        batch = len(y) if y is not None else len(x)  # type: ignore[arg-type]
+        batch = len(y) if y is not None else len(_given(x, "x or y", self.stage))
         if batch % self.micro_batches:
             raise ValueError(f"batch of {batch} does not split into {self.micro_batches} equal micro-batches")
         size = batch // self.micro_batches
@@ -174,7 +176,7 @@ class Pipeline:
                 rows = slice(m * size, (m + 1) * size)
                 if op == "F":
                     if self.first:
-                        h = x[rows]  # type: ignore[index]
+                        h = _given(x, "x", self.stage)[rows]
                     else:
                         h = self._recv((size, widths[self.layers[0]]), self.stage - 1)
                     tick = time.perf_counter()
@@ -190,7 +192,7 @@ class Pipeline:
                     if self.last:
                         tick = time.perf_counter()
                         probs = softmax(outputs.pop(m))
-                        labels = y[rows]  # type: ignore[index]
+                        labels = _given(y, "y", self.stage)[rows]
                         loss += -np.log(probs[np.arange(size), labels] + 1e-12).sum()
                         probs[np.arange(size), labels] -= 1
                         delta = probs / batch  # the mean over the whole batch, not the micro-batch
@@ -228,10 +230,17 @@ class Pipeline:
 
     def _recv(self, shape: tuple[int, int], source: int) -> np.ndarray:
         tick = time.perf_counter()
-        buffer = np.empty(shape, dtype=self.model.dtype)
+        buffer: np.ndarray = np.empty(shape, dtype=self.model.dtype)
         self.comm.recv(buffer, source)
         self.timings.comm += time.perf_counter() - tick
         return buffer
+
+
+def _given(array: np.ndarray | None, name: str, stage: int) -> np.ndarray:
+    """Stage 0 reads the inputs and the last stage the labels; the stage's caller must pass them."""
+    if array is None:
+        raise ValueError(f"pipeline stage {stage} needs {name}")
+    return array
 
 
 def _as_stages(message: str) -> str:

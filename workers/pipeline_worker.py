@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanodist.client import sgd
+from nanodist.client import ClientSecurity, sgd
+from nanodist.workers.config import ConfigError, TrainConfig
 from nanodist.workers.data import ShardSampler
+from nanodist.workers.flat_buffer import FlatBuffer
 from nanodist.workers.model_parallel import Pipeline, Schedule, split_layers, stage_key
 from nanodist.workers.models import Params
-from nanodist.workers.train import ConfigError, FlatBuffer, TrainConfig, Worker
+from nanodist.workers.worker import Worker
 
 
 class PipelineWorker(Worker):
-    def __init__(self, config: TrainConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: TrainConfig, security: ClientSecurity | None = None) -> None:
+        super().__init__(config, security)
         c = config
         self.stage = self.comm.rank
         try:

@@ -4,47 +4,50 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 import grpc
 
-from nanodist.client import BarrierClient, LockClient, NanodistError, ParameterServerClient
+from nanodist.client import BarrierClient, ClientSecurity, LockClient, NanodistError, ParameterServerClient
 from nanodist.client.health import check
-from nanodist.settings import env_default
-from nanodist.workers.train import add_client_security_flags, apply_client_security_flags
+from nanodist.workers.config import Endpoints, SecurityFlags
+from nanodist.workers.settings import add_flags, from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ps", default=env_default("ps", "127.0.0.1:50051"), help="comma-separated shard addresses")
-    parser.add_argument("--barrier", default=env_default("barrier_address", "127.0.0.1:50061"))
-    parser.add_argument("--lock", default=env_default("lock_address", "127.0.0.1:50071"))
-    add_client_security_flags(parser)
+    add_flags(parser, Endpoints)
+    add_flags(parser, SecurityFlags)
 
 
-def _health(address: str) -> str:
+def _health(address: str, security: ClientSecurity | None) -> str:
     try:
-        return check(address)
+        return check(address, security=security)
     except grpc.RpcError as error:
-        return error.code().name  # type: ignore[attr-defined]
+        code: grpc.StatusCode = error.code()
+        return code.name
 
 
 def _size(count: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024  # type: ignore[assignment]
-    return str(count)
+    size = float(count)
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
-def report(ps: list[str], barrier: str, lock: str) -> tuple[list[str], bool]:
+def report(
+    ps: Sequence[str], barrier: str, lock: str, security: ClientSecurity | None = None
+) -> tuple[list[str], bool]:
     """The status lines, and whether every service is serving."""
     lines, healthy = [], True
     lines.append("parameter servers")
     for address in ps:
-        status = _health(address)
+        status = _health(address, security)
         healthy &= status == "SERVING"
         line = f"  {address}  {status}"
         if status == "SERVING":
-            with ParameterServerClient([address], timeout=5) as client:
+            with ParameterServerClient([address], timeout=5, security=security) as client:
                 s = client.stats()[0]
             line += (
                 f"  mode {s.mode}  workers {s.num_workers}  keys {s.num_keys}  {_size(s.total_bytes)}  "
@@ -53,22 +56,22 @@ def report(ps: list[str], barrier: str, lock: str) -> tuple[list[str], bool]:
                 + (f" ({s.wal_records} log records, {s.wal_fsyncs} fsyncs)" if s.durability == "wal" else "")
             )
         lines.append(line)
-    status = _health(barrier)
+    status = _health(barrier, security)
     healthy &= status == "SERVING"
     lines.append(f"barrier {barrier}  {status}")
     if status == "SERVING":
-        with BarrierClient(barrier, "nanodist-status", timeout=5) as client:
+        with BarrierClient(barrier, "nanodist-status", timeout=5, security=security) as client:
             for b in client.status():
                 state = f"broken: {b.broken_reason}" if b.broken_reason else "ok"
                 lines.append(
                     f"  {b.name}  parties {b.parties}  generation {b.generation}  arrived "
                     f"{list(b.arrived)}  missing {list(b.missing)}  {state}"
                 )
-    status = _health(lock)
+    status = _health(lock, security)
     healthy &= status == "SERVING"
     lines.append(f"lock {lock}  {status}")
     if status == "SERVING":
-        with LockClient(lock, "nanodist-status", timeout=5) as client:
+        with LockClient(lock, "nanodist-status", timeout=5, security=security) as client:
             for lk in client.status():
                 holders = [f"{h.owner} (token {h.fencing_token}, {h.expires_in_ms} ms left)" for h in lk.holders]
                 lines.append(
@@ -79,9 +82,10 @@ def report(ps: list[str], barrier: str, lock: str) -> tuple[list[str], bool]:
 
 
 def run(args: argparse.Namespace) -> None:
-    apply_client_security_flags(args)
+    endpoints = from_args(Endpoints, args)
+    security = from_args(SecurityFlags, args).client_security()
     try:
-        lines, healthy = report([a for a in args.ps.split(",") if a], args.barrier, args.lock)
+        lines, healthy = report(endpoints.ps, endpoints.barrier, endpoints.lock, security)
     except NanodistError as error:
         print(f"nanodist status: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,0 +1,336 @@
+"""The data-parallel training worker behind `nanodist worker`.
+
+Hierarchical mode (the default): the workers of a group allreduce their
+gradients (MEAN), the group leader pushes the group's gradient to the
+parameter-server shards and pulls the new parameters, then broadcasts them to
+its group. Flat mode: every worker pushes and pulls on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from nanodist.client import (
+    BarrierBroken,
+    BarrierClient,
+    ClientSecurity,
+    DeadlineExceeded,
+    KVStore,
+    LockClient,
+    NanodistError,
+    ParameterServerClient,
+    Values,
+    sgd,
+)
+from nanodist.workers.comm import Communicator, ReduceOp, from_env
+from nanodist.workers.config import ConfigError, TrainConfig
+from nanodist.workers.data import ShardSampler, load_digits
+from nanodist.workers.flat_buffer import FlatBuffer
+from nanodist.workers.models import MLP
+from nanodist.workers.progress import Progress, say
+from nanodist.workers.report import plot_training, write_metrics
+from nanodist.workers.timing import PhaseTimer
+
+PULL_SLICE_MS = 500  # how often a waiting pull looks for a broken barrier
+
+
+@dataclass
+class _State:
+    """What the evaluator records while training."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    clocks: list[tuple[int, int]] = field(default_factory=list)  # (own clock, slowest clock seen)
+
+
+class Worker:
+    """One rank of a data-parallel job; `security` secures every channel it opens (None: NANODIST_TLS_*)."""
+
+    def __init__(self, config: TrainConfig, security: ClientSecurity | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.security = security
+        self.timer = PhaseTimer()
+        self.state = _State()
+        self.kv = KVStore(config.lock, timeout=config.timeout, security=security)
+        self.comm = self._join_group()
+        sizes = self._group_sizes()
+        self.world = sum(sizes)
+        self.replicas = self.world  # workers that each train on their own batch
+        self.rank = sum(sizes[: config.group_id]) + self.comm.rank
+        # The servers average the pushes of the groups; scaling each group's mean by its share makes that
+        # average the mean over all workers even when groups differ in size.
+        self.push_scale = sizes[config.group_id] * config.num_groups / self.world
+        self.is_leader = self.comm.rank == 0
+        self.pushes = config.flat or self.is_leader
+        self.name = f"rank {self.rank}"
+        data = load_digits(seed=config.seed)
+        self.data = data
+        try:
+            self.sampler = ShardSampler(len(data.y_train), self.rank, self.world, seed=config.seed)
+            self.sampler.batches(0, config.batch_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.model = MLP((data.features, *config.hidden, data.classes))
+        shapes = {k: v.shape for k, v in self.model.init(config.seed).items()}
+        self.params = FlatBuffer(shapes, np.dtype(self.model.dtype))
+        self.grads = FlatBuffer(shapes, np.dtype(self.model.dtype))
+        self.ps = self._connect_ps() if self.pushes else None
+        self.barrier = BarrierClient(
+            config.barrier,
+            f"{config.run_id}/rank-{self.rank}",
+            session_ttl=5.0,
+            barriers=[self._barrier_name],
+            timeout=config.timeout,
+            security=security,
+        )
+
+    @property
+    def _barrier_name(self) -> str:
+        return f"{self.config.run_id}/epoch"
+
+    def _join_group(self) -> Communicator:
+        c = self.config
+        if c.backend == "tcp":
+            group = f"{c.run_id}/group-{c.group_id}"
+            rank, size = self._elastic_rank(group) if c.group_size == 0 else (None, c.group_size)
+            comm = from_env("tcp", store=self.kv, world_size=size, rank=rank, group=group, timeout=c.timeout)
+        else:
+            comm = from_env(c.backend)
+        if c.group_size and comm.size != c.group_size:
+            comm.close()
+            raise ConfigError(
+                f"group-size mismatch: --group-size {c.group_size} but the {c.backend} group has {comm.size} ranks"
+            )
+        return comm
+
+    def _elastic_rank(self, group: str) -> tuple[int, int]:
+        """--group-size 0: members take ranks from a counter; rank 0 closes the group once no one
+        has joined for --join-window seconds (as torchelastic's last call), then publishes its size."""
+        c = self.config
+        rank = self.kv.add(f"{group}/joined", 1) - 1
+        size_key = f"{group}/size"
+        if rank == 0:
+            seen, stable_since = 1, time.monotonic()
+            while time.monotonic() - stable_since < c.join_window:
+                time.sleep(0.2)
+                now = self.kv.add(f"{group}/joined", 0)
+                if now != seen:
+                    seen, stable_since = now, time.monotonic()
+            self.kv.set(size_key, str(seen))
+        self.kv.wait([size_key], timeout=c.timeout + c.join_window)
+        size = int(self.kv.get(size_key))
+        if rank >= size:
+            raise ConfigError(f"joined group {group!r} as member {rank + 1} after it closed with {size} members")
+        say(f"[{group}] member {rank} of {size}")
+        return rank, size
+
+    def _group_sizes(self) -> list[int]:
+        """Every group leader publishes its size; everyone learns all sizes, hence global ranks and world size."""
+        c = self.config
+        if self.comm.rank == 0:
+            self.kv.set(f"{c.run_id}/group-size/{c.group_id}", str(self.comm.size))
+        keys = [f"{c.run_id}/group-size/{g}" for g in range(c.num_groups)]
+        try:
+            self.kv.wait(keys, timeout=c.timeout)
+        except NanodistError as error:
+            raise ConfigError(f"not every one of the {c.num_groups} groups showed up: {error.message}") from None
+        return [int(self.kv.get(k)) for k in keys]
+
+    def _connect_ps(self) -> ParameterServerClient:
+        c = self.config
+        worker_id = self.rank if c.flat else c.group_id
+        client = ParameterServerClient(c.ps, worker_id=worker_id, timeout=c.timeout, security=self.security)
+        try:
+            client.wait_ready(timeout=min(10.0, c.timeout))
+        except NanodistError as error:
+            raise ConfigError(f"{error.message}; check --ps") from None
+        return client
+
+    # --- set-up ---------------------------------------------------------
+
+    def initialise(self) -> None:
+        """Rank 0 creates the keys (first writer wins); the others wait for them, then pull."""
+        ready_key = f"{self.config.run_id}/initialized"
+        if self.rank == 0:
+            assert self.ps is not None
+            self.ps.init(self.model.init(self.config.seed), sgd(self.config.learning_rate))
+            self.kv.set(ready_key, "1")
+        else:
+            self.kv.wait([ready_key], timeout=self.config.timeout)
+        if self.ps is not None:
+            self.params.load(self.ps.pull(self.params.views))
+        if not self.config.flat:
+            self.comm.broadcast(self.params.data, root=0)
+
+    # --- training -------------------------------------------------------
+
+    def step(self, t: int, x: np.ndarray, y: np.ndarray) -> float:
+        with self.timer("step"):
+            return self._step(t, x, y)
+
+    def _step(self, t: int, x: np.ndarray, y: np.ndarray) -> float:
+        c = self.config
+        with self.timer("compute"):
+            loss, grads = self.model.loss_and_grads(self.params.views, x, y)
+            self.grads.load(grads)
+            if c.slow_ms:
+                time.sleep(c.slow_ms / 1000)
+        if not c.flat:
+            with self.timer("allreduce"):
+                self.comm.allreduce(self.grads.data, ReduceOp.MEAN)
+                if self.push_scale != 1.0:
+                    self.grads.data *= self.push_scale
+        if self.ps is not None:
+            with self.timer("push"):
+                self.ps.push(self.grads.views, step=t)
+            with self.timer("pull"):
+                values = self._pull_watching_peers(t)
+                self.params.load(values)
+            self.state.clocks.append((t + 1, values.slowest_clock))
+        if not c.flat:
+            with self.timer("broadcast"):
+                self.comm.broadcast(self.params.data, root=0)
+        self.timer.steps += 1
+        return loss
+
+    def _pull_watching_peers(self, t: int) -> Values:
+        """Pull, waiting for the step (BSP) or the slowest worker (SSP) in short slices.
+
+        Between slices, look at the epoch barrier: a worker that died anywhere
+        breaks it when its session lapses, so a wait for its push ends with
+        BarrierBroken naming it rather than a silent timeout.
+        """
+        c = self.config
+        assert self.ps is not None
+        deadline = time.monotonic() + c.timeout
+        while True:
+            try:
+                return self.ps.pull(
+                    self.params.views,
+                    min_version=t + 1 if c.mode == "bsp" else 0,
+                    clock=t + 1 if c.mode == "ssp" else 0,
+                    timeout_ms=PULL_SLICE_MS,
+                )
+            except DeadlineExceeded:
+                (state,) = self.barrier.status(self._barrier_name)
+                if state.broken_reason:
+                    raise BarrierBroken(state.broken_reason, grpc.StatusCode.ABORTED, list(state.missing)) from None
+                if time.monotonic() > deadline:
+                    raise
+
+    def abort(self, reason: str) -> None:
+        """Break the epoch barrier so that the other groups stop at once, naming the cause."""
+        try:
+            self.barrier.abort(self._barrier_name, reason[:1000])
+        except NanodistError:
+            pass
+
+    def train(self) -> None:
+        c = self.config
+        self.initialise()
+        t = 0
+        batches_per_epoch = len(self.sampler.batches(0, c.batch_size))
+        for epoch in range(1, c.epochs + 1):
+            began = time.perf_counter()
+            losses = []
+            progress = Progress(f"[{self.name}] epoch {epoch}/{c.epochs}", batches_per_epoch)
+            samples = 0
+            for batch in self.sampler.batches(epoch, c.batch_size):
+                losses.append(self.step(t, self.data.x_train[batch], self.data.y_train[batch]))
+                t += 1
+                samples += len(batch) * self.replicas
+                rate = samples / max(1e-9, time.perf_counter() - began)
+                progress.update(status=f"loss {losses[-1]:.4f} {rate:.0f} samples/s")
+                if c.max_steps and t >= c.max_steps:
+                    break
+            progress.close()
+            with self.timer("wait"):
+                self.barrier.wait(self._barrier_name, self.world, timeout=c.timeout)
+            if self.rank == 0:
+                self._evaluate(epoch, float(np.mean(losses)), time.perf_counter() - began)
+            if c.max_steps and t >= c.max_steps:
+                break
+        self._finish()
+
+    def _evaluate(self, epoch: int, train_loss: float, seconds: float) -> None:
+        with (
+            LockClient(self.config.lock, f"{self.config.run_id}/rank-0", security=self.security) as locks,
+            locks.lock(f"{self.config.run_id}/eval", ttl=30) as held,
+        ):
+            test_loss, accuracy = self.model.evaluate(self.full_params(), self.data.x_test, self.data.y_test)
+            record = {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 6),
+                "test_loss": round(test_loss, 6),
+                "test_accuracy": round(accuracy, 6),
+                "seconds": round(seconds, 3),
+                "eval_fencing_token": held.fencing_token,
+            }
+        self.state.epochs.append(record)
+        say(
+            f"[{self.name}] epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
+            f"test accuracy {accuracy:.4f}"
+        )
+
+    def _finish(self) -> None:
+        c = self.config
+        mine = {"timings": self.timings(), "clocks": self.state.clocks if self.pushes else []}
+        self.kv.set(f"{c.run_id}/report/{self.rank}", json.dumps(mine))
+        if c.dump_params and self.rank == 0:
+            arrays = {k.replace("/", "."): v for k, v in self.full_params().items()}
+            np.savez(c.dump_params, allow_pickle=False, **arrays)
+        if self.rank != 0:
+            return
+        keys = [f"{c.run_id}/report/{r}" for r in range(self.world)]
+        self.kv.wait(keys, timeout=c.timeout)
+        reports = {r: json.loads(self.kv.get(k)) for r, k in enumerate(keys)}
+        run_dir = os.path.join(c.runs_dir, c.run_id)
+        config = asdict(c)
+        metrics = {
+            "run_id": c.run_id,
+            "config": config,
+            "world_size": self.world,
+            "epochs": self.state.epochs,
+            "final_test_accuracy": self.state.epochs[-1]["test_accuracy"] if self.state.epochs else None,
+            "timings": {
+                "per_worker": {r: rep["timings"] for r, rep in reports.items()},
+                "mean_ms_per_step": _mean_per_step([rep["timings"] for rep in reports.values()]),
+            },
+            "clocks": {r: rep["clocks"] for r, rep in reports.items() if rep["clocks"]},
+        }
+        path = write_metrics(run_dir, metrics)
+        plot = plot_training(
+            run_dir,
+            self.state.epochs,
+            f"nanodist {c.run_id}: {self.world} workers, {c.mode.upper()}, {self.layout()}",
+        )
+        say(f"[{self.name}] wrote {path} and {plot}")
+
+    def full_params(self) -> dict[str, np.ndarray]:
+        """The whole model, by layer name (for evaluation and --dump-params)."""
+        return self.params.views
+
+    def timings(self) -> dict[str, float]:
+        return self.timer.summary()
+
+    def layout(self) -> str:
+        return "flat" if self.config.flat else "hierarchical"
+
+    def close(self) -> None:
+        self.barrier.close()
+        self.kv.close()
+        if self.ps is not None:
+            self.ps.close()
+        self.comm.close()
+
+
+def _mean_per_step(timings: list[dict[str, float]]) -> dict[str, float]:
+    keys = [k for k in timings[0] if k.endswith("_ms_per_step")]
+    return {k.removesuffix("_ms_per_step"): round(float(np.mean([t[k] for t in timings])), 4) for k in keys}
