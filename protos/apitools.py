@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from google.protobuf import descriptor_pb2
 
@@ -25,6 +25,16 @@ DOCS = os.path.join(ROOT, "docs", "api.md")
 MESSAGE, ENUM, SERVICE = 4, 5, 6
 FIELD, NESTED, NESTED_ENUM, ENUM_VALUE, METHOD = 2, 3, 4, 2, 2
 TYPES = {v: k.removeprefix("TYPE_").lower() for k, v in descriptor_pb2.FieldDescriptorProto.Type.items()}
+
+Element = (
+    descriptor_pb2.DescriptorProto
+    | descriptor_pb2.FieldDescriptorProto
+    | descriptor_pb2.EnumDescriptorProto
+    | descriptor_pb2.EnumValueDescriptorProto
+    | descriptor_pb2.ServiceDescriptorProto
+    | descriptor_pb2.MethodDescriptorProto
+)
+Located = tuple[str, str, tuple[int, ...], Element]  # (kind, full name, source path, descriptor)
 
 
 def compile_protos(proto_root: str = HERE) -> descriptor_pb2.FileDescriptorSet:
@@ -59,11 +69,13 @@ def _comments(proto: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...]
     return found
 
 
-def _elements(proto: descriptor_pb2.FileDescriptorProto) -> Iterator[tuple[str, str, tuple[int, ...], object]]:
+def _elements(proto: descriptor_pb2.FileDescriptorProto) -> Iterator[Located]:
     """(kind, full name, source path, descriptor) of every documentable element of a file."""
     package = proto.package
 
-    def messages(items, prefix: str, path: tuple[int, ...], tag: int):  # type: ignore[no-untyped-def]
+    def messages(
+        items: Iterable[descriptor_pb2.DescriptorProto], prefix: str, path: tuple[int, ...], tag: int
+    ) -> Iterator[Located]:
         for i, message in enumerate(items):
             name, here = f"{prefix}.{message.name}", (*path, tag, i)
             yield "message", name, here, message
@@ -72,7 +84,9 @@ def _elements(proto: descriptor_pb2.FileDescriptorProto) -> Iterator[tuple[str, 
             yield from enums(message.enum_type, name, here, NESTED_ENUM)
             yield from messages(message.nested_type, name, here, NESTED)
 
-    def enums(items, prefix: str, path: tuple[int, ...], tag: int):  # type: ignore[no-untyped-def]
+    def enums(
+        items: Iterable[descriptor_pb2.EnumDescriptorProto], prefix: str, path: tuple[int, ...], tag: int
+    ) -> Iterator[Located]:
         for i, enum in enumerate(items):
             name, here = f"{prefix}.{enum.name}", (*path, tag, i)
             yield "enum", name, here, enum
@@ -96,7 +110,9 @@ def undocumented(files: descriptor_pb2.FileDescriptorSet) -> list[str]:
         for kind, name, path, element in _elements(proto):
             if path not in comments:
                 problems.append(f"{proto.name}: {kind} {name} has no comment")
-            if kind == "enum" and not element.value[0].name.endswith("UNSPECIFIED"):  # type: ignore[attr-defined]
+            if isinstance(element, descriptor_pb2.EnumDescriptorProto) and not element.value[0].name.endswith(
+                "UNSPECIFIED"
+            ):
                 problems.append(f"{proto.name}: enum {name} must start with a zero *_UNSPECIFIED value")
     return problems
 
@@ -109,7 +125,7 @@ def _field_type(field: descriptor_pb2.FieldDescriptorProto) -> str:
 def breaking_changes(old: descriptor_pb2.FileDescriptorSet, new: descriptor_pb2.FileDescriptorSet) -> list[str]:
     """Changes that break existing clients: removed or renumbered fields, changed types, removed RPCs."""
 
-    def index(files: descriptor_pb2.FileDescriptorSet) -> dict[str, object]:
+    def index(files: descriptor_pb2.FileDescriptorSet) -> dict[str, Element]:
         return {
             name: element
             for proto in files.file
@@ -124,36 +140,56 @@ def breaking_changes(old: descriptor_pb2.FileDescriptorSet, new: descriptor_pb2.
             problems.append(f"{name} was removed")
             continue
         now = after[name]
-        if isinstance(element, descriptor_pb2.DescriptorProto):
-            fields = {f.number: f for f in now.field}  # type: ignore[attr-defined]
-            reserved = [(r.start, r.end) for r in now.reserved_range]  # type: ignore[attr-defined]
-            for field in element.field:
-                current = fields.get(field.number)
-                if current is None:
-                    if not any(start <= field.number < end for start, end in reserved):
-                        problems.append(f"{name}.{field.name} (field {field.number}) was removed without reserving it")
-                elif current.name != field.name:
-                    problems.append(f"{name}: field {field.number} was renamed {field.name} -> {current.name}")
-                elif _field_type(current) != _field_type(field):
-                    problems.append(f"{name}.{field.name} changed type {_field_type(field)} -> {_field_type(current)}")
-        elif isinstance(element, descriptor_pb2.EnumDescriptorProto):
-            values = {v.name: v.number for v in now.value}  # type: ignore[attr-defined]
+        if type(now) is not type(element):
+            problems.append(f"{name} changed kind")
+        elif isinstance(element, descriptor_pb2.DescriptorProto) and isinstance(now, descriptor_pb2.DescriptorProto):
+            problems += _message_changes(name, element, now)
+        elif isinstance(element, descriptor_pb2.EnumDescriptorProto) and isinstance(
+            now, descriptor_pb2.EnumDescriptorProto
+        ):
+            values = {v.name: v.number for v in now.value}
             for value in element.value:
                 if values.get(value.name) != value.number:
                     problems.append(f"{name}.{value.name} was removed or renumbered")
-        else:
-            methods = {m.name: m for m in now.method}  # type: ignore[attr-defined]
-            for method in element.method:  # type: ignore[attr-defined]
-                current = methods.get(method.name)
-                if current is None:
-                    problems.append(f"{name}.{method.name} was removed")
-                elif (current.input_type, current.output_type, current.client_streaming, current.server_streaming) != (
-                    method.input_type,
-                    method.output_type,
-                    method.client_streaming,
-                    method.server_streaming,
-                ):
-                    problems.append(f"{name}.{method.name} changed its signature")
+        elif isinstance(element, descriptor_pb2.ServiceDescriptorProto) and isinstance(
+            now, descriptor_pb2.ServiceDescriptorProto
+        ):
+            problems += _service_changes(name, element, now)
+    return problems
+
+
+def _message_changes(name: str, old: descriptor_pb2.DescriptorProto, new: descriptor_pb2.DescriptorProto) -> list[str]:
+    problems = []
+    fields = {f.number: f for f in new.field}
+    reserved = [(r.start, r.end) for r in new.reserved_range]
+    for field in old.field:
+        current = fields.get(field.number)
+        if current is None:
+            if not any(start <= field.number < end for start, end in reserved):
+                problems.append(f"{name}.{field.name} (field {field.number}) was removed without reserving it")
+        elif current.name != field.name:
+            problems.append(f"{name}: field {field.number} was renamed {field.name} -> {current.name}")
+        elif _field_type(current) != _field_type(field):
+            problems.append(f"{name}.{field.name} changed type {_field_type(field)} -> {_field_type(current)}")
+    return problems
+
+
+def _service_changes(
+    name: str, old: descriptor_pb2.ServiceDescriptorProto, new: descriptor_pb2.ServiceDescriptorProto
+) -> list[str]:
+    problems = []
+    methods = {m.name: m for m in new.method}
+    for method in old.method:
+        current = methods.get(method.name)
+        if current is None:
+            problems.append(f"{name}.{method.name} was removed")
+        elif (current.input_type, current.output_type, current.client_streaming, current.server_streaming) != (
+            method.input_type,
+            method.output_type,
+            method.client_streaming,
+            method.server_streaming,
+        ):
+            problems.append(f"{name}.{method.name} changed its signature")
     return problems
 
 
@@ -173,29 +209,29 @@ def render(files: descriptor_pb2.FileDescriptorSet) -> str:
             text = comments.get(path, "")
             if kind == "service":
                 lines += [f"### service `{name}`", "", text, ""]
-            elif kind == "rpc":
-                m = element
-                request = ("stream " if m.client_streaming else "") + m.input_type.rsplit(".", 1)[-1]  # type: ignore[attr-defined]
-                response = ("stream " if m.server_streaming else "") + m.output_type.rsplit(".", 1)[-1]  # type: ignore[attr-defined]
-                lines += [f"#### `{m.name}({request}) returns ({response})`", "", text, ""]  # type: ignore[attr-defined]
+            elif isinstance(element, descriptor_pb2.MethodDescriptorProto):
+                request = ("stream " if element.client_streaming else "") + element.input_type.rsplit(".", 1)[-1]
+                response = ("stream " if element.server_streaming else "") + element.output_type.rsplit(".", 1)[-1]
+                lines += [f"#### `{element.name}({request}) returns ({response})`", "", text, ""]
         for kind, name, path, element in elements:
             text = comments.get(path, "")
-            if kind in ("message", "enum"):
+            if isinstance(element, descriptor_pb2.DescriptorProto):
                 lines += [f"### {kind} `{name}`", "", text, ""]
-                if kind == "message" and element.field:  # type: ignore[attr-defined]
+                if element.field:
                     lines += ["| field | number | type | meaning |", "|---|---:|---|---|"]
                     lines += [
                         f"| `{f.name}` | {f.number} | `{_field_type(f)}` | {comments.get((*path, FIELD, j), '')} |"
                         for j, f in enumerate(element.field)
-                    ]  # type: ignore[attr-defined]
+                    ]
                     lines.append("")
-                if kind == "enum":
-                    lines += ["| value | number | meaning |", "|---|---:|---|"]
-                    lines += [
-                        f"| `{v.name}` | {v.number} | {comments.get((*path, ENUM_VALUE, j), '')} |"
-                        for j, v in enumerate(element.value)
-                    ]  # type: ignore[attr-defined]
-                    lines.append("")
+            elif isinstance(element, descriptor_pb2.EnumDescriptorProto):
+                lines += [f"### {kind} `{name}`", "", text, ""]
+                lines += ["| value | number | meaning |", "|---|---:|---|"]
+                lines += [
+                    f"| `{v.name}` | {v.number} | {comments.get((*path, ENUM_VALUE, j), '')} |"
+                    for j, v in enumerate(element.value)
+                ]
+                lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 

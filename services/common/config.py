@@ -1,14 +1,15 @@
-"""Server settings shared by every service: flags with NANODIST_* environment defaults."""
+"""Server settings shared by every service: flags with NANODIST_* environment defaults, and the exit for a bad one."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from nanodist.services.common.security import SecurityConfig
-
+from nanodist.services.common.errors import ConfigurationError
+from nanodist.services.common.security import SecurityConfig, add_security_flags, security_config
 from nanodist.settings import env_default
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB; gRPC's hard ceiling is 2 GiB - 1
@@ -62,14 +63,11 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
         default=env_default("grace_seconds", 5.0),
         help="time in-flight calls get to finish on SIGTERM",
     )
-    from nanodist.services.common.security import add_security_flags  # late: security reads env_default
-
     add_security_flags(parser)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-    from nanodist.services.common.security import security_config
-
+    """The server flags as a ServerConfig; checks the security files (raises ConfigurationError)."""
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -79,3 +77,13 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         grace_seconds=args.grace_seconds,
         security=security_config(args),
     )
+
+
+@contextmanager
+def exit_on_configuration_error(command: str) -> Iterator[None]:
+    """Turn a ConfigurationError into one line on stderr and exit status 2, as argparse does for bad flags."""
+    try:
+        yield
+    except ConfigurationError as error:
+        print(f"{command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

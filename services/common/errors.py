@@ -1,4 +1,4 @@
-"""Errors that map onto gRPC status codes."""
+"""Errors that map onto gRPC status codes, and the error a bad setting raises."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ class ServiceError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class ConfigurationError(ValueError):
+    """A setting (flag, environment variable or constructor argument) is unusable; the message names it.
+
+    Library classes raise it; only a command-line entry point turns it into an
+    exit code, so a program embedding a server can catch it like any error.
+    """
 
 
 def invalid(message: str) -> ServiceError:

@@ -1,7 +1,7 @@
 """Method handlers whose request parsing cannot fail the call with UNKNOWN.
 
 gRPC answers a request that its deserializer cannot parse with UNKNOWN. These
-parsers hand the handler a MalformedRequest instead, which the `rpc`
+parsers hand the handler a MalformedRequest instead, which the boundary
 decorators turn into INVALID_ARGUMENT naming the message type.
 """
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import grpc
 
+from nanodist.services.common.errors import ConfigurationError
+from nanodist.services.common.pemfiles import check_certificate, check_private_key, read_file
 from nanodist.settings import env_optional
 
 log = logging.getLogger("nanodist.security")
@@ -37,13 +39,34 @@ ADMIN_ONLY = {"/nanodist.v1.Barrier/Reset"}
 OPEN = ("/grpc.health.v1.Health/",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SecurityConfig:
+    """A server's TLS and token settings. Constructing one checks them, and every file they name.
+
+    The checks run at start-up, before the server binds, so that a missing or
+    wrong file is refused with the flag's name instead of gRPC's "Failed to
+    bind to address". Raises ConfigurationError.
+    """
+
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
     auth_token_file: str | None = None
     reflection: bool | None = None  # None: on unless auth is on
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigurationError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigurationError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.tls_cert:
+            check_certificate("--tls-cert", self.tls_cert)
+        if self.tls_key:
+            check_private_key("--tls-key", self.tls_key)
+        if self.tls_client_ca:
+            check_certificate("--tls-client-ca", self.tls_client_ca)
+        if self.auth_token_file:
+            load_tokens(self.auth_token_file)
 
     @property
     def reflection_enabled(self) -> bool:
@@ -72,9 +95,8 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def security_config(args: argparse.Namespace) -> SecurityConfig:
+    """The security flags as a checked SecurityConfig; raises ConfigurationError."""
     reflection = None if args.reflection is None else args.reflection == "on"
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
     return SecurityConfig(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file, reflection)
 
 
@@ -85,23 +107,25 @@ def _read(path: str) -> bytes:
 
 def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
     """TLS credentials that reload the certificate files when they change on disk (rotation, no restart)."""
-    if not config.tls_cert or not config.tls_key:
+    cert, key, client_ca = config.tls_cert, config.tls_key, config.tls_client_ca
+    if not cert or not key:
         return None
-    paths = [p for p in (config.tls_cert, config.tls_key, config.tls_client_ca) if p]
-    seen = {"stamp": None}
+    paths = [p for p in (cert, key, client_ca) if p]
+    seen: tuple[int, ...] = ()
 
-    def stamp() -> tuple[float, ...]:
+    def stamp() -> tuple[int, ...]:
         return tuple(os.stat(p).st_mtime_ns for p in paths)
 
-    def load() -> Any:
-        seen["stamp"] = stamp()  # type: ignore[assignment]
-        ca = _read(config.tls_client_ca) if config.tls_client_ca else None
-        return grpc.ssl_server_certificate_configuration([(_read(config.tls_key), _read(config.tls_cert))], ca)
+    def load() -> grpc.ServerCertificateConfiguration:
+        nonlocal seen
+        seen = stamp()
+        ca = _read(client_ca) if client_ca else None
+        return grpc.ssl_server_certificate_configuration([(_read(key), _read(cert))], ca)
 
-    def fetch() -> Any:
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC before new handshakes; None keeps the current certificates."""
         try:
-            if stamp() == seen["stamp"]:
+            if stamp() == seen:
                 return None
             log.info("TLS certificate files changed; reloading")
             return load()
@@ -109,21 +133,30 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
             log.error("cannot reload TLS certificates: %s", error)
             return None
 
-    return grpc.dynamic_ssl_server_credentials(load(), fetch, require_client_authentication=bool(config.tls_client_ca))
+    return grpc.dynamic_ssl_server_credentials(
+        load(),
+        fetch,  # type: ignore[arg-type]  # the stubs omit that gRPC lets the fetcher return None
+        require_client_authentication=bool(client_ca),
+    )
 
 
 def load_tokens(path: str) -> list[tuple[bytes, str]]:
+    """The (token, role) pairs of a token file; raises ConfigurationError naming the flag, file and line."""
+    flag = f"--auth-token-file {path}"
+    try:
+        text = read_file("--auth-token-file", path).decode()
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{flag}: not a text file of 'TOKEN ROLE' lines") from None
     tokens = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            if len(fields) != 2 or fields[1] not in ROLES:
-                raise SystemExit(f"{path}:{number}: expected 'TOKEN ROLE' with ROLE one of {', '.join(ROLES)}")
-            tokens.append((fields[0].encode(), fields[1]))
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[1] not in ROLES:
+            raise ConfigurationError(f"{flag}:{number}: expected 'TOKEN ROLE' with ROLE one of {', '.join(ROLES)}")
+        tokens.append((fields[0].encode(), fields[1]))
     if not tokens:
-        raise SystemExit(f"{path}: no tokens")
+        raise ConfigurationError(f"{flag}: no tokens")
     return tokens
 
 

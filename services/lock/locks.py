@@ -58,30 +58,42 @@ class FencingTokens:
 
 
 @dataclass
+class Holding:
+    """A granted lock: its lease, and what the lease was granted for."""
+
+    lease: Lease
+    lock: str
+    owner: str
+    mode: int
+    token: int
+
+
+@dataclass
 class Request:
     owner: str
     mode: int
     ttl_ms: int
-    granted: asyncio.Future[Lease]
+    granted: asyncio.Future[Holding]
 
 
 @dataclass
 class NamedLock:
     name: str
-    holders: dict[str, Lease] = field(default_factory=dict)  # lease id -> lease
+    holders: dict[str, Holding] = field(default_factory=dict)  # lease id -> grant
     queue: deque[Request] = field(default_factory=deque)
     last_token: int = 0
 
     def compatible(self, mode: int) -> bool:
         if not self.holders:
             return True
-        return mode == pb.SHARED and all(h.payload["mode"] == pb.SHARED for h in self.holders.values())
+        return mode == pb.SHARED and all(h.mode == pb.SHARED for h in self.holders.values())
 
 
 class LockTable:
     def __init__(self, tokens: FencingTokens) -> None:
         self.locks: dict[str, NamedLock] = {}
         self.leases = LeaseTable()
+        self.holdings: dict[str, Holding] = {}  # lease id -> grant, for the lapse callback
         self.tokens = tokens
         self.per_owner: Counter[str] = Counter()  # grants held plus requests queued
 
@@ -104,15 +116,16 @@ class LockTable:
         if self.per_owner[owner] <= 0:
             del self.per_owner[owner]
 
-    def _grant(self, lock: NamedLock, owner: str, mode: int, ttl_ms: int) -> Lease:
+    def _grant(self, lock: NamedLock, owner: str, mode: int, ttl_ms: int) -> Holding:
         self.per_owner[owner] += 1
         token = self.tokens.next()
         lock.last_token = token
-        lease = self.leases.grant(ttl_ms, self._lapsed, lock=lock.name, owner=owner, mode=mode, token=token)
-        lock.holders[lease.lease_id] = lease
-        return lease
+        lease = self.leases.grant(ttl_ms, self._lapsed)
+        holding = Holding(lease, lock.name, owner, mode, token)
+        lock.holders[lease.lease_id] = self.holdings[lease.lease_id] = holding
+        return holding
 
-    def try_acquire(self, name: str, owner: str, mode: int, ttl_ms: int) -> Lease | None:
+    def try_acquire(self, name: str, owner: str, mode: int, ttl_ms: int) -> Holding | None:
         """Grant at once if nobody queues ahead and the holders are compatible (FIFO fairness)."""
         self._check_owner(owner)
         lock = self.lock(name)
@@ -134,23 +147,27 @@ class LockTable:
             lock.queue.remove(request)
             self._forget(request.owner)
         elif request.granted.done() and not request.granted.cancelled():
-            self.release(name, request.granted.result().lease_id)
+            self.release(name, request.granted.result().lease.lease_id)
         self._advance(lock)
 
     def release(self, name: str, lease_id: str) -> None:
         lock = self.locks.get(name)
         if lock is None or lease_id not in lock.holders:
             raise failed_precondition(f"lease {lease_id!r} does not hold lock {name!r}")
-        lease = lock.holders.pop(lease_id)
-        self._forget(str(lease.payload["owner"]))
+        holding = lock.holders.pop(lease_id)
+        self.holdings.pop(lease_id, None)
+        self._forget(holding.owner)
         self.leases.revoke(lease_id)
         self._advance(lock)
 
     def _lapsed(self, lease: Lease) -> None:
-        lock = self.locks[str(lease.payload["lock"])]
+        holding = self.holdings.pop(lease.lease_id, None)
+        if holding is None:
+            return
+        lock = self.locks[holding.lock]
         if lock.holders.pop(lease.lease_id, None) is not None:
-            self._forget(str(lease.payload["owner"]))
-            log.warning("lease of %s on lock %s lapsed", lease.payload["owner"], lock.name)
+            self._forget(holding.owner)
+            log.warning("lease of %s on lock %s lapsed", holding.owner, lock.name)
             self._advance(lock)
 
     def _advance(self, lock: NamedLock) -> None:

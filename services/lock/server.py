@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 
 import grpc
 
-from nanodist.services.common import config as common_config
+from nanodist.services.common.boundary import unary
 from nanodist.services.common.errors import ServiceError, invalid
-from nanodist.services.common.handlers import servicer_handler
 from nanodist.services.common.leases import check_ttl
-from nanodist.services.common.metrics import rpc
-from nanodist.services.common.runtime import serve
 from nanodist.services.common.validation import check_count, check_name
 from nanodist.services.lock.kv import KeyValueStore
-from nanodist.services.lock.locks import FencingTokens, LockTable
-from nanodist.settings import env_default, env_optional
+from nanodist.services.lock.locks import Holding, LockTable
 from nanodist.v1 import lock_pb2 as pb
 from nanodist.v1 import lock_pb2_grpc
 
@@ -49,48 +43,48 @@ class LockService(lock_pb2_grpc.LockServicer):
         self.table.leases.start()
 
     @staticmethod
-    def _granted(lease) -> pb.AcquireResponse:  # type: ignore[no-untyped-def]
+    def _granted(holding: Holding) -> pb.AcquireResponse:
         return pb.AcquireResponse(
             acquired=True,
-            lease_id=lease.lease_id,
-            fencing_token=lease.payload["token"],
-            ttl_ms=lease.ttl_ms,
+            lease_id=holding.lease.lease_id,
+            fencing_token=holding.token,
+            ttl_ms=holding.lease.ttl_ms,
         )
 
-    @rpc("lock", "TryAcquire")
+    @unary("lock", "TryAcquire")
     async def TryAcquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         self._check(request)
-        lease = self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms)
-        return self._granted(lease) if lease else pb.AcquireResponse(acquired=False)
+        holding = self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms)
+        return self._granted(holding) if holding else pb.AcquireResponse(acquired=False)
 
-    @rpc("lock", "Acquire")
+    @unary("lock", "Acquire")
     async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         self._check(request)
         timeout = _check_timeout(request.wait_timeout_ms, "wait_timeout_ms")
-        lease = self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms)
-        if lease is not None:
-            return self._granted(lease)
+        holding = self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms)
+        if holding is not None:
+            return self._granted(holding)
         waiter = self.table.enqueue(request.name, request.owner, request.mode, request.ttl_ms)
         try:
-            lease = await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
+            holding = await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
             self.table.withdraw(request.name, waiter)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            holders = ", ".join(str(h.payload["owner"]) for h in self.table.locks[request.name].holders.values())
+            holders = ", ".join(h.owner for h in self.table.locks[request.name].holders.values())
             raise ServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"lock {request.name!r} not granted within {timeout:g}s; held by {holders or 'nobody'}",
             ) from None
-        return self._granted(lease)
+        return self._granted(holding)
 
-    @rpc("lock", "Release")
+    @unary("lock", "Release")
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         check_name(request.name, "name")
         self.table.release(request.name, request.lease_id)
         return pb.ReleaseResponse()
 
-    @rpc("lock", "KeepAlive")
+    @unary("lock", "KeepAlive")
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext) -> pb.KeepAliveResponse:
         check_count(len(request.lease_ids), "lease_ids", 10_000)
         if not request.lease_ids:
@@ -98,7 +92,7 @@ class LockService(lock_pb2_grpc.LockServicer):
         leases = [self.table.leases.renew(lease_id) for lease_id in request.lease_ids]
         return pb.KeepAliveResponse(ttl_ms=min(lease.ttl_ms for lease in leases))
 
-    @rpc("lock", "Status")
+    @unary("lock", "Status")
     async def Status(self, request: pb.LockStatusRequest, context: grpc.aio.ServicerContext) -> pb.LockStatusResponse:
         names = [check_name(request.name, "name")] if request.name else sorted(self.table.locks)
         response = pb.LockStatusResponse()
@@ -107,12 +101,12 @@ class LockService(lock_pb2_grpc.LockServicer):
             state = response.locks.add(
                 name=name, waiters=[r.owner for r in lock.queue], last_fencing_token=lock.last_token
             )
-            for lease in lock.holders.values():
+            for holding in lock.holders.values():
                 state.holders.add(
-                    owner=lease.payload["owner"],
-                    mode=lease.payload["mode"],
-                    fencing_token=lease.payload["token"],
-                    expires_in_ms=lease.remaining_ms(),
+                    owner=holding.owner,
+                    mode=holding.mode,
+                    fencing_token=holding.token,
+                    expires_in_ms=holding.lease.remaining_ms(),
                 )
         return response
 
@@ -121,20 +115,20 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
     def __init__(self, store: KeyValueStore) -> None:
         self.store = store
 
-    @rpc("kv", "Get")
+    @unary("kv", "Get")
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
         return pb.GetResponse(value=self.store.get(check_name(request.key, "key")))
 
-    @rpc("kv", "Set")
+    @unary("kv", "Set")
     async def Set(self, request: pb.SetRequest, context: grpc.aio.ServicerContext) -> pb.SetResponse:
         self.store.set(check_name(request.key, "key"), request.value)
         return pb.SetResponse()
 
-    @rpc("kv", "Delete")
+    @unary("kv", "Delete")
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         return pb.DeleteResponse(deleted=self.store.delete(check_name(request.key, "key")))
 
-    @rpc("kv", "CompareAndSwap")
+    @unary("kv", "CompareAndSwap")
     async def CompareAndSwap(
         self, request: pb.CompareAndSwapRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompareAndSwapResponse:
@@ -143,11 +137,11 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
         )
         return pb.CompareAndSwapResponse(swapped=swapped, value=value or b"", exists=value is not None)
 
-    @rpc("kv", "Add")
+    @unary("kv", "Add")
     async def Add(self, request: pb.AddRequest, context: grpc.aio.ServicerContext) -> pb.AddResponse:
         return pb.AddResponse(value=self.store.add(check_name(request.key, "key"), request.delta))
 
-    @rpc("kv", "Wait")
+    @unary("kv", "Wait")
     async def Wait(self, request: pb.WaitKeysRequest, context: grpc.aio.ServicerContext) -> pb.WaitKeysResponse:
         if not request.keys:
             raise invalid("keys: name at least one key")
@@ -156,49 +150,3 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
             check_name(key, f"keys[{i}]")
         await self.store.wait(list(request.keys), _check_timeout(request.timeout_ms, "timeout_ms"))
         return pb.WaitKeysResponse()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common_config.add_server_flags(parser, default_port=50071)
-    env = env_default
-    parser.add_argument(
-        "--state-dir",
-        default=env_optional("state_dir"),
-        help="directory for the fencing-token ceiling, so tokens grow across restarts "
-        "without trusting the clock (env NANODIST_STATE_DIR)",
-    )
-    parser.add_argument(
-        "--max-value-bytes",
-        type=int,
-        default=env("max_value_bytes", 1 << 20),
-        help="largest key-value value (default 1 MiB)",
-    )
-    parser.add_argument(
-        "--max-keys",
-        type=int,
-        default=env("max_keys", 1_000_000),
-        help="most keys the key-value store holds (default 1,000,000)",
-    )
-
-
-def run(args: argparse.Namespace) -> None:
-    config = common_config.server_config(args)
-    if args.state_dir:
-        os.makedirs(args.state_dir, exist_ok=True)
-
-    async def main() -> None:
-        locks = LockService(LockTable(FencingTokens(args.state_dir)))
-        kv = KeyValueService(KeyValueStore(args.max_value_bytes, args.max_keys))
-
-        def register(server: grpc.aio.Server) -> list[str]:
-            server.add_generic_rpc_handlers(
-                (
-                    servicer_handler(locks, pb.DESCRIPTOR.services_by_name["Lock"]),
-                    servicer_handler(kv, pb.DESCRIPTOR.services_by_name["KeyValue"]),
-                )
-            )
-            return [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Lock", "KeyValue")]
-
-        await serve("lock", config, register)
-
-    asyncio.run(main())

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Coroutine
 from enum import StrEnum
 
-from nanodist.services.common.errors import ServiceError
+from nanodist.services.common.errors import ConfigurationError, ServiceError
 from nanodist.services.parameter_server import checkpoint, wal
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Store
@@ -51,9 +51,9 @@ class Persistence:
         max_log_bytes: int = 1 << 30,
     ) -> None:
         if mode is not Durability.NONE and not directory:
-            raise SystemExit(f"--durability {mode.value} needs --checkpoint-dir")
+            raise ConfigurationError(f"--durability {mode.value} needs --checkpoint-dir")
         if mode is Durability.NONE and directory:
-            raise SystemExit(
+            raise ConfigurationError(
                 "--durability none keeps nothing on disk; drop --checkpoint-dir or choose checkpoint or wal"
             )
         self.store = store

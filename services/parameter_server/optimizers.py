@@ -19,7 +19,7 @@ CHUNK_ELEMENTS = 1 << 16
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    kind: int = ps.Optimizer.SGD
+    kind: ps.Optimizer.Kind = ps.Optimizer.SGD
     learning_rate: float = 0.01
     momentum: float = 0.9
     beta1: float = 0.9
@@ -31,7 +31,7 @@ class OptimizerConfig:
         if message.kind not in ps.Optimizer.Kind.values():
             raise invalid(f"{path}.kind: unknown optimizer {message.kind}")
         lr = message.learning_rate
-        if not (math.isfinite(lr) and lr > 0):
+        if message.kind != ps.Optimizer.AVERAGE and not (math.isfinite(lr) and lr > 0):
             raise invalid(f"{path}.learning_rate: must be finite and > 0, got {lr}")
         for name in ("momentum", "beta1", "beta2"):
             value = getattr(message, name)
@@ -68,6 +68,7 @@ class OptimizerConfig:
             ps.Optimizer.MOMENTUM: 1,
             ps.Optimizer.ADAM: 2,
             ps.Optimizer.ADAGRAD: 1,
+            ps.Optimizer.AVERAGE: 0,
         }[self.kind]
 
 
@@ -79,7 +80,8 @@ class Optimizer:
         self.states = [np.zeros_like(param) for _ in range(config.state_count)]
         self.steps = 0  # Adam's bias-correction counter
         self._scratch = np.empty(min(param.size, CHUNK_ELEMENTS), dtype=param.dtype)
-        self._scratch2 = np.empty_like(self._scratch) if config.kind == ps.Optimizer.ADAM else None
+        # Adam needs a second buffer; the other rules get an empty one, so the type stays one array.
+        self._scratch2 = np.empty_like(self._scratch) if config.kind == ps.Optimizer.ADAM else self._scratch[:0]
 
     def apply(self, param: np.ndarray, grad: np.ndarray, states: list[np.ndarray], scale: float = 1.0) -> None:
         """param -= update(grad * scale); `states` are this rule's state arrays, same layout."""
@@ -90,7 +92,9 @@ class Optimizer:
             p, g = param[start:end], grad[start:end]
             s = [state[start:end] for state in states]
             t = self._scratch[: end - start]
-            if c.kind == ps.Optimizer.SGD:
+            if c.kind == ps.Optimizer.AVERAGE:
+                np.multiply(g, scale, out=p)
+            elif c.kind == ps.Optimizer.SGD:
                 np.multiply(g, c.learning_rate * scale, out=t)
                 np.subtract(p, t, out=p)
             elif c.kind == ps.Optimizer.MOMENTUM:
@@ -123,7 +127,7 @@ class Optimizer:
         scale: float,
     ) -> None:
         c = self.config
-        t2 = self._scratch2[: t.size]  # type: ignore[index]
+        t2 = self._scratch2[: t.size]
         np.multiply(g, scale, out=t)  # t = g
         np.multiply(m, c.beta1, out=m)
         np.multiply(t, 1 - c.beta1, out=t2)

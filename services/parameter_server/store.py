@@ -12,11 +12,33 @@ from enum import StrEnum
 
 import numpy as np
 
-from nanodist.services.common.errors import exhausted, failed_precondition, invalid, not_found
-from nanodist.services.parameter_server.optimizers import Optimizer, OptimizerConfig
+from nanodist.services.common.errors import ConfigurationError, exhausted, failed_precondition, invalid, not_found
+from nanodist.services.parameter_server.optimizers import CHUNK_ELEMENTS, Optimizer, OptimizerConfig
 from nanodist.wire.codec import Entry
 
 MAX_PENDING_STEPS = 64  # BSP steps of one key that may wait for pushes at once; each holds a full-size sum
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether `array` holds no NaN or Inf, using scratch memory of CHUNK_ELEMENTS booleans at most.
+
+    np.isfinite(array).all() would allocate a boolean temporary the size of
+    the gradient. A reduction to one number (a sum, a dot product) needs none,
+    but a sum of large finite float16/float32 values overflows to Inf and
+    would refuse a valid gradient. So the check runs isfinite over bounded
+    slices into one small buffer: exact, and as fast as the full-size version.
+    """
+    if array.dtype.kind in "biu":  # booleans and integers hold no NaN or Inf
+        return True
+    flat = array.reshape(-1)  # a view of the contiguous arrays the server decodes (other layouts copy)
+    scratch = np.empty(min(flat.size, CHUNK_ELEMENTS), dtype=bool)
+    for start in range(0, flat.size, CHUNK_ELEMENTS):
+        piece = flat[start : start + CHUNK_ELEMENTS]
+        found = scratch[: piece.size]
+        np.isfinite(piece, out=found)
+        if not found.all():
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,13 @@ class Store:
         dedup_window: int = 65536,
         limits: Limits | None = None,
     ) -> None:
+        # The names are the flags' (`nanodist serve ps`), which is where these usually come from.
+        if num_workers < 1:
+            raise ConfigurationError(f"--num-workers must be >= 1, got {num_workers}")
+        if staleness < 0:
+            raise ConfigurationError(f"--staleness must be >= 0, got {staleness}")
+        if dedup_window < 0:
+            raise ConfigurationError(f"--dedup-window must be >= 0, got {dedup_window}")
         self.limits = limits or Limits()
         self.bytes_held = 0
         self.mode = mode
@@ -195,7 +224,7 @@ class Store:
             raise invalid(f"{path}: no gradient (set dense or sparse)")
         if grad.dtype != value.dtype:
             raise invalid(f"{path}: gradient dtype {grad.dtype.name} differs from the key's {value.dtype.name}")
-        if self.limits.reject_nonfinite and not np.isfinite(grad).all():
+        if self.limits.reject_nonfinite and not all_finite(grad):
             # One NaN would spread through the optimizer into every later pull.
             raise invalid(f"{path}: the gradient of {entry.key!r} holds NaN or Inf (--allow-nonfinite accepts it)")
 
@@ -217,15 +246,17 @@ class Store:
 
     def _apply(self, slot: Slot, entry: Entry, scale: float) -> None:
         if entry.rows is not None:
+            assert entry.values is not None  # check_push refused sparse rows without values
             rows, inverse = np.unique(entry.rows, return_inverse=True)
             grad = entry.values
             if len(rows) != len(entry.rows):  # duplicate rows: sum their gradients
                 summed = np.zeros((len(rows), slot.value.shape[1]), dtype=slot.value.dtype)
                 np.add.at(summed, inverse, entry.values)
                 grad = summed
-            slot.optimizer.apply_rows(slot.value, rows, grad, scale)  # type: ignore[arg-type]
+            slot.optimizer.apply_rows(slot.value, rows, grad, scale)
         else:
-            slot.optimizer.apply_dense(slot.value, entry.dense, scale)  # type: ignore[arg-type]
+            assert entry.dense is not None  # check_push refused an entry with no gradient
+            slot.optimizer.apply_dense(slot.value, entry.dense, scale)
         slot.version += 1
 
     def _accumulate(self, slot: Slot, entry: Entry, worker_id: int, step: int) -> bool:
@@ -233,11 +264,13 @@ class Store:
         if pending is None:
             pending = slot.pending[step] = Pending(total=np.zeros_like(slot.value))
         if entry.rows is not None:
+            assert entry.values is not None  # check_push refused sparse rows without values
             np.add.at(pending.total, entry.rows, entry.values)
             if pending.touched is None:
                 pending.touched = np.zeros(slot.value.shape[0], dtype=bool)
             pending.touched[entry.rows] = True
         else:
+            assert entry.dense is not None  # check_push refused an entry with no gradient
             np.add(pending.total, entry.dense, out=pending.total)
             pending.dense = True
         pending.workers.add(worker_id)

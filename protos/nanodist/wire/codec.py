@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 from nanodist.v1 import tensor_pb2
 from nanodist.wire import framing as wire
 
 MAX_DIMS = 16
+# Bytes one tensor may describe: numpy sizes and Tensor.shape are int64, so nothing larger is addressable.
+MAX_TENSOR_BYTES = (1 << 63) - 1
 
 _PROTO_TO_NUMPY: dict[int, np.dtype] = {
     tensor_pb2.FLOAT32: np.dtype("<f4"),
@@ -22,9 +25,10 @@ _PROTO_TO_NUMPY: dict[int, np.dtype] = {
     tensor_pb2.FLOAT16: np.dtype("<f2"),
     tensor_pb2.INT32: np.dtype("<i4"),
     tensor_pb2.INT64: np.dtype("<i8"),
+    tensor_pb2.BFLOAT16: np.dtype(ml_dtypes.bfloat16),  # numpy has none; ml_dtypes adds it, arithmetic included
 }
 _NUMPY_TO_PROTO = {dt: code for code, dt in _PROTO_TO_NUMPY.items()}
-FLOAT_DTYPES = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT64, tensor_pb2.FLOAT16)
+FLOAT_DTYPES = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT64, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16)
 
 
 class CodecError(ValueError):
@@ -84,13 +88,23 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor.FromString(encode_tensor(array))
 
 
-def check_shape(shape: list[int], path: str) -> int:
-    """Validate a shape and return its element count."""
+def check_shape(shape: list[int], path: str, itemsize: int = 1) -> int:
+    """Validate a shape and return its element count.
+
+    Sizes are Python ints, which cannot overflow: a shape such as
+    [2**40, 2**40] is refused as too large instead of wrapping around int64.
+    """
     if len(shape) > MAX_DIMS:
         raise CodecError(f"{path}.shape: {len(shape)} dimensions, at most {MAX_DIMS} allowed")
     if any(d < 0 for d in shape):
         raise CodecError(f"{path}.shape: negative dimension in {shape}")
-    return math.prod(shape)
+    count = math.prod(shape)
+    if count * itemsize > MAX_TENSOR_BYTES:
+        raise CodecError(
+            f"{path}.shape: {shape} is too large: {count} elements of {itemsize} bytes pass the limit "
+            f"of {MAX_TENSOR_BYTES} bytes (2**63 - 1) per tensor"
+        )
+    return count
 
 
 def decode_tensor(buf: memoryview, span: tuple[int, int], path: str = "tensor") -> np.ndarray:
@@ -99,17 +113,17 @@ def decode_tensor(buf: memoryview, span: tuple[int, int], path: str = "tensor") 
     shape: list[int] = []
     data = (span[0], span[0])
     try:
-        for number, wire_type, value in wire.fields(buf, *span):
-            if number == 1 and wire_type == wire.VARINT:
-                code = value  # type: ignore[assignment]
-            elif number == 2:
-                wire.read_ints(buf, wire_type, value, shape)
-            elif number == 3 and wire_type == wire.LEN:
-                data = value  # type: ignore[assignment]
+        for f in wire.fields(buf, *span):
+            if f.number == 1 and f.wire_type == wire.VARINT:
+                code = f.value
+            elif f.number == 2:
+                wire.read_ints(buf, f, shape)
+            elif f.number == 3 and f.wire_type == wire.LEN:
+                data = f.span
     except wire.WireError as exc:
         raise CodecError(f"{path}: {exc}") from exc
     dtype = numpy_dtype(code, f"{path}.dtype")
-    count = check_shape(shape, path)
+    count = check_shape(shape, path, dtype.itemsize)
     length = data[1] - data[0]
     if length != count * dtype.itemsize:
         raise CodecError(
@@ -135,6 +149,11 @@ class Entry:
     offset: int = 0
     version: int = 0
     shape: list[int] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data the entry carries (the dense tensor, or the sparse rows' values)."""
+        return sum(array.nbytes for array in (self.dense, self.values) if array is not None)
 
 
 def _entry_parts(entry: Entry, dense_field: int, extra: wire.Parts) -> wire.Parts:
@@ -174,11 +193,11 @@ def encode_pull_response(entries: list[Entry], slowest_clock: int = 0) -> bytes:
 def _decode_sparse(buf: memoryview, span: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray]:
     rows: list[int] = []
     values: np.ndarray | None = None
-    for number, wire_type, value in wire.fields(buf, *span):
-        if number == 1:
-            wire.read_ints(buf, wire_type, value, rows)
-        elif number == 2 and wire_type == wire.LEN:
-            values = decode_tensor(buf, value, f"{path}.values")  # type: ignore[arg-type]
+    for f in wire.fields(buf, *span):
+        if f.number == 1:
+            wire.read_ints(buf, f, rows)
+        elif f.number == 2 and f.wire_type == wire.LEN:
+            values = decode_tensor(buf, f.span, f"{path}.values")
     if values is None:
         raise CodecError(f"{path}.values: missing")
     if values.ndim != 2 or values.shape[0] != len(rows):
@@ -189,22 +208,23 @@ def _decode_sparse(buf: memoryview, span: tuple[int, int], path: str) -> tuple[n
 def _decode_entry(buf: memoryview, span: tuple[int, int], path: str, is_value: bool) -> Entry:
     """Decode a GradientEntry, or a ValueEntry when `is_value` (fields 4 and 5 differ)."""
     entry = Entry(key="")
-    for number, wire_type, value in wire.fields(buf, *span):
+    for f in wire.fields(buf, *span):
+        number, wire_type = f.number, f.wire_type
         if number == 1 and wire_type == wire.LEN:
-            entry.key = wire.read_str(buf, value)  # type: ignore[arg-type]
+            entry.key = wire.read_str(buf, f.span)
         elif number == 2 and wire_type == wire.LEN:
-            entry.dense = decode_tensor(buf, value, f"{path}.dense")  # type: ignore[arg-type]
+            entry.dense = decode_tensor(buf, f.span, f"{path}.dense")
         elif number == 3 and wire_type == wire.LEN:
-            entry.rows, entry.values = _decode_sparse(buf, value, f"{path}.sparse")  # type: ignore[arg-type]
+            entry.rows, entry.values = _decode_sparse(buf, f.span, f"{path}.sparse")
         elif number == 4 and wire_type == wire.VARINT:
             if is_value:
-                entry.version = wire.signed64(value)  # type: ignore[arg-type]
+                entry.version = wire.signed64(f.value)
             else:
-                entry.offset = wire.signed64(value)  # type: ignore[arg-type]
+                entry.offset = wire.signed64(f.value)
         elif number == 5 and wire_type == wire.VARINT and is_value:
-            entry.offset = wire.signed64(value)  # type: ignore[arg-type]
+            entry.offset = wire.signed64(f.value)
         elif number == 6:
-            wire.read_ints(buf, wire_type, value, entry.shape)
+            wire.read_ints(buf, f, entry.shape)
     return entry
 
 
@@ -222,18 +242,19 @@ def decode_push(data: bytes) -> PushMessage:
     buf = memoryview(data)
     message = PushMessage(entries=[])
     try:
-        for number, wire_type, value in wire.fields(buf):
+        for f in wire.fields(buf):
+            number, wire_type = f.number, f.wire_type
             if number == 1 and wire_type == wire.LEN:
                 path = f"entries[{len(message.entries)}]"
-                message.entries.append(_decode_entry(buf, value, path, False))  # type: ignore[arg-type]
+                message.entries.append(_decode_entry(buf, f.span, path, False))
             elif number == 2 and wire_type == wire.VARINT:
-                message.worker_id = wire.signed64(value)  # type: ignore[arg-type]
+                message.worker_id = wire.signed64(f.value)
             elif number == 3 and wire_type == wire.VARINT:
-                message.step = wire.signed64(value)  # type: ignore[arg-type]
+                message.step = wire.signed64(f.value)
             elif number == 4 and wire_type == wire.LEN:
-                message.request_id = wire.read_str(buf, value)  # type: ignore[arg-type]
+                message.request_id = wire.read_str(buf, f.span)
             elif number == 5 and wire_type == wire.VARINT:
-                message.fencing_token = wire.signed64(value)  # type: ignore[arg-type]
+                message.fencing_token = wire.signed64(f.value)
     except wire.WireError as exc:
         raise CodecError(f"malformed PushRequest: {exc}") from exc
     return message
@@ -245,12 +266,12 @@ def decode_pull_response(data: bytes) -> tuple[list[Entry], int]:
     entries: list[Entry] = []
     slowest_clock = 0
     try:
-        for number, wire_type, value in wire.fields(buf):
-            if number == 1 and wire_type == wire.LEN:
+        for f in wire.fields(buf):
+            if f.number == 1 and f.wire_type == wire.LEN:
                 path = f"entries[{len(entries)}]"
-                entries.append(_decode_entry(buf, value, path, True))  # type: ignore[arg-type]
-            elif number == 2 and wire_type == wire.VARINT:
-                slowest_clock = wire.signed64(value)  # type: ignore[arg-type]
+                entries.append(_decode_entry(buf, f.span, path, True))
+            elif f.number == 2 and f.wire_type == wire.VARINT:
+                slowest_clock = wire.signed64(f.value)
     except wire.WireError as exc:
         raise CodecError(f"malformed PullResponse: {exc}") from exc
     return entries, slowest_clock

@@ -10,6 +10,7 @@ ordinary protobuf, so stock decoders in any language read them unchanged.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 VARINT = 0
 FIXED64 = 1
@@ -104,49 +105,58 @@ def signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int | tuple[int, int]]]:
-    """Yield (field number, wire type, value) for each field of a message.
+class Field(NamedTuple):
+    """One field of a message, as `fields` reads it."""
 
-    The value is the decoded integer for varint and fixed fields, and the
-    (start, end) offsets of the payload for length-delimited fields.
-    """
+    number: int
+    wire_type: int
+    value: int  # varint and fixed fields: the integer; length-delimited: the payload's length
+    span: tuple[int, int]  # length-delimited: the payload's (start, end) in the buffer; else (0, 0)
+
+
+_NO_SPAN = (0, 0)
+
+
+def fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[Field]:
+    """Yield each field of the message in `buf[start:end]`."""
     end = len(buf) if end is None else end
     pos = start
     while pos < end:
         key, pos = read_varint(buf, pos, end)
-        field, wire_type = key >> 3, key & 7
-        if field == 0:
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
             raise WireError("field number 0")
         if wire_type == VARINT:
             value, pos = read_varint(buf, pos, end)
-            yield field, wire_type, value
+            yield Field(number, wire_type, value, _NO_SPAN)
         elif wire_type == LEN:
             length, pos = read_varint(buf, pos, end)
             if pos + length > end:
-                raise WireError(f"field {field} runs past the end of the message")
-            yield field, wire_type, (pos, pos + length)
+                raise WireError(f"field {number} runs past the end of the message")
+            yield Field(number, wire_type, length, (pos, pos + length))
             pos += length
         elif wire_type == FIXED64:
             if pos + 8 > end:
                 raise WireError("truncated fixed64")
-            yield field, wire_type, int.from_bytes(buf[pos : pos + 8], "little")
+            yield Field(number, wire_type, int.from_bytes(buf[pos : pos + 8], "little"), _NO_SPAN)
             pos += 8
         elif wire_type == FIXED32:
             if pos + 4 > end:
                 raise WireError("truncated fixed32")
-            yield field, wire_type, int.from_bytes(buf[pos : pos + 4], "little")
+            yield Field(number, wire_type, int.from_bytes(buf[pos : pos + 4], "little"), _NO_SPAN)
             pos += 4
         else:
             raise WireError(f"unsupported wire type {wire_type}")
 
 
-def read_ints(buf: memoryview, wire_type: int, value: int | tuple[int, int], out: list[int]) -> None:
+def read_ints(buf: memoryview, field: Field, out: list[int]) -> None:
     """Append a repeated int64 field's values, packed or not, to `out`."""
-    if wire_type == VARINT:
-        out.append(signed64(value))  # type: ignore[arg-type]
+    if field.wire_type == VARINT:
+        out.append(signed64(field.value))
         return
-    start, end = value  # type: ignore[misc]
-    pos = start
+    if field.wire_type != LEN:
+        raise WireError(f"field {field.number}: expected int64 values, got wire type {field.wire_type}")
+    pos, end = field.span
     while pos < end:
         item, pos = read_varint(buf, pos, end)
         out.append(signed64(item))

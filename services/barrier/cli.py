@@ -1,0 +1,36 @@
+"""`nanodist serve barrier`: the barrier server's flags, and the process that serves them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import grpc
+
+from nanodist.services.barrier.server import BarrierService
+from nanodist.services.common import config as common_config
+from nanodist.services.common.handlers import servicer_handler
+from nanodist.services.common.runtime import serve
+from nanodist.v1 import barrier_pb2 as pb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common_config.add_server_flags(parser, default_port=50061)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Serve until SIGTERM. A bad setting exits with status 2 and one line on stderr, before anything binds."""
+    with common_config.exit_on_configuration_error("nanodist serve barrier"):
+        config = common_config.server_config(args)
+
+        async def main() -> None:
+            service = BarrierService()
+            descriptor = pb.DESCRIPTOR.services_by_name["Barrier"]
+
+            def register(server: grpc.aio.Server) -> list[str]:
+                server.add_generic_rpc_handlers((servicer_handler(service, descriptor),))
+                return [descriptor.full_name]
+
+            await serve("barrier", config, register)
+
+        asyncio.run(main())

@@ -1,0 +1,74 @@
+"""`nanodist serve lock`: the lock and key-value server's flags, and the process that serves them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import grpc
+
+from nanodist.services.common import config as common_config
+from nanodist.services.common.errors import ConfigurationError
+from nanodist.services.common.handlers import servicer_handler
+from nanodist.services.common.runtime import serve
+from nanodist.services.lock.kv import KeyValueStore
+from nanodist.services.lock.locks import FencingTokens, LockTable
+from nanodist.services.lock.server import KeyValueService, LockService
+from nanodist.settings import env_default, env_optional
+from nanodist.v1 import lock_pb2 as pb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common_config.add_server_flags(parser, default_port=50071)
+    env = env_default
+    parser.add_argument(
+        "--state-dir",
+        default=env_optional("state_dir"),
+        help="directory for the fencing-token ceiling, so tokens grow across restarts "
+        "without trusting the clock (env NANODIST_STATE_DIR)",
+    )
+    parser.add_argument(
+        "--max-value-bytes",
+        type=int,
+        default=env("max_value_bytes", 1 << 20),
+        help="largest key-value value (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--max-keys",
+        type=int,
+        default=env("max_keys", 1_000_000),
+        help="most keys the key-value store holds (default 1,000,000)",
+    )
+
+
+def _state_dir(path: str | None) -> None:
+    if path:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as error:
+            raise ConfigurationError(f"--state-dir {path}: cannot create it ({error.strerror or error})") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    """Serve until SIGTERM. A bad setting exits with status 2 and one line on stderr, before anything binds."""
+    with common_config.exit_on_configuration_error("nanodist serve lock"):
+        config = common_config.server_config(args)
+        _state_dir(args.state_dir)
+
+        async def main() -> None:
+            locks = LockService(LockTable(FencingTokens(args.state_dir)))
+            kv = KeyValueService(KeyValueStore(args.max_value_bytes, args.max_keys))
+
+            def register(server: grpc.aio.Server) -> list[str]:
+                server.add_generic_rpc_handlers(
+                    (
+                        servicer_handler(locks, pb.DESCRIPTOR.services_by_name["Lock"]),
+                        servicer_handler(kv, pb.DESCRIPTOR.services_by_name["KeyValue"]),
+                    )
+                )
+                return [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Lock", "KeyValue")]
+
+            await serve("lock", config, register)
+
+        asyncio.run(main())
