@@ -28,7 +28,10 @@ class Endpoints:
 
 
 @dataclass(kw_only=True)
-class TrainConfig(Endpoints):
+class JobConfig(Endpoints):
+    """How a worker joins a job: what `nanodist run` and the compose files give every worker,
+    the numpy worker and a nanodist.torch script alike."""
+
     run_id: str = setting(flag="--run-id", help="names this run's keys, barriers and output folder; fresh per run")
     runs_dir: str = setting("runs", flag="--runs-dir", help="where runs/<run-id>/ goes")
     backend: str = setting("single", flag="--backend", help="the group's collectives: mpi, tcp or single")
@@ -42,6 +45,32 @@ class TrainConfig(Endpoints):
     flat: bool = setting(False, flag="--flat", help="every worker pushes and pulls (no group allreduce)")
     mode: str = setting("bsp", flag="--mode", help="bsp, asp or ssp; must match the servers")
     staleness: int = setting(0, flag="--staleness", help="the SSP bound; must match the servers")
+    join_window: float = setting(
+        5.0,
+        flag="--join-window",
+        help="with --group-size 0: the group closes after this many seconds without a new member",
+    )
+    timeout: float = setting(60.0, flag="--timeout", help="longest wait for any peer, server or barrier, in seconds")
+
+    def validate(self) -> None:
+        if self.backend not in ("mpi", "tcp", "single"):
+            raise ConfigError(f"--backend {self.backend!r} is unknown; choose mpi, tcp or single")
+        if self.mode not in ("bsp", "asp", "ssp"):
+            raise ConfigError(f"--mode {self.mode!r} is unknown; choose bsp, asp or ssp")
+        if not 0 <= self.group_id < self.num_groups:
+            raise ConfigError(f"--group-id {self.group_id} is outside [0, {self.num_groups})")
+        if self.group_size < 0:
+            raise ConfigError("--group-size must be >= 0")
+        if self.group_size == 0 and self.backend != "tcp":
+            raise ConfigError("--group-size 0 (join as many as arrive) needs --backend tcp")
+        if not self.ps:
+            raise ConfigError("--ps needs at least one parameter-server address")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(JobConfig):
+    """The numpy worker's settings: the job's, and how to train the built-in MLP."""
+
     epochs: int = setting(10, flag="--epochs", help="passes over the training data")
     batch_size: int = setting(16, flag="--batch-size", help="samples per step, per worker")
     learning_rate: float = setting(0.3, flag="--lr", help="SGD learning rate, applied by the server")
@@ -49,13 +78,7 @@ class TrainConfig(Endpoints):
     seed: int = setting(0, flag="--seed", help="seeds the initial parameters and the data shards")
     max_steps: int = setting(0, flag="--max-steps", help="stop after this many steps; 0: run every epoch")
     slow_ms: int = setting(0, flag="--slow-ms", help="sleep this long per step (to study stragglers)")
-    join_window: float = setting(
-        5.0,
-        flag="--join-window",
-        help="with --group-size 0: the group closes after this many seconds without a new member",
-    )
     dump_params: str = setting("", flag="--dump-params", help="rank 0 saves the final parameters to this .npz")
-    timeout: float = setting(60.0, flag="--timeout", help="longest wait for any peer, server or barrier, in seconds")
     pipeline_stages: int = setting(
         0,
         flag="--pipeline-stages",
@@ -68,18 +91,9 @@ class TrainConfig(Endpoints):
     )
 
     def validate(self) -> None:
-        if self.backend not in ("mpi", "tcp", "single"):
-            raise ConfigError(f"--backend {self.backend!r} is unknown; choose mpi, tcp or single")
-        if self.mode not in ("bsp", "asp", "ssp"):
-            raise ConfigError(f"--mode {self.mode!r} is unknown; choose bsp, asp or ssp")
-        if not 0 <= self.group_id < self.num_groups:
-            raise ConfigError(f"--group-id {self.group_id} is outside [0, {self.num_groups})")
-        if self.group_size < 0 or self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ConfigError("--epochs and --batch-size must be >= 1, --group-size >= 0 and --lr > 0")
-        if self.group_size == 0 and self.backend != "tcp":
-            raise ConfigError("--group-size 0 (join as many as arrive) needs --backend tcp")
-        if not self.ps:
-            raise ConfigError("--ps needs at least one parameter-server address")
+        super().validate()
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ConfigError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if self.pipeline_stages > 1:
             self._validate_pipeline()
 

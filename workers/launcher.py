@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,12 +22,12 @@ import threading
 import time
 import tomllib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nanodist.workers.config import ConfigError, TrainConfig
+from nanodist.workers.config import ConfigError, JobConfig, TrainConfig
 from nanodist.workers.settings import SettingError, add_flags, build, declared, from_file, setting, to_argv
 
 
@@ -89,9 +90,10 @@ def _read_config(path: str) -> dict[str, Any]:
         raise LaunchError(str(error)) from None
 
 
-def worker_config(
-    train: TrainConfig, groups: list[tuple[str, int]], group_id: int, ps: list[str], barrier: str, lock: str
-) -> TrainConfig:
+J = TypeVar("J", bound=JobConfig)
+
+
+def worker_config(train: J, groups: list[tuple[str, int]], group_id: int, ps: list[str], barrier: str, lock: str) -> J:
     """The settings of group `group_id`'s workers: `train`, placed in the cluster."""
     backend, size = groups[group_id]
     return replace(
@@ -136,14 +138,23 @@ class Child:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    """Child processes with their output forwarded under a prefix; stopped together.
+
+    watch_for: a pattern of output lines that report a failure; the first one
+    seen is named when a child fails (a rank inside an mpiexec group, say).
+    """
+
+    def __init__(self, watch_for: re.Pattern[str] | None = None) -> None:
         self.children: list[Child] = []
         self.output_lock = threading.Lock()
+        self.watch_for = watch_for
+        self.first_failure: str | None = None
 
-    def spawn(self, name: str, argv: list[str], server: bool = False) -> Child:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def spawn(self, name: str, argv: list[str], server: bool = False, env: dict[str, str] | None = None) -> Child:
+        """Start `argv` with the caller's environment plus `env`."""
+        merged = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=merged, start_new_session=True
         )  # its own process group, so stop() reaches mpiexec's ranks
         child = Child(name, process, server)
         self.children.append(child)
@@ -154,6 +165,8 @@ class Cluster:
         assert child.process.stdout is not None
         for line in child.process.stdout:
             with self.output_lock:
+                if self.watch_for is not None and self.first_failure is None and self.watch_for.search(line):
+                    self.first_failure = line.strip()
                 print(f"[{child.name}] {line}", end="", flush=True)
 
     def wait_healthy(self, child: Child, address: str, timeout: float) -> None:
@@ -180,7 +193,9 @@ class Cluster:
             for child in self.children:
                 code = child.process.poll()
                 if code is not None and (code != 0 or child.server):
-                    raise LaunchError(f"{child.name} exited with status {code}")
+                    time.sleep(0.2)  # let the output threads catch the child's last lines
+                    reported = f" ({self.first_failure})" if self.first_failure else ""
+                    raise LaunchError(f"{child.name} exited with status {code}{reported}")
             if all(c.process.poll() == 0 for c in self.children if not c.server):
                 return
             time.sleep(0.1)
@@ -210,36 +225,53 @@ def _nanodist(*args: str) -> list[str]:
     return [sys.executable, "-m", "nanodist.workers.cli", *args]
 
 
-def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[str, Any]:
-    groups = parse_groups(launch.groups)
-    stages = train.pipeline_stages
-    if stages > 1 and groups[0][1] != stages:
-        raise LaunchError(f"--pipeline-stages {stages}: every group is one pipeline replica, so needs {stages} ranks")
-    ports = {"barrier": free_port(), "lock": free_port()}
-    shards = [f"127.0.0.1:{free_port()}" for _ in range(launch.shards)]
-    barrier, lock = f"127.0.0.1:{ports['barrier']}", f"127.0.0.1:{ports['lock']}"
-    configs = [worker_config(train, groups, gid, shards, barrier, lock) for gid in range(len(groups))]
+def check_before_start(config: JobConfig) -> None:
+    """Refuse settings that cannot work before any process starts."""
     try:
-        configs[0].validate()  # before anything starts
+        config.validate()
     except ConfigError as error:
         raise LaunchError(str(error)) from None
-    pushers = sum(size for _, size in groups) if train.flat else len(groups)
+
+
+def find_mpiexec() -> str:
+    """The mpiexec beside this Python (the mpich wheel's), else the one on PATH."""
+    found = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if found is None:
+        raise LaunchError("an mpi group needs mpiexec (pip install mpich)")
+    return found
+
+
+def start_services(
+    cluster: Cluster, launch: LaunchConfig, job: JobConfig, groups: list[tuple[str, int]]
+) -> tuple[list[str], str, str]:
+    """Start the shards, the barrier and the lock service on free ports; return their addresses once
+    every one is healthy. The shards' BSP step counts one push per group, or per worker in flat mode."""
+    ports = {"barrier": free_port(), "lock": free_port()}
+    shards = [f"127.0.0.1:{free_port()}" for _ in range(launch.shards)]
+    pushers = sum(size for _, size in groups) if job.flat else len(groups)
     for i, address in enumerate(shards):
         port = address.rpartition(":")[2]
-        ps = ["--port", port, "--mode", train.mode, "--num-workers", str(pushers), "--staleness", str(train.staleness)]
+        ps = ["--port", port, "--mode", job.mode, "--num-workers", str(pushers), "--staleness", str(job.staleness)]
         child = cluster.spawn(f"ps-{i}", _nanodist("serve", "ps", *ps), server=True)
         cluster.wait_healthy(child, address, launch.startup_timeout)
     for role in ("barrier", "lock"):
         child = cluster.spawn(role, _nanodist("serve", role, "--port", str(ports[role])), server=True)
         cluster.wait_healthy(child, f"127.0.0.1:{ports[role]}", launch.startup_timeout)
+    return shards, f"127.0.0.1:{ports['barrier']}", f"127.0.0.1:{ports['lock']}"
 
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+
+def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[str, Any]:
+    groups = parse_groups(launch.groups)
+    stages = train.pipeline_stages
+    if stages > 1 and groups[0][1] != stages:
+        raise LaunchError(f"--pipeline-stages {stages}: every group is one pipeline replica, so needs {stages} ranks")
+    check_before_start(worker_config(train, groups, 0, ["127.0.0.1:0"], "", ""))
+    shards, barrier, lock = start_services(cluster, launch, train, groups)
+    configs = [worker_config(train, groups, gid, shards, barrier, lock) for gid in range(len(groups))]
     for config in configs:
         gid, size, argv = config.group_id, config.group_size, worker_argv(config)
         if config.backend == "mpi":
-            if mpiexec is None:
-                raise LaunchError("an mpi group needs mpiexec (pip install mpich)")
-            cluster.spawn(f"group{gid}-mpi", [mpiexec, "-n", str(size), *argv])
+            cluster.spawn(f"group{gid}-mpi", [find_mpiexec(), "-n", str(size), *argv])
         else:
             for r in range(size):
                 cluster.spawn(f"group{gid}-tcp-{r}", argv)

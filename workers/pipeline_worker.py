@@ -23,6 +23,8 @@ from nanodist.workers.worker import Worker
 
 
 class PipelineWorker(Worker):
+    every_rank_pushes = True  # each stage pushes its own keys
+
     def __init__(self, config: TrainConfig, security: ClientSecurity | None = None) -> None:
         super().__init__(config, security)
         c = config
@@ -42,9 +44,6 @@ class PipelineWorker(Worker):
         self.grads = FlatBuffer(shapes, np.dtype(self.model.dtype))
         # The pipeline reads and writes layer names; these are views of the same memory.
         self.stage_params: Params = {n: self.params.views[stage_key(self.stage, n)] for n in self.names}
-        self.pushes = True
-        if self.ps is None:
-            self.ps = self._connect_ps()
         self.name = f"replica {c.group_id} stage {self.stage}"
 
     def initialise(self) -> None:

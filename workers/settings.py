@@ -246,6 +246,17 @@ def to_argv(config: object, *, exclude: Iterable[str] = ()) -> list[str]:
     return argv
 
 
+def to_environment(config: object) -> dict[str, str]:
+    """The NANODIST_* variables that give `config` back through from_environment (settings without a
+    variable, and unset optional ones, are left out)."""
+    variables = {}
+    for d in declared(type(config)):
+        value = getattr(config, d.name)
+        if d.setting.variable and value is not None:
+            variables[d.setting.variable] = ("1" if value else "0") if d.switch else d.format(value)
+    return variables
+
+
 def from_file(cls: type, values: Mapping[str, object], source: str) -> dict[str, Any]:
     """Values of a settings file (TOML: numbers, strings, booleans, arrays), keyed by flag destination,
     read as their flags would be. Raises SettingError naming the file and the key."""

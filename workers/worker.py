@@ -14,31 +14,23 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import grpc
 import numpy as np
 
 from nanodist.client import (
-    BarrierBroken,
-    BarrierClient,
     ClientSecurity,
-    DeadlineExceeded,
-    KVStore,
     LockClient,
-    NanodistError,
-    ParameterServerClient,
     Values,
     sgd,
 )
-from nanodist.workers.comm import Communicator, ReduceOp, from_env
+from nanodist.workers.comm import ReduceOp
 from nanodist.workers.config import ConfigError, TrainConfig
 from nanodist.workers.data import ShardSampler, load_digits
 from nanodist.workers.flat_buffer import FlatBuffer
+from nanodist.workers.job import Job
 from nanodist.workers.models import MLP
 from nanodist.workers.progress import Progress, say
 from nanodist.workers.report import plot_training, write_metrics
 from nanodist.workers.timing import PhaseTimer
-
-PULL_SLICE_MS = 500  # how often a waiting pull looks for a broken barrier
 
 
 @dataclass
@@ -52,106 +44,37 @@ class _State:
 class Worker:
     """One rank of a data-parallel job; `security` secures every channel it opens (None: NANODIST_TLS_*)."""
 
+    every_rank_pushes = False  # only the group leader talks to the servers
+
     def __init__(self, config: TrainConfig, security: ClientSecurity | None = None) -> None:
         config.validate()
         self.config = config
         self.security = security
         self.timer = PhaseTimer()
         self.state = _State()
-        self.kv = KVStore(config.lock, timeout=config.timeout, security=security)
-        self.comm = self._join_group()
-        sizes = self._group_sizes()
-        self.world = sum(sizes)
+        self.data = load_digits(seed=config.seed)
+        self.job = Job(config, security, every_rank_pushes=self.every_rank_pushes, check=self._check_data)
+        self.kv, self.comm, self.ps, self.barrier = self.job.kv, self.job.comm, self.job.ps, self.job.barrier
+        self.world, self.rank, self.push_scale = self.job.world, self.job.rank, self.job.push_scale
         self.replicas = self.world  # workers that each train on their own batch
-        self.rank = sum(sizes[: config.group_id]) + self.comm.rank
-        # The servers average the pushes of the groups; scaling each group's mean by its share makes that
-        # average the mean over all workers even when groups differ in size.
-        self.push_scale = sizes[config.group_id] * config.num_groups / self.world
-        self.is_leader = self.comm.rank == 0
-        self.pushes = config.flat or self.is_leader
+        self.is_leader, self.pushes = self.job.is_leader, self.job.pushes
         self.name = f"rank {self.rank}"
-        data = load_digits(seed=config.seed)
-        self.data = data
-        try:
-            self.sampler = ShardSampler(len(data.y_train), self.rank, self.world, seed=config.seed)
-            self.sampler.batches(0, config.batch_size)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        self.model = MLP((data.features, *config.hidden, data.classes))
+        self.model = MLP((self.data.features, *config.hidden, self.data.classes))
         shapes = {k: v.shape for k, v in self.model.init(config.seed).items()}
         self.params = FlatBuffer(shapes, np.dtype(self.model.dtype))
         self.grads = FlatBuffer(shapes, np.dtype(self.model.dtype))
-        self.ps = self._connect_ps() if self.pushes else None
-        self.barrier = BarrierClient(
-            config.barrier,
-            f"{config.run_id}/rank-{self.rank}",
-            session_ttl=5.0,
-            barriers=[self._barrier_name],
-            timeout=config.timeout,
-            security=security,
-        )
+
+    def _check_data(self, rank: int, world: int) -> None:
+        """Every worker gets a shard of the training data with at least one full batch."""
+        try:
+            self.sampler = ShardSampler(len(self.data.y_train), rank, world, seed=self.config.seed)
+            self.sampler.batches(0, self.config.batch_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def _barrier_name(self) -> str:
-        return f"{self.config.run_id}/epoch"
-
-    def _join_group(self) -> Communicator:
-        c = self.config
-        if c.backend == "tcp":
-            group = f"{c.run_id}/group-{c.group_id}"
-            rank, size = self._elastic_rank(group) if c.group_size == 0 else (None, c.group_size)
-            comm = from_env("tcp", store=self.kv, world_size=size, rank=rank, group=group, timeout=c.timeout)
-        else:
-            comm = from_env(c.backend)
-        if c.group_size and comm.size != c.group_size:
-            comm.close()
-            raise ConfigError(
-                f"group-size mismatch: --group-size {c.group_size} but the {c.backend} group has {comm.size} ranks"
-            )
-        return comm
-
-    def _elastic_rank(self, group: str) -> tuple[int, int]:
-        """--group-size 0: members take ranks from a counter; rank 0 closes the group once no one
-        has joined for --join-window seconds (as torchelastic's last call), then publishes its size."""
-        c = self.config
-        rank = self.kv.add(f"{group}/joined", 1) - 1
-        size_key = f"{group}/size"
-        if rank == 0:
-            seen, stable_since = 1, time.monotonic()
-            while time.monotonic() - stable_since < c.join_window:
-                time.sleep(0.2)
-                now = self.kv.add(f"{group}/joined", 0)
-                if now != seen:
-                    seen, stable_since = now, time.monotonic()
-            self.kv.set(size_key, str(seen))
-        self.kv.wait([size_key], timeout=c.timeout + c.join_window)
-        size = int(self.kv.get(size_key))
-        if rank >= size:
-            raise ConfigError(f"joined group {group!r} as member {rank + 1} after it closed with {size} members")
-        say(f"[{group}] member {rank} of {size}")
-        return rank, size
-
-    def _group_sizes(self) -> list[int]:
-        """Every group leader publishes its size; everyone learns all sizes, hence global ranks and world size."""
-        c = self.config
-        if self.comm.rank == 0:
-            self.kv.set(f"{c.run_id}/group-size/{c.group_id}", str(self.comm.size))
-        keys = [f"{c.run_id}/group-size/{g}" for g in range(c.num_groups)]
-        try:
-            self.kv.wait(keys, timeout=c.timeout)
-        except NanodistError as error:
-            raise ConfigError(f"not every one of the {c.num_groups} groups showed up: {error.message}") from None
-        return [int(self.kv.get(k)) for k in keys]
-
-    def _connect_ps(self) -> ParameterServerClient:
-        c = self.config
-        worker_id = self.rank if c.flat else c.group_id
-        client = ParameterServerClient(c.ps, worker_id=worker_id, timeout=c.timeout, security=self.security)
-        try:
-            client.wait_ready(timeout=min(10.0, c.timeout))
-        except NanodistError as error:
-            raise ConfigError(f"{error.message}; check --ps") from None
-        return client
+        return self.job.barrier_name
 
     # --- set-up ---------------------------------------------------------
 
@@ -201,36 +124,14 @@ class Worker:
         return loss
 
     def _pull_watching_peers(self, t: int) -> Values:
-        """Pull, waiting for the step (BSP) or the slowest worker (SSP) in short slices.
-
-        Between slices, look at the epoch barrier: a worker that died anywhere
-        breaks it when its session lapses, so a wait for its push ends with
-        BarrierBroken naming it rather than a silent timeout.
-        """
-        c = self.config
-        assert self.ps is not None
-        deadline = time.monotonic() + c.timeout
-        while True:
-            try:
-                return self.ps.pull(
-                    self.params.views,
-                    min_version=t + 1 if c.mode == "bsp" else 0,
-                    clock=t + 1 if c.mode == "ssp" else 0,
-                    timeout_ms=PULL_SLICE_MS,
-                )
-            except DeadlineExceeded:
-                (state,) = self.barrier.status(self._barrier_name)
-                if state.broken_reason:
-                    raise BarrierBroken(state.broken_reason, grpc.StatusCode.ABORTED, list(state.missing)) from None
-                if time.monotonic() > deadline:
-                    raise
+        mode = self.config.mode
+        return self.job.pull_watching_peers(
+            list(self.params.views), min_version=t + 1 if mode == "bsp" else 0, clock=t + 1 if mode == "ssp" else 0
+        )
 
     def abort(self, reason: str) -> None:
         """Break the epoch barrier so that the other groups stop at once, naming the cause."""
-        try:
-            self.barrier.abort(self._barrier_name, reason[:1000])
-        except NanodistError:
-            pass
+        self.job.abort(reason)
 
     def train(self) -> None:
         c = self.config
@@ -324,11 +225,7 @@ class Worker:
         return "flat" if self.config.flat else "hierarchical"
 
     def close(self) -> None:
-        self.barrier.close()
-        self.kv.close()
-        if self.ps is not None:
-            self.ps.close()
-        self.comm.close()
+        self.job.close()
 
 
 def _mean_per_step(timings: list[dict[str, float]]) -> dict[str, float]:

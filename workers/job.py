@@ -1,0 +1,171 @@
+"""A worker's place in a job: its group, its global rank, and its clients of the services.
+
+The numpy worker and nanodist.torch join the same way: the group forms over
+MPI or TCP, every group leader publishes its group's size in the key-value
+store so that everyone learns the world size and its global rank, and the
+workers that talk to the parameter servers (the leaders, or everyone in flat
+mode) connect to the shards. A barrier session with a short lease lets every
+wait notice a worker that died anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+
+from nanodist.client import (
+    BarrierBroken,
+    BarrierClient,
+    ClientSecurity,
+    DeadlineExceeded,
+    KVStore,
+    NanodistError,
+    ParameterServerClient,
+    Values,
+)
+from nanodist.workers.comm import Communicator, from_env
+from nanodist.workers.config import ConfigError, JobConfig
+from nanodist.workers.progress import say
+
+SESSION_TTL = 5.0  # seconds: how long a dead worker goes unnoticed
+PULL_SLICE_MS = 500  # how often a waiting pull looks for a broken barrier
+
+
+class Job:
+    """Joins the group and the job; owns the key-value, barrier and parameter-server clients."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        security: ClientSecurity | None = None,
+        *,
+        every_rank_pushes: bool = False,
+        check: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """every_rank_pushes: each rank of a group talks to the servers (a pipeline's stages own their keys).
+        check(rank, world) runs once the job has formed and before the servers are reached, so that
+        settings that cannot work are named before an absent server is."""
+        config.validate()
+        self.config = config
+        self.kv = KVStore(config.lock, timeout=config.timeout, security=security)
+        self.comm = self._join_group()
+        self.group_sizes = self._group_sizes()
+        self.world = sum(self.group_sizes)
+        self.rank = sum(self.group_sizes[: config.group_id]) + self.comm.rank
+        # The servers average the pushes of the groups; scaling each group's mean by its share makes that
+        # average the mean over all workers even when groups differ in size.
+        self.push_scale = self.group_sizes[config.group_id] * config.num_groups / self.world
+        self.is_leader = self.comm.rank == 0
+        self.pushes = config.flat or self.is_leader or every_rank_pushes
+        self.barrier_name = f"{config.run_id}/epoch"
+        if check is not None:
+            check(self.rank, self.world)
+        self.ps = self._connect_ps(security) if self.pushes else None
+        self.barrier = BarrierClient(
+            config.barrier,
+            f"{config.run_id}/rank-{self.rank}",
+            session_ttl=SESSION_TTL,
+            barriers=[self.barrier_name],
+            timeout=config.timeout,
+            security=security,
+        )
+
+    def _join_group(self) -> Communicator:
+        c = self.config
+        if c.backend == "tcp":
+            group = f"{c.run_id}/group-{c.group_id}"
+            rank, size = self._elastic_rank(group) if c.group_size == 0 else (None, c.group_size)
+            comm = from_env("tcp", store=self.kv, world_size=size, rank=rank, group=group, timeout=c.timeout)
+        else:
+            comm = from_env(c.backend)
+        if c.group_size and comm.size != c.group_size:
+            comm.close()
+            raise ConfigError(
+                f"group-size mismatch: --group-size {c.group_size} but the {c.backend} group has {comm.size} ranks"
+            )
+        return comm
+
+    def _elastic_rank(self, group: str) -> tuple[int, int]:
+        """--group-size 0: members take ranks from a counter; rank 0 closes the group once no one
+        has joined for --join-window seconds (as torchelastic's last call), then publishes its size."""
+        c = self.config
+        rank = self.kv.add(f"{group}/joined", 1) - 1
+        size_key = f"{group}/size"
+        if rank == 0:
+            seen, stable_since = 1, time.monotonic()
+            while time.monotonic() - stable_since < c.join_window:
+                time.sleep(0.2)
+                now = self.kv.add(f"{group}/joined", 0)
+                if now != seen:
+                    seen, stable_since = now, time.monotonic()
+            self.kv.set(size_key, str(seen))
+        self.kv.wait([size_key], timeout=c.timeout + c.join_window)
+        size = int(self.kv.get(size_key))
+        if rank >= size:
+            raise ConfigError(f"joined group {group!r} as member {rank + 1} after it closed with {size} members")
+        say(f"[{group}] member {rank} of {size}")
+        return rank, size
+
+    def _group_sizes(self) -> list[int]:
+        """Every group leader publishes its size; everyone learns all sizes, hence global ranks and world size."""
+        c = self.config
+        if self.comm.rank == 0:
+            self.kv.set(f"{c.run_id}/group-size/{c.group_id}", str(self.comm.size))
+        keys = [f"{c.run_id}/group-size/{g}" for g in range(c.num_groups)]
+        try:
+            self.kv.wait(keys, timeout=c.timeout)
+        except NanodistError as error:
+            raise ConfigError(f"not every one of the {c.num_groups} groups showed up: {error.message}") from None
+        return [int(self.kv.get(k)) for k in keys]
+
+    def _connect_ps(self, security: ClientSecurity | None) -> ParameterServerClient:
+        c = self.config
+        worker_id = self.rank if c.flat else c.group_id
+        client = ParameterServerClient(list(c.ps), worker_id=worker_id, timeout=c.timeout, security=security)
+        try:
+            client.wait_ready(timeout=min(10.0, c.timeout))
+        except NanodistError as error:
+            client.close()
+            raise ConfigError(f"{error.message}; check --ps") from None
+        return client
+
+    def client(self) -> ParameterServerClient:
+        """The parameter-server client; only workers that push (leaders, or all in flat mode) have one."""
+        if self.ps is None:
+            raise RuntimeError(f"rank {self.rank} does not talk to the parameter servers; its group leader does")
+        return self.ps
+
+    def pull_watching_peers(self, keys: list[str], *, min_version: int = 0, clock: int = 0) -> Values:
+        """Pull, waiting for the step (BSP) or the slowest worker (SSP) in short slices.
+
+        Between slices, look at the job's barrier: a worker that died anywhere
+        breaks it when its session lapses, so a wait for its push ends with
+        BarrierBroken naming it rather than a silent timeout.
+        """
+        ps = self.client()
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            try:
+                return ps.pull(keys, min_version=min_version, clock=clock, timeout_ms=PULL_SLICE_MS)
+            except DeadlineExceeded:
+                (state,) = self.barrier.status(self.barrier_name)
+                if state.broken_reason:
+                    raise BarrierBroken(state.broken_reason, grpc.StatusCode.ABORTED, list(state.missing)) from None
+                if time.monotonic() > deadline:
+                    raise
+
+    def abort(self, reason: str) -> None:
+        """Break the job's barrier so that every other worker stops at once, naming the cause."""
+        try:
+            self.barrier.abort(self.barrier_name, reason[:1000])
+        except NanodistError:
+            pass
+
+    def close(self) -> None:
+        self.barrier.close()
+        self.kv.close()
+        if self.ps is not None:
+            self.ps.close()
+        self.comm.close()
