@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_STAMP := $(VENV)/.installed-torch
 PROTOS := $(wildcard protos/nanodist/v1/*.proto)
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -10,7 +11,7 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto docs certs test lint demo demo-pipeline bench soak bench-setup clean docker-base wheelhouse docker up down logs
+.PHONY: setup proto docs certs test lint demo demo-pipeline demo-torch bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs
 
 setup: $(STAMP)
 
@@ -19,6 +20,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# nanodist[torch]: PyTorch is a multi-GB download, so only the targets that need it install it.
+$(TORCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,torch]'
+	touch $(TORCH_STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
@@ -32,7 +38,7 @@ certs: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python protos/apitools.py docs
 
-test: $(STAMP)
+test: $(TORCH_STAMP)
 	$(BIN)/pytest -q --durations=10
 
 # The whole cluster as local processes: 2 parameter-server shards, barrier, lock,
@@ -47,16 +53,21 @@ demo-pipeline: $(STAMP)
 # mypy cannot follow package-dir, so it checks the package through a tree of links that mirrors it.
 TYPECHECK := $(VENV)/typecheck/nanodist
 
-lint: $(STAMP)
+# examples/digits_cnn.py, a PyTorch CNN, on the same 4 workers through `nanodist run`.
+demo-torch: $(TORCH_STAMP)
+	$(BIN)/nanodist run --groups mpi:2,tcp:2 examples/digits_cnn.py
+
+lint: $(TORCH_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)
 	ln -s $(CURDIR)/protos/nanodist/* $(CURDIR)/services $(CURDIR)/client $(CURDIR)/workers $(TYPECHECK)/
+	ln -s $(CURDIR)/workers/torch $(TYPECHECK)/torch
 	$(BIN)/mypy
 	$(BIN)/mypy protos/apitools.py
 
 # The anchors need torch, redis-py and Debian's redis-server; a missing one is reported as skipped.
-bench: $(STAMP)
+bench: $(TORCH_STAMP)
 	$(BIN)/python bench/ps_throughput.py
 	$(BIN)/python bench/coordination.py
 	$(BIN)/python bench/allreduce.py
@@ -65,6 +76,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/durability.py
 	$(BIN)/python bench/tensor_sharding.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/torch_step.py
 
 # 64 clients for 60 s against 2 shards, barrier and lock: zero errors, zero lost updates, bounded memory.
 soak: $(STAMP)
@@ -82,11 +94,32 @@ docker-base:
 wheelhouse: $(STAMP)
 	bash docker/wheelhouse.sh
 
+# Sets $$base: python:3.11-slim when it can be pulled, otherwise the offline base.
+PICK_BASE = if docker image inspect python:3.11-slim >/dev/null 2>&1 || docker pull -q python:3.11-slim >/dev/null 2>&1; \
+	then base=python:3.11-slim; else $(MAKE) docker-base && base=$(OFFLINE_BASE); fi
+
 docker: wheelhouse
-	if docker image inspect python:3.11-slim >/dev/null 2>&1 || docker pull -q python:3.11-slim >/dev/null 2>&1; \
-	then base=python:3.11-slim; else $(MAKE) docker-base && base=$(OFFLINE_BASE); fi; \
+	$(PICK_BASE); \
 	echo "building $(IMAGE) on $$base"; \
 	docker build -q -f docker/Dockerfile --build-arg BASE_IMAGE=$$base -t $(IMAGE) .
+
+# The image variant with nanodist[torch] and examples/, for workers that run PyTorch scripts.
+# TORCH_INDEX_URL: a wheel index to install torch from instead of PyPI's default (CUDA) build,
+# such as one of CPU-only wheels, for a much smaller image (the build then needs that index).
+TORCH_IMAGE := $(IMAGE)-torch
+TORCH_INDEX_URL ?=
+# The build's own context: .dockerignore keeps the extra's GBs of wheels out of every other build.
+TORCH_CONTEXT := pyproject.toml README.md protos services client workers examples docker/Dockerfile \
+	docker/wheelhouse docker/wheelhouse-extras
+
+docker-torch: wheelhouse
+	TORCH_INDEX_URL='$(TORCH_INDEX_URL)' bash docker/wheelhouse.sh torch
+	$(PICK_BASE); \
+	echo "building $(TORCH_IMAGE) on $$base"; \
+	tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' $(TORCH_CONTEXT) \
+	| docker build -q -f docker/Dockerfile --build-arg BASE_IMAGE=$$base --build-arg EXTRAS=torch \
+		--build-arg TORCH_INDEX_URL='$(TORCH_INDEX_URL)' -t $(TORCH_IMAGE) -
+	docker image ls $(TORCH_IMAGE)
 
 up: docker
 	mkdir -p runs
@@ -98,6 +131,12 @@ down:
 
 logs:
 	$(COMPOSE) logs -f
+
+# examples/digits_cnn.py as worker containers (a TCP group of 2, an MPI group of 2) against the same services.
+up-torch: docker docker-torch
+	mkdir -p runs
+	$(COMPOSE) -f docker-compose.yml -f docker-compose.torch.yml up -d
+	$(COMPOSE) -f docker-compose.yml -f docker-compose.torch.yml ps
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -132,7 +132,13 @@ def test_ten_thousand_keys_in_one_request_work_and_one_bad_entry_rejects_them_al
     timeout_ms=st.integers(-(2**40), 2**40),
 )
 def test_extreme_barrier_and_lock_requests_get_a_precise_status(servers, name, parties, timeout_ms):
-    precise = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+    # ABORTED: hypothesis may repeat a name, and a barrier broken by an earlier example's timeout says so.
+    precise = (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+    )
     wait = barrier_pb2.WaitRequest(
         name=name, member_id=name, parties=parties, timeout_ms=timeout_ms if timeout_ms < 0 else 50
     )
