@@ -55,6 +55,12 @@ def _up() -> Subcommand:
     return launcher
 
 
+def _run() -> Subcommand:
+    from nanodist.workers import run
+
+    return run
+
+
 def _comm_check() -> Subcommand:
     from nanodist.workers.comm import check
 
@@ -87,6 +93,7 @@ ROLES = {
 COMMANDS = {
     "worker": Command("a training worker (data-parallel, or one pipeline stage)", _worker),
     "up": Command("run a whole cluster as local processes and train", _up),
+    "run": Command("launch your training script as the workers of a job (like torchrun)", _run),
     "comm-check": Command("check collectives and print bandwidth", _comm_check),
     "health": Command("gRPC health check; exit 0 if SERVING", _health),
     "status": Command("health and state of every service of a cluster", _status),

@@ -165,8 +165,9 @@ class Cluster:
         assert child.process.stdout is not None
         for line in child.process.stdout:
             with self.output_lock:
-                if self.watch_for is not None and self.first_failure is None and self.watch_for.search(line):
-                    self.first_failure = line.strip()
+                found = self.watch_for.search(line) if self.watch_for is not None else None
+                if found is not None and self.first_failure is None:
+                    self.first_failure = line[found.start() :].strip()
                 print(f"[{child.name}] {line}", end="", flush=True)
 
     def wait_healthy(self, child: Child, address: str, timeout: float) -> None:
@@ -193,9 +194,9 @@ class Cluster:
             for child in self.children:
                 code = child.process.poll()
                 if code is not None and (code != 0 or child.server):
-                    time.sleep(0.2)  # let the output threads catch the child's last lines
-                    reported = f" ({self.first_failure})" if self.first_failure else ""
-                    raise LaunchError(f"{child.name} exited with status {code}{reported}")
+                    time.sleep(0.2)  # let the output threads catch the children's last lines
+                    exited = f"{child.name} exited with status {code}"
+                    raise LaunchError(f"{self.first_failure} (then {exited})" if self.first_failure else exited)
             if all(c.process.poll() == 0 for c in self.children if not c.server):
                 return
             time.sleep(0.1)

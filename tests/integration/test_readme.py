@@ -17,6 +17,7 @@ MARKERS = {
     "barrier": "BarrierClient(",
     "lock": "KVStore(",
     "comm": "comm = from_env(",
+    "torch": "nd.DistributedOptimizer(",
 }
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
@@ -59,6 +60,21 @@ def test_example_runs(start_server: Callable[..., Server], name: str) -> None:
         code = code.replace("127.0.0.1:50071", start_server("lock").address)
     result = run(code)
     assert result.returncode == 0, result.stderr
+
+
+def test_torch_example_runs_alone_and_under_nanodist_run(tmp_path) -> None:
+    """The script of docs/torch.md runs as a plain script, and as 4 workers (an MPI and a TCP group)."""
+    pytest.importorskip("torch", reason="the torch example needs the torch extra: pip install 'nanodist[torch]'")
+    code = examples()["torch"][1]
+    alone = run(code)
+    assert alone.returncode == 0, alone.stderr
+    assert "rank 0 of 1 done" in alone.stdout
+    script = tmp_path / "train.py"
+    script.write_text(code)
+    command = [sys.executable, "-m", "nanodist.workers.cli", "run", "--groups", "mpi:2,tcp:2", str(script)]
+    job = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert all(f"rank {r} of 4 done" in job.stdout for r in range(4)), job.stdout[-3000:]
 
 
 def test_barrier_example_releases_four_members(start_server: Callable[..., Server]) -> None:

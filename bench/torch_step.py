@@ -1,0 +1,96 @@
+"""Data-parallel step time of nanodist.torch against torch DDP over gloo, side by side.
+
+The same model, the same 4 workers on this machine and the same per-worker
+batch (16), in the same run: nanodist under `nanodist run` (an MPI group and
+a TCP group of 2, hierarchical through 2 parameter-server shards, BSP), and
+torch DistributedDataParallel with 4 gloo processes. Communication per step
+is the step minus the same step on a plain copy of the model (no
+communication), measured in the same processes. Ratios are nanodist / DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import free_port, table  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RANKS = os.path.join(HERE, "torch_step_ranks.py")
+MODELS = {"cnn": "digits CNN (example a, 30K parameters)", "mlp": "16M-parameter MLP (64-4000-4000-10)"}
+
+
+def last_json(output: str) -> dict[str, float]:
+    for line in reversed(output.splitlines()):
+        if "{" in line:
+            return json.loads(line[line.index("{") :])
+    raise RuntimeError(f"no result in:\n{output[-3000:]}")
+
+
+def nanodist(model: str, compression: str, steps: int, groups: str) -> dict[str, float]:
+    command = [sys.executable, "-m", "nanodist.workers.cli", "run", "--groups", groups, "--timeout", "300"]
+    result = subprocess.run(
+        [*command, RANKS, "nanodist", model, compression, str(steps)], capture_output=True, text=True, check=False
+    )
+    if result.returncode:
+        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    return last_json(result.stdout)
+
+
+def ddp(model: str, compression: str, steps: int, world: int = 4) -> dict[str, float]:
+    port = str(free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, RANKS, "ddp", model, compression, str(steps), str(r), str(world), port],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    outputs = [p.communicate()[0] for p in ranks]
+    if any(p.returncode for p in ranks):
+        raise RuntimeError(f"a DDP rank failed: {outputs}")
+    return last_json(outputs[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--groups", default="mpi:2,tcp:2")
+    parser.add_argument("--models", default="cnn,mlp")
+    args = parser.parse_args()
+    rows = []
+    for model in args.models.split(","):
+        for compression in ("none", "fp16"):
+            ours = nanodist(model, compression, args.steps, args.groups)
+            theirs = ddp(model, compression, args.steps)
+            ours_comm = max(0.0, ours["step_ms"] - ours["local_ms"])
+            theirs_comm = max(0.0, theirs["step_ms"] - theirs["local_ms"])
+            rows.append(
+                [
+                    MODELS[model],
+                    compression,
+                    f"{ours['step_ms']:.1f}",
+                    f"{theirs['step_ms']:.1f}",
+                    f"{ours['step_ms'] / theirs['step_ms']:.2f}",
+                    f"{ours_comm:.1f}",
+                    f"{theirs_comm:.1f}",
+                    f"{ours_comm / theirs_comm:.2f}" if theirs_comm > 0 else "n/a",
+                ]
+            )
+            print(f"  measured {model} {compression}", file=sys.stderr, flush=True)
+    print(f"nanodist.torch ({args.groups}, 2 shards, BSP) vs torch DDP (gloo, 4 processes), ms per step, batch 16/worker")
+    print(
+        table(
+            ["model", "wire", "nanodist step", "DDP step", "step ratio", "nanodist comm", "DDP comm", "comm ratio"],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Averages gradients over every worker, bucket by bucket, while backward still runs.
+
+A hook on each parameter (register_post_accumulate_grad_hook) copies its
+gradient into its bucket; a full bucket is handed to the communication
+thread at once, so the exchange overlaps the rest of backward, as in DDP.
+Buckets start in index order on every rank, because collectives must be
+called in the same order everywhere. One bucket's exchange:
+
+1. inside the group, an allreduce (MEAN) over MPI or TCP;
+2. with more than one group, or in flat mode, the workers that talk to the
+   parameter servers push the bucket and pull the average of every pusher
+   (a BSP step on a key whose update rule is AVERAGE); the pull runs on a
+   second thread, so it overlaps the next bucket's allreduce;
+3. the group leader broadcasts the result to its group.
+
+In server-optimizer mode the servers apply the update rule instead, and the
+pull brings back parameters rather than an average gradient.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import torch
+
+from nanodist.torch.buckets import Bucket, Slot
+from nanodist.torch.compression import Compression
+from nanodist.workers.comm import ReduceOp
+from nanodist.workers.job import Job
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which stages a bucket's exchange takes, decided once from the job's shape."""
+
+    group_reduce: bool  # allreduce inside the group
+    via_servers: bool  # push to and pull from the parameter servers
+    group_broadcast: bool  # the leader hands the servers' answer to its group
+    pushes: bool  # this worker talks to the servers
+
+    @classmethod
+    def of(cls, job: Job, server_side: bool) -> Route:
+        flat, group = job.config.flat, job.comm.size
+        via_servers = server_side or flat or len(job.group_sizes) > 1
+        return cls(
+            group_reduce=not flat and group > 1,
+            via_servers=via_servers,
+            group_broadcast=via_servers and not flat and group > 1,
+            pushes=job.pushes,
+        )
+
+
+class Target(Enum):
+    """What the exchange's result becomes."""
+
+    GRAD = "grad"  # the average gradient, for the wrapped optimizer
+    PARAM = "param"  # parameters updated by the servers' optimizer
+    VALUE = "value"  # the tensor itself, averaged (buffers such as BatchNorm statistics)
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a host tensor (bfloat16 through ml_dtypes, which numpy lacks)."""
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+class Reducer:
+    def __init__(
+        self,
+        job: Job,
+        buckets: list[Bucket],
+        key_prefix: str,
+        *,
+        compression: Compression = Compression.none,
+        backward_passes_per_step: int = 1,
+        target: Target = Target.GRAD,
+        mode: str = "bsp",
+    ) -> None:
+        self.job = job
+        self.buckets = buckets
+        self.keys = [f"{key_prefix}/{b.index}" for b in buckets]
+        self.route = Route.of(job, server_side=target is Target.PARAM)
+        self.target = target
+        self.mode = mode
+        self.passes_per_step = backward_passes_per_step
+        # Compressed copies: one the group reduces, one that travels to the servers (the same when they can be).
+        mpi = job.config.backend == "mpi"
+        self.group_wire = [self._buffer(b, compression.group_dtype(b.dtype, mpi)) for b in buckets]
+        self.ps_wire = [
+            g if g.dtype == compression.wire_dtype(b.dtype) else self._buffer(b, compression.wire_dtype(b.dtype))
+            for b, g in zip(buckets, self.group_wire, strict=True)
+        ]
+        self._where: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
+        self._passes: dict[Slot, int] = {}
+        for bucket in buckets:
+            for slot in bucket.slots:
+                self._where[slot.param] = (bucket, slot)
+        self._lock = threading.Lock()
+        self._next = 0  # the next bucket to start; buckets start in index order
+        self._comm = ThreadPoolExecutor(1, thread_name_prefix="nanodist-comm")
+        self._servers = ThreadPoolExecutor(1, thread_name_prefix="nanodist-ps")
+        self._stage1: list[Future[Future[None] | None]] = []
+        self.step = 0
+        hooked = target is not Target.VALUE  # values have no gradients: synchronize() gathers them
+        self._hooks = [
+            s.param.register_post_accumulate_grad_hook(self._on_grad) for b in buckets for s in b.slots if hooked
+        ]
+        self._reset()
+
+    @staticmethod
+    def _buffer(bucket: Bucket, dtype: torch.dtype) -> torch.Tensor:
+        return bucket.buffer if dtype == bucket.dtype else torch.zeros_like(bucket.buffer, dtype=dtype)
+
+    # --- gradients arrive ----------------------------------------------
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        bucket, slot = self._where[param]
+        with self._lock:
+            self._passes[slot] = self._passes.get(slot, 0) + 1
+            if self._passes[slot] < self.passes_per_step:
+                return
+            if self._passes[slot] > self.passes_per_step:
+                raise RuntimeError(
+                    f"{slot.name}: more backward passes than backward_passes_per_step={self.passes_per_step} "
+                    "before step(); raise backward_passes_per_step or call step() in between"
+                )
+            self._fill(bucket, slot, param.grad)
+            bucket.ready += 1
+            self._start_ready()
+
+    def _fill(self, bucket: Bucket, slot: Slot, grad: torch.Tensor | None) -> None:
+        view = bucket.view(slot)
+        if grad is None:
+            view.zero_()
+            return
+        view.copy_(grad)  # any layout or device: copy_ handles strides and stages through host memory
+        if self.passes_per_step > 1 and self.target is not Target.VALUE:
+            view.div_(self.passes_per_step)
+        bucket.buffer[slot.presence] = 1
+
+    def _start_ready(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].slots):
+            bucket = self.buckets[self._next]
+            self._stage1.append(self._comm.submit(self._reduce, bucket, self.step))
+            self._next += 1
+
+    # --- the exchange --------------------------------------------------
+
+    def _reduce(self, bucket: Bucket, step: int) -> Future[None] | None:
+        """Communication thread: compress, reduce in the group, hand the bucket to the server thread."""
+        wire = self.group_wire[bucket.index]
+        if wire is not bucket.buffer:
+            wire.copy_(bucket.buffer)
+        if self.route.group_reduce:
+            self.job.comm.allreduce(as_numpy(wire), ReduceOp.MEAN)
+        if self.route.via_servers and self.route.pushes:
+            return self._servers.submit(self._exchange, bucket, step)
+        return None
+
+    def _exchange(self, bucket: Bucket, step: int) -> None:
+        """Server thread: push this worker's (group's) gradient, pull the result of the step."""
+        group, travelling = self.group_wire[bucket.index], self.ps_wire[bucket.index]
+        if travelling is not group:
+            travelling.copy_(group)
+        key, data = self.keys[bucket.index], as_numpy(travelling)
+        scale = self.job.push_scale
+        if scale != 1.0 and not self.job.config.flat:
+            data *= scale
+        self.job.client().push({key: data}, step=step)
+        mode = self.mode
+        values = self.job.pull_watching_peers(
+            [key], min_version=step + 1 if mode == "bsp" else 0, clock=step + 1 if mode == "ssp" else 0
+        )
+        data[:] = values[key]
+        if travelling is not group:
+            group.copy_(travelling)
+
+    def _finish(self, bucket: Bucket, stage1: Future[Future[None] | None]) -> None:
+        """Communication thread, in bucket order: wait for the servers, share the result in the group."""
+        pending = stage1.result()
+        if pending is not None:
+            pending.result()
+        wire = self.group_wire[bucket.index]
+        if self.route.group_broadcast:
+            self.job.comm.broadcast(as_numpy(wire), root=0)
+        if wire is not bucket.buffer:
+            bucket.buffer.copy_(wire)
+
+    # --- the step ------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Wait until every bucket is averaged; then write the results back to the parameters."""
+        with self._lock:
+            for bucket in self.buckets[self._next :]:
+                for slot in bucket.slots:
+                    if self.target is Target.VALUE:
+                        self._fill(bucket, slot, slot.param)
+                    elif self._passes.get(slot, 0) < self.passes_per_step:
+                        self._fill(bucket, slot, None)  # no gradient on this rank this step
+                bucket.ready = len(bucket.slots)
+            self._start_ready()
+        finishes = [self._comm.submit(self._finish, b, s) for b, s in zip(self.buckets, self._stage1, strict=True)]
+        try:
+            for done in finishes:
+                done.result()
+            for bucket in self.buckets:
+                self._write_back(bucket)
+        finally:
+            self.step += 1
+            self._reset()
+
+    def _write_back(self, bucket: Bucket) -> None:
+        for slot in bucket.slots:
+            value, param = bucket.view(slot), slot.param
+            if self.target is not Target.GRAD:
+                with torch.no_grad():
+                    param.copy_(value)
+            elif float(bucket.buffer[slot.presence]) > 0:
+                if param.grad is None:
+                    param.grad = value.to(param.device, copy=True)
+                else:
+                    param.grad.copy_(value)
+            else:
+                param.grad = None  # no worker produced one: the optimizer skips it, as it would alone
+
+    def _reset(self) -> None:
+        self._stage1 = []
+        self._next = 0
+        self._passes.clear()
+        for bucket in self.buckets:
+            bucket.reset()
+
+    def run_on_comm_thread(self, fn: Callable[[], None]) -> None:
+        """Run a collective in order with the buckets' (broadcasts at set-up use it)."""
+        self._comm.submit(fn).result()
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._comm.shutdown(wait=True)
+        self._servers.shutdown(wait=True)

@@ -1,0 +1,120 @@
+"""The process's membership in a job: nd.init(), nd.rank(), nd.size() and nd.shutdown().
+
+Settings come from the environment that `nanodist run`, `nanodist up` and the
+compose and stack files set (NANODIST_PS, NANODIST_RUN_ID, ...). A script
+started without them runs alone: size 1, no services, and every call works.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import Protocol
+
+from nanodist.workers.config import JobConfig
+from nanodist.workers.job import Job
+from nanodist.workers.settings import from_environment
+
+_job: Job | None = None
+_solo = False
+
+
+class Synchronizable(Protocol):
+    def synchronize(self) -> None: ...
+
+
+_optimizers: weakref.WeakSet[Synchronizable] = weakref.WeakSet()
+
+
+def register(optimizer: Synchronizable) -> None:
+    """Track a DistributedOptimizer so that nd.synchronize() and shutdown() reach it."""
+    _optimizers.add(optimizer)
+
+
+def synchronize() -> None:
+    """Wait for the communication in flight of every DistributedOptimizer."""
+    for optimizer in list(_optimizers):
+        optimizer.synchronize()
+
+
+def init() -> None:
+    """Join the job described by the environment (idempotent)."""
+    global _job, _solo
+    if _job is not None or _solo:
+        return
+    if not os.environ.get("NANODIST_RUN_ID"):
+        _solo = True  # started as a plain script: a job of one, no services
+    else:
+        _job = Job(from_environment(JobConfig))
+        sys.excepthook = _report_failure(sys.excepthook)
+    atexit.register(shutdown)
+
+
+def _report_failure(previous: Callable[..., None]) -> Callable[..., None]:
+    """On an uncaught exception: name this rank (the launcher looks for the line), break the job's
+    barrier so that every other worker stops at once naming the cause, and bring down an MPI group."""
+
+    def hook(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+        previous(kind, error, trace)
+        if _job is not None:
+            print(f"nanodist: rank {_job.rank} failed: {kind.__name__}: {error}", file=sys.stderr, flush=True)
+            _job.abort(f"rank {_job.rank} failed: {kind.__name__}: {error}")
+            _job.comm.abort()
+
+    return hook
+
+
+def job() -> Job | None:
+    """The joined job, or None when running alone."""
+    if _job is None and not _solo:
+        raise RuntimeError("nanodist.torch is not initialised: call nd.init() first")
+    return _job
+
+
+def rank() -> int:
+    j = job()
+    return 0 if j is None else j.rank
+
+
+def size() -> int:
+    j = job()
+    return 1 if j is None else j.world
+
+
+def group_rank() -> int:
+    """The rank inside this worker's group (MPI or TCP)."""
+    j = job()
+    return 0 if j is None else j.comm.rank
+
+
+def group_size() -> int:
+    j = job()
+    return 1 if j is None else j.comm.size
+
+
+def local_rank() -> int:
+    """The rank among the workers on this machine (NANODIST_LOCAL_RANK, else mpiexec's, else the group rank)."""
+    for name in ("NANODIST_LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return group_rank()
+
+
+def shutdown() -> None:
+    """Leave the job: close the clients and the group (also run at interpreter exit)."""
+    global _job, _solo
+    for optimizer in list(_optimizers):
+        closer = getattr(optimizer, "_nanodist", None)
+        if closer is not None:
+            closer.close()
+    _optimizers.clear()
+    if _job is not None:
+        _job.close()
+    _job, _solo = None, False
+
+
+__all__ = ["group_rank", "group_size", "init", "job", "local_rank", "rank", "shutdown", "size"]
