@@ -1,9 +1,10 @@
 """Data-parallel step time of nanodist.torch against torch DDP over gloo, side by side.
 
 The same model, the same 4 workers on this machine and the same per-worker
-batch (16), in the same run: nanodist under `nanodist run` (an MPI group and
-a TCP group of 2, hierarchical through 2 parameter-server shards, BSP), and
-torch DistributedDataParallel with 4 gloo processes. Communication per step
+batch (16), in the same run: nanodist under `nanodist run` in two layouts
+(one MPI group of 4, which needs no parameter server; an MPI group and a TCP
+group of 2, averaged across groups through 2 parameter-server shards, BSP),
+and torch DistributedDataParallel with 4 gloo processes. Communication per step
 is the step minus the same step on a plain copy of the model (no
 communication), measured in the same processes. Ratios are nanodist / DDP.
 """
@@ -60,33 +61,47 @@ def ddp(model: str, compression: str, steps: int, world: int = 4) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--groups", default="mpi:2,tcp:2")
+    parser.add_argument("--layouts", default="mpi:4 mpi:2,tcp:2", help="nanodist --groups values, space-separated")
     parser.add_argument("--models", default="cnn,mlp")
     args = parser.parse_args()
     rows = []
     for model in args.models.split(","):
         for compression in ("none", "fp16"):
-            ours = nanodist(model, compression, args.steps, args.groups)
             theirs = ddp(model, compression, args.steps)
-            ours_comm = max(0.0, ours["step_ms"] - ours["local_ms"])
             theirs_comm = max(0.0, theirs["step_ms"] - theirs["local_ms"])
-            rows.append(
-                [
-                    MODELS[model],
-                    compression,
-                    f"{ours['step_ms']:.1f}",
-                    f"{theirs['step_ms']:.1f}",
-                    f"{ours['step_ms'] / theirs['step_ms']:.2f}",
-                    f"{ours_comm:.1f}",
-                    f"{theirs_comm:.1f}",
-                    f"{ours_comm / theirs_comm:.2f}" if theirs_comm > 0 else "n/a",
-                ]
-            )
-            print(f"  measured {model} {compression}", file=sys.stderr, flush=True)
-    print(f"nanodist.torch ({args.groups}, 2 shards, BSP) vs torch DDP (gloo, 4 processes), ms per step, batch 16/worker")
+            for layout in args.layouts.split():
+                ours = nanodist(model, compression, args.steps, layout)
+                ours_comm = max(0.0, ours["step_ms"] - ours["local_ms"])
+                print(f"  {model} {compression} {layout}: nanodist {ours}, DDP {theirs}", file=sys.stderr, flush=True)
+                rows.append(
+                    [
+                        MODELS[model],
+                        layout,
+                        compression,
+                        f"{ours['step_ms']:.1f}",
+                        f"{theirs['step_ms']:.1f}",
+                        f"{ours['step_ms'] / theirs['step_ms']:.2f}",
+                        f"{ours_comm:.1f}",
+                        f"{theirs_comm:.1f}",
+                        f"{ours_comm / theirs_comm:.2f}" if theirs_comm > 0 else "n/a",
+                    ]
+                )
+    print(
+        "nanodist.torch (BSP; 2 shards when groups > 1) vs torch DDP (gloo, 4 processes), ms per step, batch 16/worker"
+    )
     print(
         table(
-            ["model", "wire", "nanodist step", "DDP step", "step ratio", "nanodist comm", "DDP comm", "comm ratio"],
+            [
+                "model",
+                "nanodist groups",
+                "wire",
+                "nanodist step",
+                "DDP step",
+                "step ratio",
+                "nanodist comm",
+                "DDP comm",
+                "comm ratio",
+            ],
             rows,
         )
     )

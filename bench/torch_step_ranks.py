@@ -91,6 +91,9 @@ def main() -> None:
     again = median_ms(step(trained, optimizer), steps)  # both sides of the local run, so drift shows
     if rank == 0:
         print(json.dumps({"step_ms": min(with_comm, again), "local_ms": alone}), flush=True)
+    if system == "ddp":
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

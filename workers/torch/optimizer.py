@@ -72,9 +72,7 @@ class _Synchronizer:
             self._load_parameters(server_optimizer)
         for reducer in (self.grads, self.buffers):
             if reducer.route.via_servers and reducer.route.pushes and reducer.target is not Target.PARAM:
-                job.client().init(
-                    {k: as_numpy(w) for k, w in zip(reducer.keys, reducer.ps_wire, strict=True)}, average()
-                )
+                job.client().init(reducer.server_arrays(reducer.ps_wire), average())
 
     def _load_parameters(self, server_optimizer: ps.Optimizer) -> None:
         """Rank 0's parameters become the servers' (first writer wins); everyone starts from them."""
@@ -84,15 +82,14 @@ class _Synchronizer:
             for slot in bucket.slots:
                 bucket.view(slot).copy_(slot.param.detach())
         if job.rank == 0:
-            job.client().init(
-                {k: as_numpy(b.buffer) for k, b in zip(reducer.keys, reducer.buckets, strict=True)}, server_optimizer
-            )
+            job.client().init(reducer.server_arrays([b.buffer for b in reducer.buckets]), server_optimizer)
             job.kv.set(ready, "1")
         job.kv.wait([ready], timeout=job.config.timeout)
         if job.ps is not None:
-            values = job.ps.pull(reducer.keys)
-            for key, bucket in zip(reducer.keys, reducer.buckets, strict=True):
-                as_numpy(bucket.buffer)[:] = values[key]
+            targets = reducer.server_arrays([b.buffer for b in reducer.buckets])
+            values = job.ps.pull(list(targets))
+            for key, array in targets.items():
+                array[:] = values[key]
         if not job.config.flat and job.comm.size > 1:
             for bucket in reducer.buckets:
                 job.comm.broadcast(as_numpy(bucket.buffer), root=0)

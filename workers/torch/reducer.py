@@ -55,6 +55,14 @@ class Route:
         )
 
 
+PIECE_BYTES = 64 << 20  # the unit of a bucket's trip to the servers; smaller pieces cost more than they overlap on 2 cores
+
+
+def _pieces(total: int, per_piece: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most `per_piece` elements covering `total` (one range if empty)."""
+    return [(a, min(a + per_piece, total)) for a in range(0, max(total, 1), per_piece)]
+
+
 class Target(Enum):
     """What the exchange's result becomes."""
 
@@ -86,7 +94,12 @@ class Reducer:
     ) -> None:
         self.job = job
         self.buckets = buckets
-        self.keys = [f"{key_prefix}/{b.index}" for b in buckets]
+        # Each bucket travels in pieces, so that one piece's trip to the servers overlaps the next
+        # piece's allreduce and the previous piece's broadcast.
+        self.pieces = [_pieces(b.buffer.numel(), PIECE_BYTES // b.buffer.element_size()) for b in buckets]
+        self.keys = [
+            [f"{key_prefix}/{b.index}.{i}" for i in range(len(p))] for b, p in zip(buckets, self.pieces, strict=True)
+        ]
         self.route = Route.of(job, server_side=target is Target.PARAM)
         self.target = target
         self.mode = mode
@@ -106,8 +119,9 @@ class Reducer:
         self._lock = threading.Lock()
         self._next = 0  # the next bucket to start; buckets start in index order
         self._comm = ThreadPoolExecutor(1, thread_name_prefix="nanodist-comm")
-        self._servers = ThreadPoolExecutor(1, thread_name_prefix="nanodist-ps")
-        self._stage1: list[Future[Future[None] | None]] = []
+        # Two pieces in flight to the servers keep two shards busy.
+        self._servers = ThreadPoolExecutor(2, thread_name_prefix="nanodist-ps")
+        self._stage1: list[Future[list[Future[None]]]] = []
         self.step = 0
         hooked = target is not Target.VALUE  # values have no gradients: synchronize() gathers them
         self._hooks = [
@@ -154,23 +168,26 @@ class Reducer:
 
     # --- the exchange --------------------------------------------------
 
-    def _reduce(self, bucket: Bucket, step: int) -> Future[None] | None:
-        """Communication thread: compress, reduce in the group, hand the bucket to the server thread."""
+    def _reduce(self, bucket: Bucket, step: int) -> list[Future[None]]:
+        """Communication thread: compress, reduce each piece in the group, hand it to the server threads."""
         wire = self.group_wire[bucket.index]
         if wire is not bucket.buffer:
             wire.copy_(bucket.buffer)
-        if self.route.group_reduce:
-            self.job.comm.allreduce(as_numpy(wire), ReduceOp.MEAN)
-        if self.route.via_servers and self.route.pushes:
-            return self._servers.submit(self._exchange, bucket, step)
-        return None
+        trips = []
+        for piece, (a, b) in enumerate(self.pieces[bucket.index]):
+            if self.route.group_reduce:
+                self.job.comm.allreduce(as_numpy(wire[a:b]), ReduceOp.MEAN)
+            if self.route.via_servers and self.route.pushes:
+                trips.append(self._servers.submit(self._exchange, bucket, piece, step))
+        return trips
 
-    def _exchange(self, bucket: Bucket, step: int) -> None:
-        """Server thread: push this worker's (group's) gradient, pull the result of the step."""
-        group, travelling = self.group_wire[bucket.index], self.ps_wire[bucket.index]
-        if travelling is not group:
+    def _exchange(self, bucket: Bucket, piece: int, step: int) -> None:
+        """Server thread: push this worker's (group's) piece, pull the result of the step."""
+        a, b = self.pieces[bucket.index][piece]
+        group, travelling = self.group_wire[bucket.index][a:b], self.ps_wire[bucket.index][a:b]
+        if travelling.dtype != group.dtype:
             travelling.copy_(group)
-        key, data = self.keys[bucket.index], as_numpy(travelling)
+        key, data = self.keys[bucket.index][piece], as_numpy(travelling)
         scale = self.job.push_scale
         if scale != 1.0 and not self.job.config.flat:
             data *= scale
@@ -180,19 +197,29 @@ class Reducer:
             [key], min_version=step + 1 if mode == "bsp" else 0, clock=step + 1 if mode == "ssp" else 0
         )
         data[:] = values[key]
-        if travelling is not group:
+        if travelling.dtype != group.dtype:
             group.copy_(travelling)
 
-    def _finish(self, bucket: Bucket, stage1: Future[Future[None] | None]) -> None:
-        """Communication thread, in bucket order: wait for the servers, share the result in the group."""
-        pending = stage1.result()
-        if pending is not None:
-            pending.result()
+    def _finish(self, bucket: Bucket, stage1: Future[list[Future[None]]]) -> None:
+        """Communication thread, in bucket order: as each piece comes back from the servers, share it in
+        the group."""
+        trips = stage1.result()
         wire = self.group_wire[bucket.index]
-        if self.route.group_broadcast:
-            self.job.comm.broadcast(as_numpy(wire), root=0)
+        for piece, (a, b) in enumerate(self.pieces[bucket.index]):
+            if trips:
+                trips[piece].result()
+            if self.route.group_broadcast:
+                self.job.comm.broadcast(as_numpy(wire[a:b]), root=0)
         if wire is not bucket.buffer:
             bucket.buffer.copy_(wire)
+
+    def server_arrays(self, tensors: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        """Per-bucket tensors (buffers or wire copies) as the servers' keys: one numpy view per piece."""
+        return {
+            key: as_numpy(tensor[a:b])
+            for tensor, keys, pieces in zip(tensors, self.keys, self.pieces, strict=True)
+            for key, (a, b) in zip(keys, pieces, strict=True)
+        }
 
     # --- the step ------------------------------------------------------
 
