@@ -61,9 +61,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16, help="per worker")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate, decayed by a cosine schedule")
     parser.add_argument("--compression", choices=["none", "fp16", "bf16"], default="none")
     parser.add_argument("--server-optimizer", action="store_true", help="the parameter servers run SGD with momentum")
+    parser.add_argument(
+        "--server-lr", type=float, default=0.05, help="its learning rate (constant: ASP and SSP gradients are stale)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -78,10 +81,11 @@ def main() -> None:
         torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
         named_parameters=model.named_parameters(),
         compression=args.compression,
-        server_optimizer=momentum(args.lr) if args.server_optimizer else None,
+        server_optimizer=momentum(args.server_lr) if args.server_optimizer else None,
     )
     nd.broadcast_parameters(model.state_dict(), root_rank=0)
     nd.broadcast_optimizer_state(optimizer, root_rank=0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
 
     epochs = []
     for epoch in range(1, args.epochs + 1):
@@ -93,6 +97,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+        schedule.step()
         if nd.rank() == 0:
             test_loss, accuracy = evaluate(model, test)
             record = {
@@ -119,7 +124,7 @@ def main() -> None:
         }
         write_metrics(run_dir, metrics)
         plot_training(run_dir, epochs, f"nanodist.torch digits CNN: {nd.size()} workers")
-        print(f"[rank 0] wrote {run_dir}/metrics.json and training.png", flush=True)
+        print(f"wrote {run_dir}/metrics.json and training.png", flush=True)
     nd.shutdown()
 
 
