@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import grpc
 
-# Allocator settings measured to help large messages (see README, Performance):
+# Allocator settings measured to help large messages (see docs/benchmarks.md):
 # keep big buffers out of fresh mmap pages and stop glibc trimming them away.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 

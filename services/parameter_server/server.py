@@ -61,7 +61,7 @@ class ParameterServerService:
             if not entry.HasField("value"):
                 raise invalid(f"{path}.value: missing")
             value = codec.from_proto(entry.value, f"{path}.value")
-            if value.dtype.kind != "f":
+            if entry.value.dtype not in codec.FLOAT_DTYPES:
                 raise invalid(f"{path}.value.dtype: parameters must be floating point, got {value.dtype.name}")
             prepared.append((entry.key, value, OptimizerConfig.from_proto(entry.optimizer, f"{path}.optimizer")))
         response = ps.InitResponse()

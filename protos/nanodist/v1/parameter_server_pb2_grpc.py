@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class ParameterServerStub:
     """ParameterServer holds one shard of the keys. Clients place keys on shards
-    with the documented stable hash (see README, "Sharding").
+    with the documented stable hash (see docs/parameter-server.md, "Sharding").
     """
 
     def __init__(self, channel):
@@ -75,7 +75,7 @@ class ParameterServerStub:
 
 class ParameterServerServicer:
     """ParameterServer holds one shard of the keys. Clients place keys on shards
-    with the documented stable hash (see README, "Sharding").
+    with the documented stable hash (see docs/parameter-server.md, "Sharding").
     """
 
     def Init(self, request, context):
@@ -196,7 +196,7 @@ def add_ParameterServerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ParameterServer:
     """ParameterServer holds one shard of the keys. Clients place keys on shards
-    with the documented stable hash (see README, "Sharding").
+    with the documented stable hash (see docs/parameter-server.md, "Sharding").
     """
 
     @staticmethod
