@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -91,6 +92,7 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 J = TypeVar("J", bound=JobConfig)
+T = TypeVar("T")
 
 
 def worker_config(train: J, groups: list[tuple[str, int]], group_id: int, ps: list[str], barrier: str, lock: str) -> J:
@@ -281,31 +283,40 @@ def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[s
         return json.load(f)
 
 
-def run(args: argparse.Namespace) -> None:
-    cluster = Cluster()
-    began = time.monotonic()
+def supervise(command: str, cluster: Cluster, body: Callable[[], T]) -> T:
+    """Run `body` (which starts children in `cluster`), then stop every child whatever happens.
+    SIGTERM is treated as Ctrl-C; a failure is one line on stderr and a non-zero exit."""
 
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        launch_config, train = settings(args)
-        print(
-            f"nanodist up: run {train.run_id}, groups {launch_config.groups}, {launch_config.shards} shards, "
-            f"{train.mode}",
-            flush=True,
-        )
-        metrics = launch(cluster, launch_config, train)
+        result = body()
     except KeyboardInterrupt:
         cluster.stop()
-        print("nanodist up: interrupted; every process stopped", file=sys.stderr)
+        print(f"{command}: interrupted; every process stopped", file=sys.stderr)
         raise SystemExit(130) from None
     except (LaunchError, OSError) as error:
         cluster.stop()
-        print(f"nanodist up: failed: {error}; every process stopped", file=sys.stderr)
+        print(f"{command}: failed: {error}; every process stopped", file=sys.stderr)
         raise SystemExit(1) from None
+    except BaseException:
+        cluster.stop()
+        raise
     cluster.stop()
+    return result
+
+
+def run(args: argparse.Namespace) -> None:
+    cluster = Cluster()
+    began = time.monotonic()
+    launch_config, train = supervise("nanodist up", cluster, lambda: settings(args))
+    print(
+        f"nanodist up: run {train.run_id}, groups {launch_config.groups}, {launch_config.shards} shards, {train.mode}",
+        flush=True,
+    )
+    metrics = supervise("nanodist up", cluster, lambda: launch(cluster, launch_config, train))
     run_dir = os.path.join(train.runs_dir, train.run_id)
     print(f"\nnanodist up: run {train.run_id} finished in {time.monotonic() - began:.1f} s", flush=True)
     layout = "flat" if train.flat else "hierarchical"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from nanodist.workers.launcher import (
     find_mpiexec,
     parse_groups,
     start_services,
+    supervise,
     worker_config,
 )
 from nanodist.workers.settings import add_flags, build, to_environment
@@ -97,20 +97,5 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cluster = Cluster(watch_for=FAILED)
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        launch(cluster, args)
-    except KeyboardInterrupt:
-        cluster.stop()
-        print("nanodist run: interrupted; every process stopped", file=sys.stderr)
-        raise SystemExit(130) from None
-    except (LaunchError, OSError) as error:
-        cluster.stop()
-        print(f"nanodist run: failed: {error}; every process stopped", file=sys.stderr)
-        raise SystemExit(1) from None
-    cluster.stop()
+    supervise("nanodist run", cluster, lambda: launch(cluster, args))
     print("nanodist run: every worker finished", flush=True)
