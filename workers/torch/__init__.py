@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from nanodist.torch import broadcast as _broadcast
-from nanodist.torch import runtime as _runtime
+import nanodist.torch.broadcast as _broadcast
+import nanodist.torch.runtime as _runtime
 from nanodist.torch.compression import Compression
 from nanodist.torch.optimizer import DistributedOptimizer, ModelMismatch
 from nanodist.torch.runtime import group_rank, group_size, init, job, local_rank, rank, shutdown, size

@@ -17,8 +17,8 @@ from typing import Any, cast
 
 import torch
 
+import nanodist.torch.runtime as runtime
 from nanodist.client import average
-from nanodist.torch import runtime
 from nanodist.torch.buckets import DEFAULT_BUCKET_BYTES, assign
 from nanodist.torch.compression import Compression
 from nanodist.torch.reducer import Reducer, Target, as_numpy
