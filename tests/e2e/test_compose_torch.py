@@ -1,0 +1,58 @@
+"""docker-compose.torch.yml: examples/digits_cnn.py (nanodist.torch) as worker containers of the
+torch image, against the services of docker-compose.yml, built from nothing on this machine."""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.test_compose import Cluster
+
+TORCH_IMAGE = "nanodist:0.1.0-torch"
+
+
+@pytest.fixture(scope="module")
+def images() -> None:
+    """The services' image and the torch variant (its wheelhouse comes from PyPI with pip download)."""
+    began = time.monotonic()
+    subprocess.run(["make", "docker", "docker-torch"], cwd=ROOT, check=True, timeout=1500)
+    print(f"\nimages built in {time.monotonic() - began:.0f} s")
+
+
+@pytest.fixture
+def cluster(tmp_path, images):
+    c = Cluster(tmp_path)
+    c.files = ["-f", "docker-compose.yml", "-f", "docker-compose.torch.yml"]
+    yield c
+    c.down()
+    leftovers = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={c.project}"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert leftovers == []
+
+
+# Building the multi-GB image from scratch takes minutes on 2 cores; the default per-test limit is for tests alone.
+@pytest.mark.timeout(2400)
+def test_torch_worker_containers_train_the_digits_cnn_against_the_compose_services(cluster):
+    began = time.monotonic()
+    up = cluster.compose("up", "-d", "--no-build", "--scale", "worker=2")
+    assert up.returncode == 0, up.stderr
+    workers = cluster.containers("worker") + cluster.containers("mpi-group")
+    assert len(workers) == 3
+    cluster.wait_exited(workers, timeout=900)
+    finished = time.monotonic() - began
+    for container in workers:
+        assert cluster.state(container)["State"]["ExitCode"] == 0, cluster.logs(container)[-3000:]
+        assert cluster.state(container)["Config"]["Image"] == TORCH_IMAGE
+    (server,) = cluster.containers("ps-0")
+    assert cluster.state(server)["Config"]["Image"] == "nanodist:0.1.0"  # the services stay on the light image
+    run = cluster.runs / cluster.run_id
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 4 and len(metrics["epochs"]) == 20
+    assert metrics["final_test_accuracy"] >= 0.97, metrics["epochs"][-1]
+    assert (run / "training.png").exists()
+    print(f"\ncompose torch: up to completion {finished:.1f} s; accuracy {metrics['final_test_accuracy']}")
