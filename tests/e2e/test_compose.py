@@ -1,11 +1,9 @@
 """The docker-compose cluster, built from nothing on this machine (offline base image, wheelhouse)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
-import uuid
 
 import grpc
 import pytest
@@ -13,9 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanodist.client.health import check
 from nanodist.client.rpc import ClientSecurity, open_channel
-from tests.conftest import ROOT, free_port
-
-COMPOSE = ["docker-compose"]
+from tests.conftest import ROOT
+from tests.e2e.compose import Cluster
 
 
 @pytest.fixture(scope="module")
@@ -25,58 +22,6 @@ def image() -> str:
     subprocess.run(["make", "docker"], cwd=ROOT, check=True, timeout=1500)
     print(f"\nimage built in {time.monotonic() - began:.0f} s")
     return "nanodist:0.1.0"
-
-
-class Cluster:
-    def __init__(self, tmp_path, **settings: str) -> None:
-        self.project = f"nde2e{uuid.uuid4().hex[:8]}"
-        self.runs = tmp_path / "runs"
-        self.runs.mkdir()
-        self.run_id = "e2e"
-        self.files: list[str] = []  # extra `-f` files; the default docker-compose.yml otherwise
-        self.env = {
-            **os.environ,
-            "NANODIST_RUN_ID": self.run_id,
-            "NANODIST_RUNS_HOST_DIR": str(self.runs),
-            "PS0_PORT": str(free_port()),
-            "PS1_PORT": str(free_port()),
-            "LOCK_PORT": str(free_port()),
-            "PS0_METRICS_PORT": str(free_port()),
-            "PS1_METRICS_PORT": str(free_port()),
-            **settings,
-        }
-
-    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*COMPOSE, "-p", self.project, *self.files, *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def containers(self, service: str) -> list[str]:
-        return self.compose("ps", "-q", service).stdout.split()
-
-    def state(self, container: str) -> dict:
-        out = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, check=True).stdout
-        return json.loads(out)[0]
-
-    def logs(self, container: str) -> str:
-        result = subprocess.run(["docker", "logs", container], capture_output=True, text=True, check=False)
-        return result.stdout + result.stderr
-
-    def wait_exited(self, containers: list[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while any(self.state(c)["State"]["Running"] for c in containers):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers still running after {timeout:g}s")
-            time.sleep(0.3)
-
-    def down(self) -> None:
-        self.compose("down", "-v", "--remove-orphans", "--timeout", "5")
 
 
 @pytest.fixture

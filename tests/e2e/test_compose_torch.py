@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e.test_compose import Cluster
+from tests.e2e.compose import Cluster
 
 TORCH_IMAGE = "nanodist:0.1.0-torch"
 
