@@ -20,7 +20,6 @@ pull brings back parameters rather than an average gradient.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -266,10 +265,6 @@ class Reducer:
         self._passes.clear()
         for bucket in self.buckets:
             bucket.reset()
-
-    def run_on_comm_thread(self, fn: Callable[[], None]) -> None:
-        """Run a collective in order with the buckets' (broadcasts at set-up use it)."""
-        self._comm.submit(fn).result()
 
     def close(self) -> None:
         for hook in self._hooks:
