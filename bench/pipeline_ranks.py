@@ -15,6 +15,7 @@ import numpy as np
 from nanodist.workers.comm import from_env
 from nanodist.workers.model_parallel import Pipeline, Schedule
 from nanodist.workers.models import MLP
+from nanodist.workers.progress import say
 
 WIDTH = int(os.environ.get("BENCH_WIDTH", "1024"))
 LAYERS = int(os.environ.get("BENCH_LAYERS", "6"))
@@ -37,7 +38,7 @@ def main() -> None:
     for _ in range(STEPS):
         pipeline.step(params, x, y)
     t = pipeline.timings
-    print(
+    say(  # one write per line, so that mpiexec never splices two stages' lines together
         json.dumps(
             {
                 "stage": pipeline.stage,
@@ -48,8 +49,7 @@ def main() -> None:
                 "bubble": 1 - t.compute / t.wall,
                 "peak_micro_batches_held": pipeline.peak_cached,
             }
-        ),
-        flush=True,
+        )
     )
     comm.close()
 
