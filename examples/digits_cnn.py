@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--compression", choices=["none", "fp16", "bf16"], default="none")
     parser.add_argument("--server-optimizer", action="store_true", help="the parameter servers run SGD with momentum")
     parser.add_argument(
-        "--server-lr", type=float, default=0.03, help="its learning rate (constant: ASP and SSP gradients are stale)"
+        "--server-lr", type=float, default=0.02, help="its learning rate (constant: ASP and SSP gradients are stale)"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
