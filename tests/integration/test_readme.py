@@ -64,7 +64,6 @@ def test_example_runs(start_server: Callable[..., Server], name: str) -> None:
 
 def test_torch_example_runs_alone_and_under_nanodist_run(tmp_path) -> None:
     """The script of docs/torch.md runs as a plain script, and as 4 workers (an MPI and a TCP group)."""
-    pytest.importorskip("torch", reason="the torch example needs the torch extra: pip install 'nanodist[torch]'")
     code = examples()["torch"][1]
     alone = run(code)
     assert alone.returncode == 0, alone.stderr

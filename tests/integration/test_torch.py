@@ -17,8 +17,6 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("torch", reason="nanodist.torch needs the torch extra: pip install 'nanodist[torch]'")
-
 from tests.conftest import ROOT, nanodist_command  # noqa: E402
 from tests.integration.torch_scripts.models import reference  # noqa: E402
 
