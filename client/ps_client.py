@@ -10,13 +10,14 @@ import grpc
 import numpy as np
 
 from nanodist.client.base import Closing
-from nanodist.client.errors import Unavailable, from_rpc_error
+from nanodist.client.errors import NotFound, Unavailable, from_rpc_error
 from nanodist.client.optimizers import sgd
 from nanodist.client.ps_shard import Pending, Pulled, Shard, StreamedPull, UnaryPull, push_chunks
 from nanodist.client.ps_values import SparseGradient, Values
 from nanodist.client.retry import RetryPolicy
 from nanodist.client.rpc import ClientSecurity
 from nanodist.client.split_keys import SplitKeys
+from nanodist.client.tables import Table, find
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.wire import codec
 
@@ -67,6 +68,7 @@ class ParameterServerClient(Closing):
         self.split_bytes = split_bytes
         self._nbytes: dict[str, int] = {}  # value sizes seen, to route large pulls to PullStream
         self._splits = SplitKeys(len(self.shards), split_bytes)
+        self._tables: dict[str, Table] = {}
 
     def close(self) -> None:
         for shard in self.shards:
@@ -164,6 +166,12 @@ class ParameterServerClient(Closing):
             for entry in self._entries(key, grad):
                 owner[entry.key] = key
                 payloads.setdefault(self.shard_index(entry.key), []).append(entry)
+        return self._push(payloads, owner, step, base, fencing_token)
+
+    def _push(
+        self, payloads: dict[int, list[codec.Entry]], owner: dict[str, str], step: int, base: str, fencing_token: int
+    ) -> dict[str, int]:
+        """One push per shard, in parallel; each key's version after it (a split key: its slowest part)."""
         order = {i: [e.key for e in entries] for i, entries in payloads.items()}
 
         def start(i: int, entries: list[codec.Entry]) -> Pending[ps.PushResponse]:
@@ -261,6 +269,116 @@ class ParameterServerClient(Closing):
         for key, whole in wholes.items():
             self._splits.join(key, values, whole)
         return Values(((k, values[k]) for k in keys), values.versions, min(clocks, default=0))
+
+    # --- embedding tables (see nanodist.client.tables) --------------------
+
+    def init_table(
+        self,
+        name: str,
+        rows: int,
+        columns: int,
+        *,
+        optimizer: ps.Optimizer | None = None,
+        initializer: ps.RowInitializer | None = None,
+        dtype: np.dtype | type = np.float32,
+    ) -> bool:
+        """Declare a table of `rows` x `columns` split across every shard, its rows created as they are
+        pushed (first writer wins). Returns whether this call created it."""
+        table = Table.plan(name, rows, columns, np.dtype(dtype), len(self.shards))
+        wire_dtype = codec.proto_dtype(table.dtype)
+        requests = {
+            i: ps.InitRequest(
+                entries=[
+                    ps.InitEntry(
+                        key=key,
+                        table=table.spec(i, initializer or ps.RowInitializer(), wire_dtype),
+                        optimizer=optimizer or sgd(0.01),
+                    )
+                ]
+            )
+            for i, key in enumerate(table.parts)
+        }
+        results = self._fan_out(requests, lambda i, r: self.shards[i].init.future(r, timeout=self.timeout))
+        self._tables[name] = table
+        return any(r.created for response in results.values() for r in response.results)
+
+    def table(self, name: str) -> Table:
+        """The table `name`, found on the shards if another client declared it; NotFound if none did."""
+        table = self._tables.get(name)
+        if table is None:
+            table = find(name, self.list_keys(), len(self.shards))
+            if table is None:
+                raise NotFound(f"table {name!r} does not exist on every shard; declare it with init_table first")
+            self._tables[name] = table
+        return table
+
+    def pull_rows(
+        self, ids: Mapping[str, np.ndarray], *, min_version: int = 0, clock: int = 0, timeout_ms: int = 0
+    ) -> Values:
+        """Rows of tables, one call per shard for all tables: values[name][k] is row ids[name][k].
+
+        Rows never pushed come back with their initial values. min_version and
+        clock wait as in pull; a table's version is its slowest part's.
+        """
+        request = {
+            i: ps.PullRequest(min_version=min_version, clock=clock, timeout_ms=timeout_ms, worker_id=self.worker_id)
+            for i in range(len(self.shards))
+        }
+        placed: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for name, wanted in ids.items():
+            table = self.table(name)
+            rows = table.check_ids(wanted)
+            placed[name] = []
+            for part, local, positions in table.split(rows):
+                if len(local):
+                    request[part].entries.add(key=table.parts[part], rows=local.tolist())
+                    placed[name].append((part, positions))
+        requests = {i: r for i, r in request.items() if r.entries}
+        deadline = self.timeout + (timeout_ms or 30_000) / 1000
+
+        def start(i: int, request: ps.PullRequest) -> Pending[Pulled]:
+            rows = sum(len(e.rows) for e in request.entries)
+            if rows * max(t.columns * t.dtype.itemsize for t in self._tables.values()) > self.chunk_bytes:
+                return StreamedPull(self.shards[i].pull_stream(request, timeout=deadline))
+            return UnaryPull(self.shards[i].pull.future(request, timeout=deadline))
+
+        by_key: dict[str, codec.Entry] = {}
+        clocks = []
+        for entries, slowest in self._fan_out(requests, start).values():
+            clocks.append(slowest)
+            by_key.update((e.key, e) for e in entries)
+        values = Values(slowest_clock=min(clocks, default=0))
+        for name, wanted in ids.items():
+            table = self._tables[name]
+            out = np.empty((len(np.asarray(wanted).reshape(-1)), table.columns), dtype=table.dtype)
+            for part, positions in placed[name]:
+                entry = by_key[table.parts[part]]
+                if entry.values is None:
+                    raise codec.CodecError(f"{entry.key}: the shard sent no rows")
+                out[positions] = entry.values
+                values.versions[name] = min(values.versions.get(name, entry.version), entry.version)
+            values[name] = out
+        return values
+
+    def push_rows(
+        self, grads: Mapping[str, SparseGradient], *, step: int = 0, request_id: str | None = None
+    ) -> dict[str, int]:
+        """Push row gradients of tables, one call per shard for all tables; duplicate rows add up.
+
+        Every part of every table gets an entry, empty if no row of it is
+        pushed, so that a BSP step completes on every shard.
+        """
+        payloads: dict[int, list[codec.Entry]] = {}
+        owner: dict[str, str] = {}
+        for name, grad in grads.items():
+            table = self.table(name)
+            rows = table.check_ids(grad.rows)
+            values = np.asarray(grad.values, dtype=table.dtype).reshape(len(rows), table.columns)
+            for part, local, positions in table.split(rows):
+                key = table.parts[part]
+                payloads.setdefault(part, []).append(codec.Entry(key=key, rows=local, values=values[positions]))
+                owner[key] = name
+        return self._push(payloads, owner, step, request_id or uuid.uuid4().hex, 0)
 
     def _learn_sizes(self) -> None:
         """Ask every shard for its keys: sizes route a large first pull to PullStream, and parts

@@ -24,6 +24,7 @@ import numpy as np
 
 from nanodist.services.common.durable import fsync_dir
 from nanodist.services.parameter_server.optimizers import Optimizer, OptimizerConfig
+from nanodist.services.parameter_server.row_table import RowTable, TableShape
 from nanodist.services.parameter_server.store import Pending, Slot, Store
 
 FORMAT = 1
@@ -46,16 +47,30 @@ def snapshot(store: Store, wal_lsn: int | None = None) -> dict[str, Any]:
     """
     keys = {}
     for key, slot in store.slots.items():
+        table = slot.table
+        if table is None:
+            ids, value, states = None, slot.value.copy(), [s.copy() for s in slot.optimizer.states]
+        else:
+            ids, value, states = table.snapshot()  # only the rows that exist
         keys[key] = {
-            "value": slot.value.copy(),
-            "states": [s.copy() for s in slot.optimizer.states],
+            "value": value,
+            "states": states,
+            "table": None if table is None else _table_meta(table.shape),
+            "ids": ids,
             "version": slot.version,
             "applied_step": slot.applied_step,
             "optimizer": asdict(slot.optimizer.config),
             "optimizer_steps": slot.optimizer.steps,
             # BSP sums still waiting for pushes: a restart must not forget the pushes already acknowledged
             "pending": [
-                (step, sorted(p.workers), p.dense, p.total.copy(), None if p.touched is None else p.touched.copy())
+                (
+                    step,
+                    sorted(p.workers),
+                    p.dense,
+                    p.total.copy(),
+                    None if p.touched is None else p.touched.copy(),
+                    None if p.rows is None else p.rows.copy(),
+                )
                 for step, p in slot.pending.items()
             ],
         }
@@ -99,12 +114,24 @@ def write(directory: str, snap: dict[str, Any]) -> str:
         files = {f"k{index}.value.npy": _save(tmp, f"k{index}.value.npy", item["value"])}
         for i, state in enumerate(item["states"]):
             files[f"k{index}.state{i}.npy"] = _save(tmp, f"k{index}.state{i}.npy", state)
+        if item["ids"] is not None:
+            files[f"k{index}.ids.npy"] = _save(tmp, f"k{index}.ids.npy", item["ids"])
         pending = []
-        for step, workers, dense, total, touched in item["pending"]:
+        for step, workers, dense, total, touched, rows in item["pending"]:
             files[f"k{index}.pending{step}.npy"] = _save(tmp, f"k{index}.pending{step}.npy", total)
             if touched is not None:
                 files[f"k{index}.touched{step}.npy"] = _save(tmp, f"k{index}.touched{step}.npy", touched)
-            pending.append({"step": step, "workers": workers, "dense": dense, "sparse": touched is not None})
+            if rows is not None:
+                files[f"k{index}.rows{step}.npy"] = _save(tmp, f"k{index}.rows{step}.npy", rows)
+            pending.append(
+                {
+                    "step": step,
+                    "workers": workers,
+                    "dense": dense,
+                    "sparse": touched is not None,
+                    "rows": rows is not None,
+                }
+            )
         manifest["keys"][key] = {
             "index": index,
             "dtype": item["value"].dtype.str,
@@ -114,6 +141,7 @@ def write(directory: str, snap: dict[str, Any]) -> str:
             "optimizer": item["optimizer"],
             "optimizer_steps": item["optimizer_steps"],
             "states": len(item["states"]),
+            "table": item["table"],
             "pending": pending,
             "sha256": files,
         }
@@ -185,11 +213,24 @@ def restore(directory: str, store: Store) -> tuple[str, int | None] | None:
             log.error("checkpoint %s is damaged (%s); trying the previous one", path, error)
             continue
         for key, (meta, value, states, arrays) in loaded["keys"].items():
-            optimizer = Optimizer(OptimizerConfig(**meta["optimizer"]), value)
-            optimizer.states = states
-            optimizer.steps = meta["optimizer_steps"]
-            slot = Slot(value=value, optimizer=optimizer, version=meta["version"], applied_step=meta["applied_step"])
             index = meta["index"]
+            config = OptimizerConfig(**meta["optimizer"])
+            table = None
+            if meta.get("table"):
+                table = RowTable(_table_shape(meta["table"]), config)
+                table.restore(arrays[f"k{index}.ids.npy"], value, states)
+                optimizer, value = table.optimizer, np.empty((0, value.shape[1]), value.dtype)
+            else:
+                optimizer = Optimizer(config, value)
+                optimizer.states = states
+            optimizer.steps = meta["optimizer_steps"]
+            slot = Slot(
+                value=value,
+                optimizer=optimizer,
+                version=meta["version"],
+                applied_step=meta["applied_step"],
+                table=table,
+            )
             for item in meta.get("pending", []):
                 step = item["step"]
                 slot.pending[step] = Pending(
@@ -197,6 +238,7 @@ def restore(directory: str, store: Store) -> tuple[str, int | None] | None:
                     workers=set(item["workers"]),
                     touched=arrays[f"k{index}.touched{step}.npy"] if item["sparse"] else None,
                     dense=item["dense"],
+                    rows=arrays[f"k{index}.rows{step}.npy"] if item.get("rows") else None,
                 )
             store.adopt(key, slot)
         manifest = loaded["manifest"]
@@ -207,3 +249,11 @@ def restore(directory: str, store: Store) -> tuple[str, int | None] | None:
         log.info("restored %d keys from %s", len(loaded["keys"]), path)
         return path, manifest.get("wal_lsn")
     return None
+
+
+def _table_meta(shape: TableShape) -> dict[str, Any]:
+    return {**asdict(shape), "dtype": shape.dtype.str}
+
+
+def _table_shape(meta: dict[str, Any]) -> TableShape:
+    return TableShape(**{**meta, "dtype": np.dtype(meta["dtype"])})

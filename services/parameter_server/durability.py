@@ -17,8 +17,7 @@ from collections.abc import Callable, Coroutine
 from enum import StrEnum
 
 from nanodist.services.common.errors import ConfigurationError, ServiceError
-from nanodist.services.parameter_server import checkpoint, wal
-from nanodist.services.parameter_server.optimizers import OptimizerConfig
+from nanodist.services.parameter_server import checkpoint, init_entry, wal
 from nanodist.services.parameter_server.store import Store
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.wire import codec
@@ -106,8 +105,7 @@ class Persistence:
     def _replay(self, record: wal.Record, apply_push: Callable[[codec.PushMessage], bytes]) -> None:
         if record.kind == wal.INIT:
             for i, entry in enumerate(ps.InitRequest.FromString(record.payload).entries):
-                optimizer = OptimizerConfig.from_proto(entry.optimizer, f"entries[{i}].optimizer")
-                self.store.init(entry.key, codec.from_proto(entry.value), optimizer)
+                self.store.init(*init_entry.prepare(entry, f"entries[{i}]"))
         else:
             apply_push(codec.decode_push(record.payload))
 

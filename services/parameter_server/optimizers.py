@@ -87,6 +87,9 @@ class Optimizer:
         """param -= update(grad * scale); `states` are this rule's state arrays, same layout."""
         self.steps += 1
         c = self.config
+        if self._scratch.size < min(param.size, CHUNK_ELEMENTS):  # a table's rows grew
+            self._scratch = np.empty(min(param.size, CHUNK_ELEMENTS), dtype=param.dtype)
+            self._scratch2 = np.empty_like(self._scratch) if c.kind == ps.Optimizer.ADAM else self._scratch[:0]
         for start in range(0, param.size, CHUNK_ELEMENTS):
             end = min(start + CHUNK_ELEMENTS, param.size)
             p, g = param[start:end], grad[start:end]

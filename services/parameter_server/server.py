@@ -21,8 +21,8 @@ from nanodist.services.common.errors import ServiceError, exhausted, invalid
 from nanodist.services.common.handlers import safe_parser
 from nanodist.services.common.metrics import BYTES, KEY_BYTES, KEYS
 from nanodist.services.common.validation import check_count, check_name
+from nanodist.services.parameter_server import init_entry
 from nanodist.services.parameter_server.durability import Durability, Persistence
-from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.push_assembly import PushAssembly
 from nanodist.services.parameter_server.store import Slot, Store
 from nanodist.v1 import parameter_server_pb2 as ps
@@ -54,22 +54,18 @@ class ParameterServerService:
         names = set()
         for i, entry in enumerate(request.entries):
             path = f"entries[{i}]"
-            check_name(entry.key, f"{path}.key")
+            prepared.append(init_entry.prepare(entry, path))
             if entry.key in names:
                 raise invalid(f"{path}.key: {entry.key!r} appears twice in one request")
             names.add(entry.key)
-            if not entry.HasField("value"):
-                raise invalid(f"{path}.value: missing")
-            value = codec.from_proto(entry.value, f"{path}.value")
-            if entry.value.dtype not in codec.FLOAT_DTYPES:
-                raise invalid(f"{path}.value.dtype: parameters must be floating point, got {value.dtype.name}")
-            prepared.append((entry.key, value, OptimizerConfig.from_proto(entry.optimizer, f"{path}.optimizer")))
         response = ps.InitResponse()
         for key, value, optimizer in prepared:
             created, version = self.store.init(key, value, optimizer)
             response.results.add(key=key, created=created, version=version)
             if created:
-                log.info("init %s %s %s", key, value.dtype.name, list(value.shape))
+                slot = self.store.slots[key]
+                kind = "table" if slot.table else "key"
+                log.info("init %s %s %s %s", kind, key, slot.dtype.name, list(slot.shape))
         self.update_gauges()
         durable = self.persistence.log_init(request) if any(r.created for r in response.results) else None
         await (durable or self.persistence.synced())
@@ -148,7 +144,13 @@ class ParameterServerService:
         slots = []
         for i, entry in enumerate(request.entries):
             check_name(entry.key, f"entries[{i}].key")
-            slots.append(self.store.slot(entry.key, f"entries[{i}].key"))
+            slot = self.store.slot(entry.key, f"entries[{i}].key")
+            if slot.table is not None and not entry.rows:
+                raise invalid(
+                    f"entries[{i}].rows: {entry.key!r} is a table of {slot.shape[0]} rows created as they are "
+                    "pushed; pull it by rows"
+                )
+            slots.append(slot)
         if request.timeout_ms < 0:
             raise invalid(f"timeout_ms: must be >= 0, got {request.timeout_ms}")
         if self.store.ready(slots, request.min_version, request.clock):
@@ -180,12 +182,14 @@ class ParameterServerService:
     def _value(self, key: str, slot: Slot, rows: list[int], path: str) -> codec.Entry:
         if not rows:
             return codec.Entry(key=key, dense=slot.value, version=slot.version)
-        if slot.value.ndim != 2:
+        shape = slot.shape
+        if len(shape) != 2:
             raise invalid(f"{path}.rows: key {key!r} is not 2-D")
         index = np.asarray(rows, dtype=np.int64)
-        if index.min() < 0 or index.max() >= slot.value.shape[0]:
-            raise invalid(f"{path}.rows: indices must be in [0, {slot.value.shape[0]})")
-        return codec.Entry(key=key, rows=index, values=slot.value[index], version=slot.version)
+        if index.min() < 0 or index.max() >= shape[0]:
+            raise invalid(f"{path}.rows: indices must be in [0, {shape[0]})")
+        values = slot.table.read(index) if slot.table is not None else slot.value[index]
+        return codec.Entry(key=key, rows=index, values=values, version=slot.version)
 
     @unary("ps", "Pull")
     async def pull(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> bytes:
@@ -240,13 +244,16 @@ class ParameterServerService:
         response = ps.ListKeysResponse()
         for key in sorted(self.store.slots):
             slot = self.store.slots[key]
-            response.keys.add(
+            info = response.keys.add(
                 key=key,
-                dtype=codec.proto_dtype(slot.value.dtype),
-                shape=slot.value.shape,
+                dtype=codec.proto_dtype(slot.dtype),
+                shape=slot.shape,
                 version=slot.version,
                 optimizer=slot.optimizer.config.to_proto(),
             )
+            if slot.table is not None:
+                info.table.CopyFrom(init_entry.table_proto(slot.table.shape))
+                info.rows_held = slot.table.held
         return response
 
     @unary("ps", "Stats")

@@ -14,6 +14,7 @@ import numpy as np
 
 from nanodist.services.common.errors import ConfigurationError, exhausted, failed_precondition, invalid, not_found
 from nanodist.services.parameter_server.optimizers import CHUNK_ELEMENTS, Optimizer, OptimizerConfig
+from nanodist.services.parameter_server.row_table import RowTable, TableShape
 from nanodist.wire.codec import Entry
 
 MAX_PENDING_STEPS = 64  # BSP steps of one key that may wait for pushes at once; each holds a full-size sum
@@ -62,16 +63,44 @@ class Pending:
     workers: set[int] = field(default_factory=set)
     touched: np.ndarray | None = None  # sparse pushes: which rows received gradient
     dense: bool = False  # some push was dense: apply to the whole value
+    rows: np.ndarray | None = None  # tables: the rows of `total`, every push's appended (a table is never summed whole)
 
 
 @dataclass
 class Slot:
-    value: np.ndarray
+    value: np.ndarray  # a table's is empty: its rows live in `table`
     optimizer: Optimizer
     version: int = 0
     applied_step: int = -1  # BSP: last step whose mean was applied
     pending: dict[int, Pending] = field(default_factory=dict)
     spare: list[np.ndarray] = field(default_factory=list)  # PushStream assembly buffers, reused
+    table: RowTable | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.table.shape.rows, self.table.shape.columns) if self.table else self.value.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.table.shape.dtype if self.table else self.value.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of values held (a table: the rows that exist)."""
+        return (
+            self.table.held * self.table.shape.columns * self.table.shape.dtype.itemsize
+            if self.table
+            else self.value.nbytes
+        )
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of values and optimizer state, as --max-bytes counts them."""
+        return (
+            self.table.held * self.table.row_bytes
+            if self.table
+            else self.value.nbytes * (1 + len(self.optimizer.states))
+        )
 
 
 @dataclass
@@ -111,13 +140,18 @@ class Store:
 
     # --- keys -----------------------------------------------------------
 
-    def init(self, key: str, value: np.ndarray, optimizer: OptimizerConfig) -> tuple[bool, int]:
-        """Create `key` unless it exists; return (created, version). First writer wins."""
+    def init(self, key: str, value: np.ndarray | TableShape, optimizer: OptimizerConfig) -> tuple[bool, int]:
+        """Create `key` (a value, or a table of lazily created rows) unless it exists; return (created,
+        version). First writer wins."""
         slot = self.slots.get(key)
         if slot is not None:
             return False, slot.version
         if len(self.slots) >= self.limits.max_keys:
             raise exhausted(f"{key!r}: the server holds {len(self.slots)} keys, its limit (--max-keys)")
+        if isinstance(value, TableShape):
+            table = RowTable(value, optimizer)
+            self.slots[key] = Slot(np.empty((0, value.columns), value.dtype), table.optimizer, table=table)
+            return True, 0
         needed = value.nbytes * (1 + optimizer.state_count)
         if self.bytes_held + needed > self.limits.max_bytes:
             raise exhausted(
@@ -132,7 +166,7 @@ class Store:
     def adopt(self, key: str, slot: Slot) -> None:
         """Take a restored slot as it is (checkpoint restore)."""
         self.slots[key] = slot
-        self.bytes_held += slot.value.nbytes * (1 + len(slot.optimizer.states))
+        self.bytes_held += slot.held_bytes
 
     def slot(self, key: str, path: str) -> Slot:
         slot = self.slots.get(key)
@@ -141,7 +175,7 @@ class Store:
         return slot
 
     def total_bytes(self) -> int:
-        return sum(s.value.nbytes for s in self.slots.values())
+        return sum(s.nbytes for s in self.slots.values())
 
     # --- dedup ----------------------------------------------------------
 
@@ -201,29 +235,44 @@ class Store:
                     f"worker {worker_id} already pushed step {step} of {entry.key!r} with another request_id"
                 )
             slots.append(slot)
+        self._check_growth(slots, entries)
         return slots
 
+    def _check_growth(self, slots: list[Slot], entries: list[Entry]) -> None:
+        """Refuse a push whose new table rows would pass --max-bytes, naming the table."""
+        growth = 0
+        for slot, entry in zip(slots, entries, strict=True):
+            if slot.table is None or entry.rows is None:
+                continue
+            new = slot.table.new_rows(np.unique(entry.rows))
+            growth += new * slot.table.row_bytes
+            if new and self.bytes_held + growth > self.limits.max_bytes:
+                raise exhausted(
+                    f"table {entry.key!r}: {new} new rows ({new * slot.table.row_bytes} bytes with optimizer state) "
+                    f"would pass the {self.limits.max_bytes}-byte limit (--max-bytes); {self.bytes_held} are held"
+                )
+
     def _check_gradient(self, slot: Slot, entry: Entry, path: str) -> None:
-        value = slot.value
+        shape = slot.shape
         if entry.rows is not None:
             grad = entry.values
             assert grad is not None
-            if value.ndim != 2:
-                raise invalid(
-                    f"{path}.sparse: key {entry.key!r} has shape {list(value.shape)}; sparse rows need a 2-D key"
-                )
-            if grad.shape[1] != value.shape[1]:
-                raise invalid(f"{path}.sparse.values: {grad.shape[1]} columns, key has {value.shape[1]}")
-            if len(entry.rows) and (entry.rows.min() < 0 or entry.rows.max() >= value.shape[0]):
-                raise invalid(f"{path}.sparse.rows: indices must be in [0, {value.shape[0]})")
+            if len(shape) != 2:
+                raise invalid(f"{path}.sparse: key {entry.key!r} has shape {list(shape)}; sparse rows need a 2-D key")
+            if grad.shape[1] != shape[1]:
+                raise invalid(f"{path}.sparse.values: {grad.shape[1]} columns, key has {shape[1]}")
+            if len(entry.rows) and (entry.rows.min() < 0 or entry.rows.max() >= shape[0]):
+                raise invalid(f"{path}.sparse.rows: indices must be in [0, {shape[0]})")
         elif entry.dense is not None:
             grad = entry.dense
-            if grad.shape != value.shape:
-                raise invalid(f"{path}.dense.shape: {list(grad.shape)} differs from the key's {list(value.shape)}")
+            if slot.table is not None:
+                raise invalid(f"{path}.dense: {entry.key!r} is a table of lazily created rows; push sparse rows")
+            if grad.shape != shape:
+                raise invalid(f"{path}.dense.shape: {list(grad.shape)} differs from the key's {list(shape)}")
         else:
             raise invalid(f"{path}: no gradient (set dense or sparse)")
-        if grad.dtype != value.dtype:
-            raise invalid(f"{path}: gradient dtype {grad.dtype.name} differs from the key's {value.dtype.name}")
+        if grad.dtype != slot.dtype:
+            raise invalid(f"{path}: gradient dtype {grad.dtype.name} differs from the key's {slot.dtype.name}")
         if self.limits.reject_nonfinite and not all_finite(grad):
             # One NaN would spread through the optimizer into every later pull.
             raise invalid(f"{path}: the gradient of {entry.key!r} holds NaN or Inf (--allow-nonfinite accepts it)")
@@ -247,23 +296,30 @@ class Store:
     def _apply(self, slot: Slot, entry: Entry, scale: float) -> None:
         if entry.rows is not None:
             assert entry.values is not None  # check_push refused sparse rows without values
-            rows, inverse = np.unique(entry.rows, return_inverse=True)
-            grad = entry.values
-            if len(rows) != len(entry.rows):  # duplicate rows: sum their gradients
-                summed = np.zeros((len(rows), slot.value.shape[1]), dtype=slot.value.dtype)
-                np.add.at(summed, inverse, entry.values)
-                grad = summed
-            slot.optimizer.apply_rows(slot.value, rows, grad, scale)
+            self._apply_rows(slot, *_summed(entry.rows, entry.values), scale)
         else:
             assert entry.dense is not None  # check_push refused an entry with no gradient
             slot.optimizer.apply_dense(slot.value, entry.dense, scale)
         slot.version += 1
 
+    def _apply_rows(self, slot: Slot, rows: np.ndarray, grad: np.ndarray, scale: float) -> None:
+        """Update unique `rows`; a table creates the rows it lacks (and holds their bytes from now on)."""
+        if slot.table is None:
+            slot.optimizer.apply_rows(slot.value, rows, grad, scale)
+            return
+        before = slot.held_bytes
+        slot.table.update(rows, grad, scale)
+        self.bytes_held += slot.held_bytes - before
+
     def _accumulate(self, slot: Slot, entry: Entry, worker_id: int, step: int) -> bool:
         pending = slot.pending.get(step)
         if pending is None:
             pending = slot.pending[step] = Pending(total=np.zeros_like(slot.value))
-        if entry.rows is not None:
+        if slot.table is not None:
+            assert entry.rows is not None and entry.values is not None  # check_push refused dense table pushes
+            pending.rows = entry.rows if pending.rows is None else np.concatenate([pending.rows, entry.rows])
+            pending.total = np.concatenate([pending.total, entry.values])
+        elif entry.rows is not None:
             assert entry.values is not None  # check_push refused sparse rows without values
             np.add.at(pending.total, entry.rows, entry.values)
             if pending.touched is None:
@@ -278,7 +334,9 @@ class Store:
             return False
         del slot.pending[step]
         scale = 1.0 / self.num_workers
-        if not pending.dense and pending.touched is not None:
+        if slot.table is not None:
+            self._apply_rows(slot, *_summed(_no_rows() if pending.rows is None else pending.rows, pending.total), scale)
+        elif not pending.dense and pending.touched is not None:
             rows = np.flatnonzero(pending.touched)
             slot.optimizer.apply_rows(slot.value, rows, pending.total[rows], scale)
         else:
@@ -299,3 +357,17 @@ class Store:
 
     def slowest_clock(self) -> int:
         return min(self.clocks.get(w, 0) for w in range(self.num_workers))
+
+
+def _no_rows() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
+
+
+def _summed(rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique rows and their gradients, duplicates summed (a batch may touch a row many times)."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if len(unique) == len(rows):
+        return rows, values
+    summed = np.zeros((len(unique), values.shape[1]), dtype=values.dtype)
+    np.add.at(summed, inverse, values)
+    return unique, summed

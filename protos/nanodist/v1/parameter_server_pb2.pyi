@@ -38,15 +38,51 @@ class Optimizer(_message.Message):
     epsilon: float
     def __init__(self, kind: _Optional[_Union[Optimizer.Kind, str]] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
+class RowInitializer(_message.Message):
+    __slots__ = ("kind", "scale", "seed")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[RowInitializer.Kind]
+        NORMAL: _ClassVar[RowInitializer.Kind]
+        UNIFORM: _ClassVar[RowInitializer.Kind]
+        ZEROS: _ClassVar[RowInitializer.Kind]
+    KIND_UNSPECIFIED: RowInitializer.Kind
+    NORMAL: RowInitializer.Kind
+    UNIFORM: RowInitializer.Kind
+    ZEROS: RowInitializer.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    kind: RowInitializer.Kind
+    scale: float
+    seed: int
+    def __init__(self, kind: _Optional[_Union[RowInitializer.Kind, str]] = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class TableSpec(_message.Message):
+    __slots__ = ("rows", "columns", "dtype", "initializer", "first_row")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZER_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROW_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    columns: int
+    dtype: _tensor_pb2.DType
+    initializer: RowInitializer
+    first_row: int
+    def __init__(self, rows: _Optional[int] = ..., columns: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., initializer: _Optional[_Union[RowInitializer, _Mapping]] = ..., first_row: _Optional[int] = ...) -> None: ...
+
 class InitEntry(_message.Message):
-    __slots__ = ("key", "value", "optimizer")
+    __slots__ = ("key", "value", "optimizer", "table")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
     key: str
     value: _tensor_pb2.Tensor
     optimizer: Optimizer
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ...) -> None: ...
+    table: TableSpec
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., table: _Optional[_Union[TableSpec, _Mapping]] = ...) -> None: ...
 
 class InitRequest(_message.Message):
     __slots__ = ("entries",)
@@ -159,18 +195,22 @@ class ListKeysRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "version", "optimizer")
+    __slots__ = ("key", "dtype", "shape", "version", "optimizer", "table", "rows_held")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_HELD_FIELD_NUMBER: _ClassVar[int]
     key: str
     dtype: _tensor_pb2.DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     version: int
     optimizer: Optimizer
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ...) -> None: ...
+    table: TableSpec
+    rows_held: int
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., table: _Optional[_Union[TableSpec, _Mapping]] = ..., rows_held: _Optional[int] = ...) -> None: ...
 
 class ListKeysResponse(_message.Message):
     __slots__ = ("keys",)

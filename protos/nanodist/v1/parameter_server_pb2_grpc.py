@@ -96,7 +96,9 @@ class ParameterServerServicer:
         tensor, a dtype or shape that differs from the key's, a bad name or
         worker_id; FAILED_PRECONDITION for a BSP step already applied or already
         pushed by this worker, or a stale fencing_token; RESOURCE_EXHAUSTED for a
-        message over the size limit.
+        message over the size limit, or for new table rows that would pass the
+        server's memory limit (the message names the table). A table takes only
+        sparse rows (INVALID_ARGUMENT for a dense gradient).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,7 +119,8 @@ class ParameterServerServicer:
         waits, up to timeout_ms, until each key reaches min_version (BSP) and the
         slowest worker's clock is within the staleness bound (SSP).
         Errors: NOT_FOUND for an unknown key; INVALID_ARGUMENT for a bad name or
-        row; DEADLINE_EXCEEDED when the wait expires, naming the keys behind;
+        row, or a table pulled without rows; DEADLINE_EXCEEDED when the wait
+        expires, naming the keys behind;
         RESOURCE_EXHAUSTED if the values exceed one message (use PullStream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

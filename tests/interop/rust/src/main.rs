@@ -63,8 +63,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let adam = Optimizer { kind: optimizer::Kind::Adam as i32, learning_rate: 0.1, ..Default::default() };
     let init = ps.init(InitRequest {
         entries: vec![
-            InitEntry { key: "interop/f32".into(), value: Some(f32_tensor(&[1.0, 2.0, 3.0, 4.0])), optimizer: Some(sgd) },
-            InitEntry { key: "interop/f64".into(), value: Some(f64_tensor(&[1.0, 2.0, 3.0])), optimizer: Some(adam) },
+            InitEntry { key: "interop/f32".into(), value: Some(f32_tensor(&[1.0, 2.0, 3.0, 4.0])), optimizer: Some(sgd), ..Default::default() },
+            InitEntry { key: "interop/f64".into(), value: Some(f64_tensor(&[1.0, 2.0, 3.0])), optimizer: Some(adam), ..Default::default() },
         ],
     }).await?.into_inner();
     println!("init {}", init.results.iter().filter(|r| r.created).count());
