@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 
@@ -29,6 +31,7 @@ from nanodist.workers.comm import Communicator, from_env
 from nanodist.workers.config import ConfigError, JobConfig
 from nanodist.workers.progress import say
 
+T = TypeVar("T")
 SESSION_TTL = 5.0  # seconds: how long a dead worker goes unnoticed
 PULL_SLICE_MS = 500  # how often a waiting pull looks for a broken barrier
 
@@ -49,6 +52,7 @@ class Job:
         settings that cannot work are named before an absent server is."""
         config.validate()
         self.config = config
+        self.security = security
         self.kv = KVStore(config.lock, timeout=config.timeout, security=security)
         self.comm = self._join_group()
         self.group_sizes = self._group_sizes()
@@ -60,6 +64,8 @@ class Job:
         self.is_leader = self.comm.rank == 0
         self.pushes = config.flat or self.is_leader or every_rank_pushes
         self.barrier_name = f"{config.run_id}/epoch"
+        self._collectives: ThreadPoolExecutor | None = None
+        self._reader: ParameterServerClient | None = None
         if check is not None:
             check(self.rank, self.world)
         self.ps = self._connect_ps(security) if self.pushes else None
@@ -122,7 +128,7 @@ class Job:
 
     def _connect_ps(self, security: ClientSecurity | None) -> ParameterServerClient:
         c = self.config
-        worker_id = self.rank if c.flat else c.group_id
+        worker_id = self.pusher_id
         client = ParameterServerClient(list(c.ps), worker_id=worker_id, timeout=c.timeout, security=security)
         try:
             client.wait_ready(timeout=min(10.0, c.timeout))
@@ -131,24 +137,51 @@ class Job:
             raise ConfigError(f"{error.message}; check --ps") from None
         return client
 
+    @property
+    def pusher_id(self) -> int:
+        """This worker's worker_id at the servers: its rank in flat mode, else its group's."""
+        return self.rank if self.config.flat else self.config.group_id
+
+    def reader(self) -> ParameterServerClient:
+        """A parameter-server client on every rank (for reads such as embedding rows): the pushing
+        client where this worker has one."""
+        if self.ps is not None:
+            return self.ps
+        if self._reader is None:
+            self._reader = self._connect_ps(self.security)
+        return self._reader
+
     def client(self) -> ParameterServerClient:
         """The parameter-server client; only workers that push (leaders, or all in flat mode) have one."""
         if self.ps is None:
             raise RuntimeError(f"rank {self.rank} does not talk to the parameter servers; its group leader does")
         return self.ps
 
+    def collectives(self) -> ThreadPoolExecutor:
+        """The one thread that runs background collectives of the group (gradient buckets, embedding
+        rows): collectives must start in the same order on every rank, so they never run on two threads."""
+        if self._collectives is None:
+            self._collectives = ThreadPoolExecutor(1, thread_name_prefix="nanodist-comm")
+        return self._collectives
+
     def pull_watching_peers(self, keys: list[str], *, min_version: int = 0, clock: int = 0) -> Values:
-        """Pull, waiting for the step (BSP) or the slowest worker (SSP) in short slices.
+        """Pull, waiting for the step (BSP) or the slowest worker (SSP); see watching_peers."""
+        ps = self.client()
+        return self.watching_peers(
+            lambda slice_ms: ps.pull(keys, min_version=min_version, clock=clock, timeout_ms=slice_ms)
+        )
+
+    def watching_peers(self, wait: Callable[[int], T]) -> T:
+        """Call wait(slice_ms), a server-side wait of at most slice_ms, until it returns.
 
         Between slices, look at the job's barrier: a worker that died anywhere
         breaks it when its session lapses, so a wait for its push ends with
         BarrierBroken naming it rather than a silent timeout.
         """
-        ps = self.client()
         deadline = time.monotonic() + self.config.timeout
         while True:
             try:
-                return ps.pull(keys, min_version=min_version, clock=clock, timeout_ms=PULL_SLICE_MS)
+                return wait(PULL_SLICE_MS)
             except DeadlineExceeded:
                 (state,) = self.barrier.status(self.barrier_name)
                 if state.broken_reason:
@@ -164,8 +197,11 @@ class Job:
             pass
 
     def close(self) -> None:
+        if self._collectives is not None:
+            self._collectives.shutdown(wait=True)
         self.barrier.close()
         self.kv.close()
-        if self.ps is not None:
-            self.ps.close()
+        for client in (self.ps, self._reader):
+            if client is not None:
+                client.close()
         self.comm.close()

@@ -23,6 +23,7 @@ import torch
 import nanodist.torch.broadcast as _broadcast
 import nanodist.torch.runtime as _runtime
 from nanodist.torch.compression import Compression
+from nanodist.torch.embedding import Embedding, EmbeddingBag, normal, prefetch, uniform, zeros
 from nanodist.torch.optimizer import DistributedOptimizer, ModelMismatch
 from nanodist.torch.runtime import group_rank, group_size, init, job, local_rank, rank, shutdown, size
 
@@ -54,6 +55,8 @@ def synchronize(optimizer: torch.optim.Optimizer | None = None) -> None:
 __all__ = [
     "Compression",
     "DistributedOptimizer",
+    "Embedding",
+    "EmbeddingBag",
     "ModelMismatch",
     "broadcast_optimizer_state",
     "broadcast_parameters",
@@ -61,8 +64,12 @@ __all__ = [
     "group_size",
     "init",
     "local_rank",
+    "normal",
+    "prefetch",
     "rank",
     "shutdown",
     "size",
     "synchronize",
+    "uniform",
+    "zeros",
 ]

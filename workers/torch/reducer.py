@@ -119,7 +119,7 @@ class Reducer:
                 self._where[slot.param] = (bucket, slot)
         self._lock = threading.Lock()
         self._next = 0  # the next bucket to start; buckets start in index order
-        self._comm = ThreadPoolExecutor(1, thread_name_prefix="nanodist-comm")
+        self._comm = job.collectives()
         # Two pieces in flight to the servers keep two shards busy.
         self._servers = ThreadPoolExecutor(2, thread_name_prefix="nanodist-ps")
         self._stage1: list[Future[list[Future[None]]]] = []
@@ -269,5 +269,4 @@ class Reducer:
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
-        self._comm.shutdown(wait=True)
         self._servers.shutdown(wait=True)

@@ -28,11 +28,17 @@ class Synchronizable(Protocol):
 
 
 _optimizers: weakref.WeakSet[Synchronizable] = weakref.WeakSet()
+_closers: list[Callable[[], None]] = []  # run by shutdown() before the job closes
 
 
 def register(optimizer: Synchronizable) -> None:
     """Track a DistributedOptimizer so that nd.synchronize() and shutdown() reach it."""
     _optimizers.add(optimizer)
+
+
+def on_shutdown(close: Callable[[], None]) -> None:
+    """Run `close` at shutdown(), before the job's clients and group close."""
+    _closers.append(close)
 
 
 def synchronize() -> None:
@@ -112,6 +118,8 @@ def shutdown() -> None:
         if closer is not None:
             closer.close()
     _optimizers.clear()
+    while _closers:
+        _closers.pop()()
     if _job is not None:
         _job.close()
     _job, _solo = None, False
