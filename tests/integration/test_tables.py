@@ -7,7 +7,15 @@ import signal
 import numpy as np
 import pytest
 
-from nanodist.client import InvalidArgument, ParameterServerClient, ResourceExhausted, SparseGradient, adagrad, sgd
+from nanodist.client import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ParameterServerClient,
+    ResourceExhausted,
+    SparseGradient,
+    adagrad,
+    sgd,
+)
 from nanodist.row_init import UNIFORM, initial_rows
 from nanodist.v1 import parameter_server_pb2 as ps
 
@@ -120,3 +128,28 @@ def test_a_table_survives_kill_9_under_wal_and_checkpoints_hold_only_its_rows(st
     manifest = json.loads((state / checkpoints[-1] / "manifest.json").read_text())
     (meta,) = manifest["keys"].values()
     assert meta["shape"] == [9, DIM] and meta["table"]["rows"] == 200_000_000  # 3 pushes x 3 rows, not 200M
+
+
+def test_asp_applies_each_workers_rows_at_once_and_ssp_pulls_wait_for_the_slowest(start_server):
+    one = np.ones((1, DIM), np.float32)
+    (asp,) = shards(start_server, 1, "--mode", "asp")
+    with ParameterServerClient([asp], worker_id=0) as first, ParameterServerClient([asp], worker_id=1) as second:
+        first.init_table("emb", ROWS, DIM, initializer=UNIFORM_01, optimizer=sgd(0.5))
+        first.push_rows({"emb": SparseGradient(np.array([1]), one)})
+        seen = second.pull_rows({"emb": np.array([1])})
+        assert seen.versions["emb"] == 1  # applied alone, not averaged with anyone's
+        np.testing.assert_allclose(seen["emb"], expected_initial([1]) - 0.5, rtol=1e-6)
+        second.push_rows({"emb": SparseGradient(np.array([1]), one)})
+        np.testing.assert_allclose(
+            first.pull_rows({"emb": np.array([1])})["emb"], expected_initial([1]) - 1.0, rtol=1e-6
+        )
+    (ssp,) = shards(start_server, 1, "--mode", "ssp", "--num-workers", "2", "--staleness", "1")
+    with ParameterServerClient([ssp], worker_id=0) as fast, ParameterServerClient([ssp], worker_id=1) as slow:
+        fast.init_table("emb", ROWS, DIM, optimizer=sgd(0.5))
+        for step in range(3):
+            fast.push_rows({"emb": SparseGradient(np.array([step]), one)}, step=step)
+        with pytest.raises(DeadlineExceeded, match="slowest worker clock 0"):
+            fast.pull_rows({"emb": np.array([0])}, clock=3, timeout_ms=300)  # 3 steps ahead of a clock of 0
+        slow.push_rows({"emb": SparseGradient(np.array([9]), one)}, step=0)
+        slow.push_rows({"emb": SparseGradient(np.array([9]), one)}, step=1)
+        assert fast.pull_rows({"emb": np.array([0])}, clock=3, timeout_ms=5000).slowest_clock == 2
