@@ -38,7 +38,11 @@ class Table:
     def spec(self, part: int, initializer: ps.RowInitializer, dtype: int) -> ps.TableSpec:
         first, end = int(self.bounds[part]), int(self.bounds[part + 1])
         return ps.TableSpec(
-            rows=end - first, columns=self.columns, dtype=dtype, initializer=initializer, first_row=first
+            rows=end - first,
+            columns=self.columns,
+            dtype=dtype,  # type: ignore[arg-type]
+            initializer=initializer,
+            first_row=first,
         )
 
     def check_ids(self, ids: np.ndarray) -> np.ndarray:

@@ -61,7 +61,7 @@ def table_proto(shape: TableShape) -> ps.TableSpec:
     return ps.TableSpec(
         rows=shape.rows,
         columns=shape.columns,
-        dtype=codec.proto_dtype(shape.dtype),
+        dtype=codec.proto_dtype(shape.dtype),  # type: ignore[arg-type]
         initializer=ps.RowInitializer(kind=shape.initializer, scale=shape.scale, seed=shape.seed),  # type: ignore[arg-type]
         first_row=shape.first_row,
     )
