@@ -8,6 +8,7 @@ gradients touch (see nanodist.torch.rows for when they are pushed).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,9 +87,9 @@ class _Table(nn.Module):
             weight.register_hook(lambda grad: self._push(unique_ids, grad))
         return weight, inverse.to(ids.device).reshape(ids.shape)
 
-    def _push(self, ids: object, grad: torch.Tensor) -> None:
+    def _push(self, ids: np.ndarray, grad: torch.Tensor) -> None:
         values = grad.detach().to("cpu", torch.float32).contiguous().numpy()
-        self.exchange.deposit(self.name, RowGradient(ids, values))  # type: ignore[arg-type]
+        self.exchange.deposit(self.name, RowGradient(ids, values))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, name={self.name!r}"

@@ -170,7 +170,11 @@ class RowExchange:
         self._wait_for_push()
 
     def close(self) -> None:
-        self._pusher.shutdown(wait=True)
+        """Finish the push in flight (peers wait for it under BSP), then stop the threads."""
+        try:
+            self._wait_for_push()
+        finally:
+            self._pusher.shutdown(wait=True)
         self._prefetcher.shutdown(wait=True)
 
 
