@@ -45,14 +45,11 @@ class TableShape:
 class RowTable:
     def __init__(self, shape: TableShape, optimizer: OptimizerConfig) -> None:
         self.shape = shape
-        self.place: dict[int, int] = {}  # row -> index into data
+        self.index = RowIndex()  # row -> its place in data
+        self.held = 0
         self.ids = np.empty(FIRST_CAPACITY, dtype=np.int64)  # data's rows, in creation order
         self.data = np.empty((FIRST_CAPACITY, shape.columns), dtype=shape.dtype)
         self.optimizer = Optimizer(optimizer, self.data)
-
-    @property
-    def held(self) -> int:
-        return len(self.place)
 
     @property
     def row_bytes(self) -> int:
@@ -78,8 +75,7 @@ class RowTable:
         self.optimizer.apply_rows(self.data, places, grad, scale)
 
     def _places(self, rows: np.ndarray) -> np.ndarray:
-        get = self.place.get
-        return np.fromiter((get(r, -1) for r in rows.tolist()), dtype=np.int64, count=len(rows))
+        return self.index.find(rows)
 
     def _create(self, rows: np.ndarray) -> np.ndarray:
         places = self._places(rows)
@@ -88,12 +84,13 @@ class RowTable:
             return places
         start = self.held
         self._reserve(start + len(missing))
+        self.held += len(missing)
         new = np.arange(start, start + len(missing))
         self.data[new] = self.shape.initial(rows[missing])
         for state in self.optimizer.states:
             state[new] = 0
         self.ids[new] = rows[missing]
-        self.place.update(zip(rows[missing].tolist(), new.tolist(), strict=True))
+        self.index.add(rows[missing], new)
         places[missing] = new
         return places
 
@@ -110,11 +107,12 @@ class RowTable:
     def restore(self, ids: np.ndarray, data: np.ndarray, states: list[np.ndarray]) -> None:
         """Take rows from a checkpoint."""
         self._reserve(max(len(ids), 1))
-        count = len(ids)
+        count = self.held = len(ids)
         self.ids[:count], self.data[:count] = ids, data
         for mine, saved in zip(self.optimizer.states, states, strict=True):
             mine[:count] = saved
-        self.place = dict(zip(ids.tolist(), range(count), strict=True))
+        self.index = RowIndex()
+        self.index.add(ids, np.arange(count))
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """Copies of the rows that exist: their numbers, values and optimizer state."""
@@ -126,3 +124,43 @@ def _grown(array: np.ndarray, rows: int) -> np.ndarray:
     grown = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
     grown[: len(array)] = array
     return grown
+
+
+class RowIndex:
+    """Row number -> place, looked up for a whole batch at once: a large sorted level and a small one
+    that takes new rows and merges into the large one when it grows past a fraction of it, so that
+    lookups are two binary searches and inserts cost O(1) amortised copies per row."""
+
+    def __init__(self) -> None:
+        self.levels = [_Level(), _Level()]  # [large, small]
+
+    def find(self, rows: np.ndarray) -> np.ndarray:
+        places = np.full(len(rows), -1, dtype=np.int64)
+        for level in self.levels:
+            level.find(rows, places)
+        return places
+
+    def add(self, rows: np.ndarray, places: np.ndarray) -> None:
+        large, small = self.levels
+        small.merge(rows, places)
+        if len(small.rows) > max(4096, len(large.rows) // 8):
+            large.merge(small.rows, small.places)
+            self.levels[1] = _Level()
+
+
+class _Level:
+    def __init__(self) -> None:
+        self.rows = np.empty(0, dtype=np.int64)
+        self.places = np.empty(0, dtype=np.int64)
+
+    def find(self, rows: np.ndarray, out: np.ndarray) -> None:
+        if not len(self.rows):
+            return
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        hit = self.rows[at] == rows
+        out[hit] = self.places[at[hit]]
+
+    def merge(self, rows: np.ndarray, places: np.ndarray) -> None:
+        merged = np.concatenate([self.rows, rows])
+        order = np.argsort(merged, kind="stable")
+        self.rows, self.places = merged[order], np.concatenate([self.places, places])[order]

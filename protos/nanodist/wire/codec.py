@@ -160,7 +160,7 @@ def _entry_parts(entry: Entry, dense_field: int, extra: wire.Parts) -> wire.Part
     parts = wire.Parts().add(wire.str_field(1, entry.key))
     if entry.rows is not None:
         assert entry.values is not None
-        sparse = wire.Parts().add(wire.packed_ints(1, [int(r) for r in entry.rows]))
+        sparse = wire.Parts().add(wire.packed_int_array(1, entry.rows))
         sparse.add_message(2, tensor_parts(entry.values))
         parts.add_message(3, sparse)
     elif entry.dense is not None:
@@ -191,18 +191,19 @@ def encode_pull_response(entries: list[Entry], slowest_clock: int = 0) -> bytes:
 
 
 def _decode_sparse(buf: memoryview, span: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray]:
-    rows: list[int] = []
+    pieces: list[np.ndarray] = []  # a repeated field may come in several pieces
     values: np.ndarray | None = None
     for f in wire.fields(buf, *span):
         if f.number == 1:
-            wire.read_ints(buf, f, rows)
+            pieces.append(wire.read_int_array(buf, f))
         elif f.number == 2 and f.wire_type == wire.LEN:
             values = decode_tensor(buf, f.span, f"{path}.values")
     if values is None:
         raise CodecError(f"{path}.values: missing")
+    rows = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
     if values.ndim != 2 or values.shape[0] != len(rows):
         raise CodecError(f"{path}.values: shape {list(values.shape)} must be [len(rows)={len(rows)}, columns]")
-    return np.asarray(rows, dtype=np.int64), values
+    return rows, values
 
 
 def _decode_entry(buf: memoryview, span: tuple[int, int], path: str, is_value: bool) -> Entry:
