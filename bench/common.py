@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -69,3 +71,33 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def last_json(output: str) -> dict[str, Any]:
+    """The last JSON object printed in `output` (a rank's result line, after any prefix)."""
+    for line in reversed(output.splitlines()):
+        if "{" in line:
+            return json.loads(line[line.index("{") :])
+    raise RuntimeError(f"no result in:\n{output[-3000:]}")
+
+
+def ddp_ranks(script: str, args: list[str], world: int = 4) -> dict[str, Any]:
+    """Run `script ARGS... RANK WORLD PORT` as `world` torch.distributed processes; rank 0's JSON result."""
+    port = str(free_port())
+    ranks = [
+        subprocess.Popen([sys.executable, script, *args, str(r), str(world), port], stdout=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]
+    outputs = [p.communicate()[0] for p in ranks]
+    if any(p.returncode for p in ranks):
+        raise RuntimeError(f"a DDP rank failed: {outputs}")
+    return last_json(outputs[0])
+
+
+def nanodist_run(args: list[str]) -> dict[str, Any]:
+    """`nanodist run ARGS...` to the end; the JSON result its rank 0 printed."""
+    command = [sys.executable, "-m", "nanodist.workers.cli", "run", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    return last_json(result.stdout)

@@ -12,13 +12,11 @@ machine's memory, DDP is not run and the row says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, table  # noqa: E402
+from common import ddp_ranks, nanodist_run, table  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RANKS = os.path.join(HERE, "embedding_step_ranks.py")
@@ -27,38 +25,15 @@ DDP_BYTES_PER_ROW = 16 * 4 * 3  # value, sparse gradient and Adagrad's sum, per 
 MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def last_json(output: str) -> dict:
-    for line in reversed(output.splitlines()):
-        if "{" in line:
-            return json.loads(line[line.index("{") :])
-    raise RuntimeError(f"no result in:\n{output[-3000:]}")
-
-
 def nanodist(rows: int, steps: int, layout: list[str]) -> dict:
-    command = [sys.executable, "-m", "nanodist.workers.cli", "run", *layout, "--timeout", "300"]
-    result = subprocess.run([*command, RANKS, "nanodist", str(rows), str(steps)], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
-    return last_json(result.stdout)
+    return nanodist_run([*layout, "--timeout", "300", RANKS, "nanodist", str(rows), str(steps)])
 
 
 def ddp(rows: int, steps: int) -> dict | str:
     needed = WORLD * 4 * rows * DDP_BYTES_PER_ROW
     if needed > 0.8 * MEMORY:
         return f"not run: 4 replicas need ~{needed / 2**30:.0f} GiB of {MEMORY / 2**30:.0f}"
-    port = str(free_port())
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, RANKS, "ddp", str(rows), str(steps), str(r), str(WORLD), port],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    outputs = [p.communicate()[0] for p in ranks]
-    if any(p.returncode for p in ranks):
-        raise RuntimeError(f"a DDP rank failed: {outputs}")
-    return last_json(outputs[0])
+    return ddp_ranks(RANKS, ["ddp", str(rows), str(steps)], WORLD)
 
 
 def main() -> None:

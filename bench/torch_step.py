@@ -12,50 +12,23 @@ communication), measured in the same processes. Ratios are nanodist / DDP.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, table  # noqa: E402
+from common import ddp_ranks, nanodist_run, table  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RANKS = os.path.join(HERE, "torch_step_ranks.py")
 MODELS = {"cnn": "digits CNN (example a, 30K parameters)", "mlp": "16M-parameter MLP (64-4000-4000-10)"}
 
 
-def last_json(output: str) -> dict[str, float]:
-    for line in reversed(output.splitlines()):
-        if "{" in line:
-            return json.loads(line[line.index("{") :])
-    raise RuntimeError(f"no result in:\n{output[-3000:]}")
-
-
 def nanodist(model: str, compression: str, steps: int, groups: str) -> dict[str, float]:
-    command = [sys.executable, "-m", "nanodist.workers.cli", "run", "--groups", groups, "--timeout", "300"]
-    result = subprocess.run(
-        [*command, RANKS, "nanodist", model, compression, str(steps)], capture_output=True, text=True, check=False
-    )
-    if result.returncode:
-        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
-    return last_json(result.stdout)
+    return nanodist_run(["--groups", groups, "--timeout", "300", RANKS, "nanodist", model, compression, str(steps)])
 
 
-def ddp(model: str, compression: str, steps: int, world: int = 4) -> dict[str, float]:
-    port = str(free_port())
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, RANKS, "ddp", model, compression, str(steps), str(r), str(world), port],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    outputs = [p.communicate()[0] for p in ranks]
-    if any(p.returncode for p in ranks):
-        raise RuntimeError(f"a DDP rank failed: {outputs}")
-    return last_json(outputs[0])
+def ddp(model: str, compression: str, steps: int) -> dict[str, float]:
+    return ddp_ranks(RANKS, ["ddp", model, compression, str(steps)])
 
 
 def main() -> None:
