@@ -51,6 +51,12 @@ class JobConfig(Endpoints):
         help="with --group-size 0: the group closes after this many seconds without a new member",
     )
     timeout: float = setting(60.0, flag="--timeout", help="longest wait for any peer, server or barrier, in seconds")
+    elastic: bool = setting(
+        False,
+        flag="--elastic",
+        help="keep training when a worker is lost: the others form a new generation of the group (tcp, --group-size 0)",
+    )
+    min_workers: int = setting(1, flag="--min-workers", help="with --elastic: stop when fewer workers are left")
 
     def validate(self) -> None:
         if self.backend not in ("mpi", "tcp", "single"):
@@ -65,6 +71,12 @@ class JobConfig(Endpoints):
             raise ConfigError("--group-size 0 (join as many as arrive) needs --backend tcp")
         if not self.ps:
             raise ConfigError("--ps needs at least one parameter-server address")
+        if self.elastic and (self.backend != "tcp" or self.group_size != 0 or self.num_groups != 1 or self.flat):
+            raise ConfigError(
+                "--elastic re-forms one TCP group: it needs --backend tcp, --group-size 0, one group and no --flat"
+            )
+        if self.min_workers < 1:
+            raise ConfigError("--min-workers must be >= 1")
 
 
 @dataclass(kw_only=True)

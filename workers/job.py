@@ -10,6 +10,8 @@ wait notice a worker that died anywhere.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,35 +55,97 @@ class Job:
         config.validate()
         self.config = config
         self.security = security
+        self.every_rank_pushes = every_rank_pushes
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"  # names this worker across generations
+        self.generation = 0  # elastic jobs re-form the group after a loss: generation 1, 2, ...
+        self._worlds: dict[int, int] = {}  # the world size of each earlier generation
         self.kv = KVStore(config.lock, timeout=config.timeout, security=security)
+        self.ps: ParameterServerClient | None = None
+        self._collectives: ThreadPoolExecutor | None = None
+        self._reader: ParameterServerClient | None = None
+        self._form(check)
+
+    def _form(self, check: Callable[[int, int], None] | None = None) -> None:
+        """Join this generation's group, learn the world, and open the clients that depend on the rank."""
+        c = self.config
         self.comm = self._join_group()
         self.group_sizes = self._group_sizes()
         self.world = sum(self.group_sizes)
-        self.rank = sum(self.group_sizes[: config.group_id]) + self.comm.rank
+        self.rank = sum(self.group_sizes[: c.group_id]) + self.comm.rank
         # The servers average the pushes of the groups; scaling each group's mean by its share makes that
         # average the mean over all workers even when groups differ in size.
-        self.push_scale = self.group_sizes[config.group_id] * config.num_groups / self.world
+        self.push_scale = self.group_sizes[c.group_id] * c.num_groups / self.world
         self.is_leader = self.comm.rank == 0
-        self.pushes = config.flat or self.is_leader or every_rank_pushes
-        self.barrier_name = f"{config.run_id}/epoch"
-        self._collectives: ThreadPoolExecutor | None = None
-        self._reader: ParameterServerClient | None = None
+        self.pushes = c.flat or self.is_leader or self.every_rank_pushes
+        self.barrier_name = f"{c.run_id}/epoch{self._generation_suffix}"
         if check is not None:
             check(self.rank, self.world)
-        self.ps = self._connect_ps(security) if self.pushes else None
+        if self.pushes and self.ps is None:
+            self.ps = self._connect_ps(self.security)
+        elif not self.pushes and self.ps is not None:  # a leader that became a member of a new generation
+            self.ps.close()
+            self.ps = None
         self.barrier = BarrierClient(
-            config.barrier,
-            f"{config.run_id}/rank-{self.rank}",
+            c.barrier,
+            f"{c.run_id}/rank-{self.rank}{self._generation_suffix}",
             session_ttl=SESSION_TTL,
             barriers=[self.barrier_name],
-            timeout=config.timeout,
-            security=security,
+            timeout=c.timeout,
+            security=self.security,
         )
+        if c.elastic:
+            self._record_members()
+
+    @property
+    def _generation_suffix(self) -> str:
+        return f"/gen-{self.generation}" if self.generation else ""
+
+    def regroup(self, cause: str) -> None:
+        """Elastic: after the group lost a member, form the next generation with the workers that are left.
+
+        Every survivor calls this once it has seen the loss (a failed collective, a broken barrier); the
+        first to arrive becomes rank 0 and closes the new group once --join-window passes without a newcomer.
+        Raises ConfigError when fewer than --min-workers are left.
+        """
+        say(f"[{self.config.run_id}] rank {self.rank} leaves generation {self.generation}: {cause}")
+        self.comm.close()
+        self.barrier.close()
+        self._worlds[self.generation] = self.world
+        self.generation += 1
+        self._form()
+        if self.world < self.config.min_workers:
+            raise ConfigError(
+                f"only {self.world} workers are left in generation {self.generation}, fewer than "
+                f"--min-workers {self.config.min_workers}; {self._departures()}"
+            )
+
+    def _record_members(self) -> None:
+        """Every member publishes who it is; the new rank 0 logs once who left and who joined."""
+        key = f"{self.config.run_id}/members{self._generation_suffix}"
+        self.kv.set(f"{key}/{self.rank}", self.identity)
+        if self.rank == 0 and self.generation:
+            say(
+                f"[{self.config.run_id}] generation {self.generation}: {self.world} workers "
+                f"(was {self._worlds[self.generation - 1]}); {self._departures()}"
+            )
+
+    def _members(self, generation: int) -> dict[int, str]:
+        """rank -> identity of a generation's members."""
+        suffix = f"/gen-{generation}" if generation else ""
+        world = self._worlds.get(generation, self.world)
+        return {r: self.kv.get(f"{self.config.run_id}/members{suffix}/{r}").decode() for r in range(world)}
+
+    def _departures(self) -> str:
+        """Who left since the previous generation and who joined, by their old ranks and identities."""
+        before, now = self._members(self.generation - 1), set(self._members(self.generation).values())
+        left = [f"rank {r} ({who})" for r, who in sorted(before.items()) if who not in now]
+        joined = sorted(now - set(before.values()))
+        return f"left: {', '.join(left) or 'none'}; joined: {', '.join(joined) or 'none'}"
 
     def _join_group(self) -> Communicator:
         c = self.config
         if c.backend == "tcp":
-            group = f"{c.run_id}/group-{c.group_id}"
+            group = f"{c.run_id}/group-{c.group_id}{self._generation_suffix}"
             rank, size = self._elastic_rank(group) if c.group_size == 0 else (None, c.group_size)
             comm = from_env("tcp", store=self.kv, world_size=size, rank=rank, group=group, timeout=c.timeout)
         else:
@@ -117,9 +181,10 @@ class Job:
     def _group_sizes(self) -> list[int]:
         """Every group leader publishes its size; everyone learns all sizes, hence global ranks and world size."""
         c = self.config
+        sizes = f"{c.run_id}/group-size{self._generation_suffix}"
         if self.comm.rank == 0:
-            self.kv.set(f"{c.run_id}/group-size/{c.group_id}", str(self.comm.size))
-        keys = [f"{c.run_id}/group-size/{g}" for g in range(c.num_groups)]
+            self.kv.set(f"{sizes}/{c.group_id}", str(self.comm.size))
+        keys = [f"{sizes}/{g}" for g in range(c.num_groups)]
         try:
             self.kv.wait(keys, timeout=c.timeout)
         except NanodistError as error:

@@ -45,8 +45,9 @@ class LaunchConfig:
     )
 
 
-# The worker settings the launcher fills in itself, from the cluster it starts and from --groups.
-PLACED = ("ps", "barrier", "lock", "backend", "group_id", "num_groups", "group_size")
+# The worker settings the launcher fills in itself, from the cluster it starts and from --groups
+# (its groups have fixed sizes, so its workers are not elastic).
+PLACED = ("ps", "barrier", "lock", "backend", "group_id", "num_groups", "group_size", "elastic")
 
 
 class LaunchError(RuntimeError):

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from nanodist.client import (
+    BarrierBroken,
     ClientSecurity,
     LockClient,
     Values,
     sgd,
 )
-from nanodist.workers.comm import ReduceOp
+from nanodist.workers.comm import CommError, ReduceOp
 from nanodist.workers.config import ConfigError, TrainConfig
 from nanodist.workers.data import ShardSampler, load_digits
 from nanodist.workers.flat_buffer import FlatBuffer
@@ -31,6 +32,15 @@ from nanodist.workers.models import MLP
 from nanodist.workers.progress import Progress, say
 from nanodist.workers.report import plot_training, write_metrics
 from nanodist.workers.timing import PhaseTimer
+
+
+@dataclass
+class Position:
+    """Where training is: the epoch (from 1), the next batch of it, and the global step."""
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
 
 
 @dataclass
@@ -54,11 +64,7 @@ class Worker:
         self.state = _State()
         self.data = load_digits(seed=config.seed)
         self.job = Job(config, security, every_rank_pushes=self.every_rank_pushes, check=self._check_data)
-        self.kv, self.comm, self.ps, self.barrier = self.job.kv, self.job.comm, self.job.ps, self.job.barrier
-        self.world, self.rank, self.push_scale = self.job.world, self.job.rank, self.job.push_scale
-        self.replicas = self.world  # workers that each train on their own batch
-        self.is_leader, self.pushes = self.job.is_leader, self.job.pushes
-        self.name = f"rank {self.rank}"
+        self._adopt_job()
         self.model = MLP((self.data.features, *config.hidden, self.data.classes))
         shapes = {k: v.shape for k, v in self.model.init(config.seed).items()}
         self.params = FlatBuffer(shapes, np.dtype(self.model.dtype))
@@ -134,31 +140,79 @@ class Worker:
         self.job.abort(reason)
 
     def train(self) -> None:
-        c = self.config
         self.initialise()
-        t = 0
-        batches_per_epoch = len(self.sampler.batches(0, c.batch_size))
-        for epoch in range(1, c.epochs + 1):
+        at = Position()
+        while True:
+            try:
+                self._train(at)
+                break
+            except (CommError, BarrierBroken) as error:
+                if not self.config.elastic:
+                    raise
+                self._rejoin(str(error), at)
+        self._finish()
+
+    def _train(self, at: Position) -> None:
+        """Train from `at` to the end, moving `at` along with every step taken."""
+        c = self.config
+        while at.epoch <= c.epochs:
             began = time.perf_counter()
             losses = []
-            progress = Progress(f"[{self.name}] epoch {epoch}/{c.epochs}", batches_per_epoch)
+            batches = self.sampler.batches(at.epoch, c.batch_size)
+            progress = Progress(f"[{self.name}] epoch {at.epoch}/{c.epochs}", len(batches))
+            if at.batch:
+                progress.update(at.batch)  # resumed inside the epoch
             samples = 0
-            for batch in self.sampler.batches(epoch, c.batch_size):
-                losses.append(self.step(t, self.data.x_train[batch], self.data.y_train[batch]))
-                t += 1
+            for batch in batches[at.batch :]:
+                losses.append(self.step(at.step, self.data.x_train[batch], self.data.y_train[batch]))
+                at.step += 1
+                at.batch += 1
                 samples += len(batch) * self.replicas
                 rate = samples / max(1e-9, time.perf_counter() - began)
                 progress.update(status=f"loss {losses[-1]:.4f} {rate:.0f} samples/s")
-                if c.max_steps and t >= c.max_steps:
+                if c.max_steps and at.step >= c.max_steps:
                     break
             progress.close()
             with self.timer("wait"):
                 self.barrier.wait(self._barrier_name, self.world, timeout=c.timeout)
             if self.rank == 0:
-                self._evaluate(epoch, float(np.mean(losses)), time.perf_counter() - began)
-            if c.max_steps and t >= c.max_steps:
+                self._evaluate(
+                    at.epoch, float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - began
+                )
+            at.epoch, at.batch = at.epoch + 1, 0
+            if c.max_steps and at.step >= c.max_steps:
                 break
-        self._finish()
+
+    def _rejoin(self, cause: str, at: Position) -> None:
+        """Elastic: form the next generation with the workers left, then continue from the servers' step.
+
+        The new group leader pulls the parameters and their version (the
+        steps the servers applied) and hands both to its group with its place
+        in the epoch, whose remaining batches are re-sharded over the new
+        membership.
+        """
+        self.job.abort(f"{self.name} lost a member of its group: {cause}")  # the others learn at once
+        self.job.regroup(cause)
+        self._adopt_job()
+        self._check_data(self.rank, self.world)
+        state = np.zeros(3, dtype=np.int64)
+        if self.ps is not None:
+            values = self.ps.pull(list(self.params.views))
+            self.params.load(values)
+            applied = min(values.versions.values())
+            state[:] = (applied, at.epoch, at.batch + applied - at.step)  # the servers may be a step ahead
+        self.comm.broadcast(state, root=0)
+        self.comm.broadcast(self.params.data, root=0)
+        at.step, at.epoch, at.batch = (int(v) for v in state)
+        say(f"[{self.name}] generation {self.job.generation}: resuming at step {at.step}, epoch {at.epoch}")
+
+    def _adopt_job(self) -> None:
+        """Take the job's view of this worker after a regroup: group, rank, world and clients."""
+        self.kv, self.comm, self.ps, self.barrier = self.job.kv, self.job.comm, self.job.ps, self.job.barrier
+        self.world, self.rank, self.push_scale = self.job.world, self.job.rank, self.job.push_scale
+        self.replicas = self.world
+        self.is_leader, self.pushes = self.job.is_leader, self.job.pushes
+        self.name = f"rank {self.rank}"
 
     def _evaluate(self, epoch: int, train_loss: float, seconds: float) -> None:
         with (

@@ -31,6 +31,7 @@ NON_DEFAULT = {
     "--join-window": "1.5",
     "--dump-params": "/tmp/p.npz",
     "--timeout": "30",
+    "--min-workers": "2",
     "--pipeline-stages": "2",
     "--micro-batches": "2",
     "--schedule": "gpipe",
