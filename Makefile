@@ -11,7 +11,7 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto docs certs test lint demo demo-pipeline demo-torch bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs
+.PHONY: setup proto docs certs test lint demo demo-pipeline demo-torch demo-ctr bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ TYPECHECK := $(VENV)/typecheck/nanodist
 # examples/digits_cnn.py, a PyTorch CNN, on the same 4 workers through `nanodist run`.
 demo-torch: $(TORCH_STAMP)
 	$(BIN)/nanodist run --groups mpi:2,tcp:2 examples/digits_cnn.py
+
+# A click-through-rate model whose embedding tables live on the parameter servers (under a minute).
+demo-ctr: $(TORCH_STAMP)
+	$(BIN)/nanodist run --groups tcp:2 examples/ctr.py --samples 200000 --evaluations 2
 
 lint: $(TORCH_STAMP)
 	$(BIN)/ruff check .

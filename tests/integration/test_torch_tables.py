@@ -61,3 +61,17 @@ def test_an_out_of_range_id_fails_on_the_worker_naming_the_table(tmp_path):
     assert result.returncode != 0
     assert "table 'huge': id 1000 is out of range [0, 1000)" in result.stderr
     assert "rank 0 failed" in result.stderr or "rank 1 failed" in result.stderr
+
+
+def test_the_ctr_example_learns_the_click_log_close_to_its_ground_truth(tmp_path):
+    """examples/ctr.py as `make demo-ctr` runs it: held-out AUC rises and ends near the ground truth's own."""
+    example = os.path.join(os.path.dirname(SCRIPTS), "..", "..", "examples", "ctr.py")
+    result = nanodist_run(
+        tmp_path, "--groups", "tcp:2", "--run-id", "ctr", example, "--samples", "200000", "--evaluations", "2"
+    )
+    assert_ran(result)
+    metrics = json.loads((tmp_path / "runs" / "ctr" / "metrics.json").read_text())
+    aucs = [e["test_auc"] for e in metrics["evaluations"]]
+    assert len(aucs) == 2 and aucs[1] > aucs[0], aucs
+    assert aucs[1] > metrics["ground_truth_auc"] - 0.06, (aucs, metrics["ground_truth_auc"])
+    assert (tmp_path / "runs" / "ctr" / "training.png").stat().st_size > 0

@@ -143,6 +143,10 @@ class _DistributedMixin:
     _nanodist: _Synchronizer | None
     _nanodist_synchronized: bool
 
+    def in_flight(self) -> bool:
+        """Whether gradients of this step are being exchanged (nd.synchronize() waits only for those)."""
+        return self._nanodist is not None and not self._nanodist_synchronized and self._nanodist.grads.in_flight
+
     def synchronize(self) -> None:
         """Wait for the gradients in flight and put their averages into .grad (once per step)."""
         if self._nanodist is not None and not self._nanodist_synchronized:

@@ -224,6 +224,12 @@ class Reducer:
 
     # --- the step ------------------------------------------------------
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a gradient of this step has arrived (so a step's exchange has begun)."""
+        with self._lock:
+            return bool(self._passes) or self._next > 0
+
     def synchronize(self) -> None:
         """Wait until every bucket is averaged; then write the results back to the parameters."""
         with self._lock:

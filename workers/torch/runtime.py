@@ -24,6 +24,8 @@ _solo = False
 
 
 class Synchronizable(Protocol):
+    def in_flight(self) -> bool: ...
+
     def synchronize(self) -> None: ...
 
 
@@ -44,7 +46,8 @@ def on_shutdown(close: Callable[[], None]) -> None:
 def synchronize() -> None:
     """Wait for the communication in flight of every DistributedOptimizer."""
     for optimizer in list(_optimizers):
-        optimizer.synchronize()
+        if optimizer.in_flight():  # between steps there is nothing to wait for, and no step to start
+            optimizer.synchronize()
 
 
 def init() -> None:
