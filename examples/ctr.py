@@ -190,7 +190,7 @@ def main() -> None:
                 }
                 evaluations.append(record)
                 print(
-                    f"[rank 0] epoch {epoch}, {seen} samples: train loss {record['train_loss']:.4f}, "
+                    f"epoch {epoch}, {seen} samples: train loss {record['train_loss']:.4f}, "
                     f"test AUC {auc:.4f} (ground truth {truth_auc:.4f}), {rate:.0f} samples/s",
                     flush=True,
                 )

@@ -90,7 +90,9 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
             cluster.spawn(name, [find_mpiexec(), "-n", str(size), *command], env=env)
         else:
             for r in range(size):
-                cluster.spawn(f"rank {first + r}", command, env={**env, "NANODIST_LOCAL_RANK": str(r)})
+                # The group rank is given, not taken from the rendezvous counter, so that the prefix is the rank.
+                placed = {**env, "NANODIST_LOCAL_RANK": str(r), "NANODIST_RANK": str(r)}
+                cluster.spawn(f"rank {first + r}", command, env=placed)
         first += size
     cluster.watch_workers()
 
