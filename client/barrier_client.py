@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -27,6 +28,14 @@ class BarrierBroken(NanodistError):
         self.missing = missing
 
 
+class _SessionReplaced(Exception):
+    """A wait found its session gone and opened a new one; it is sent again under that one."""
+
+    def __init__(self, error: NanodistError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 @dataclass(frozen=True)
 class Released:
     generation: int
@@ -38,6 +47,12 @@ class BarrierClient(ServiceClient):
 
     The session is renewed in a background thread every ttl/3; if this process
     dies, the lease lapses and every barrier it belongs to breaks, naming it.
+
+    The barrier service keeps its state in memory. When it restarts, this
+    client opens a new session as soon as the service no longer knows the old
+    one, and a wait in progress is sent again (UNAVAILABLE is retried within
+    the wait's timeout), so its generation forms again from the members that
+    wait again.
     """
 
     def __init__(
@@ -54,67 +69,104 @@ class BarrierClient(ServiceClient):
         super().__init__(address, timeout=timeout, retry=retry, security=security)
         self.member_id = member_id or default_member_id()
         self._stub = barrier_pb2_grpc.BarrierStub(self._channel)
+        self._session_ttl_ms = int(session_ttl * 1000)
+        self._barriers = list(barriers)
+        self._reopening = threading.Lock()  # the heartbeat and a wait may both find the session gone
+        # The error that ended the last session this client had to replace (a lapse, or a restart of the
+        # service); the member must assume the barriers it was waiting at broke then.
+        self.session_lost: NanodistError | None = None
+        try:
+            self.session_id, ttl_ms = self._open_session()
+        except BaseException:
+            self._channel.close()
+            raise
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._keep_alive,
+            args=(ttl_ms / 3000,),
+            name=f"barrier-session-{self.member_id}",
+            daemon=True,
+        )
+        self._heartbeat.start()
+
+    def _open_session(self) -> tuple[str, int]:
         # One key for this open, reused by every retry: if an attempt opened a
         # session but its response was lost, the retry gets that session back
         # instead of opening a second one and leaving the first to lapse (which
         # would break this member's barriers).
         request = pb.OpenSessionRequest(
             member_id=self.member_id,
-            ttl_ms=int(session_ttl * 1000),
-            barriers=list(barriers),
+            ttl_ms=self._session_ttl_ms,
+            barriers=self._barriers,
             idempotency_key=uuid.uuid4().hex,
         )
-        try:
-            opened = self._call(self._stub.OpenSession, request, idempotent=True)
-        except BaseException:
-            self._channel.close()
-            raise
-        self.session_id = opened.session_id
-        self._stop = threading.Event()
-        self.session_lost: NanodistError | None = None
-        self._heartbeat = threading.Thread(
-            target=self._keep_alive,
-            args=(opened.ttl_ms / 3000,),
-            name=f"barrier-session-{self.member_id}",
-            daemon=True,
-        )
-        self._heartbeat.start()
+        opened = self._call(self._stub.OpenSession, request, idempotent=True)
+        return opened.session_id, opened.ttl_ms
+
+    def _replace_session(self, gone: str, error: NanodistError) -> bool:
+        """Open a new session in place of `gone`, which the service no longer knows, unless another
+        thread did already or the client is closing; whether the session is now another one."""
+        with self._reopening:
+            if self.session_id == gone and not self._stop.is_set():
+                self.session_id = self._open_session()[0]
+                self.session_lost = error
+            return self.session_id != gone
 
     def _keep_alive(self, interval: float) -> None:
         while not self._stop.wait(interval):
+            session = self.session_id
             try:
-                self._call(
-                    self._stub.KeepAlive, pb.KeepAliveSessionRequest(session_id=self.session_id), timeout=interval
-                )
-            except NotFound as error:
-                self.session_lost = error
-                return
+                try:
+                    self._call(self._stub.KeepAlive, pb.KeepAliveSessionRequest(session_id=session), timeout=interval)
+                except NotFound as error:  # lapsed, or the service restarted without it
+                    self._replace_session(session, error)
             except NanodistError:
                 continue  # transient; the lease has slack for two more tries
 
     def wait(self, name: str, parties: int, timeout: float | None = None) -> Released:
         """Block until `parties` members arrive; raise BarrierBroken naming the missing ones."""
         timeout = self.timeout if timeout is None else timeout
-        request = pb.WaitRequest(
-            name=name,
-            parties=parties,
-            member_id=self.member_id,
-            timeout_ms=max(1, int(timeout * 1000)),
-            session_id=self.session_id,
-        )
-        try:
-            response = self._stub.Wait(request, timeout=timeout + 10)
-        except grpc.RpcError as error:
-            missing = trailing(error, "nanodist-missing")
-            if missing is not None:
-                message = error.details() or error.code().name
-                raise BarrierBroken(message, error.code(), [m for m in missing.split(",") if m]) from None
-            raise from_rpc_error(error, self.address) from None
-        return Released(response.generation, response.arrival_index)
+        deadline = time.monotonic() + timeout
+
+        def attempt() -> pb.WaitResponse:
+            session = self.session_id
+            left = max(0.001, deadline - time.monotonic())  # a retry waits only for what is left
+            request = pb.WaitRequest(
+                name=name,
+                parties=parties,
+                member_id=self.member_id,
+                timeout_ms=int(left * 1000) or 1,
+                session_id=session,
+            )
+            try:
+                return self._stub.Wait(request, timeout=left + 10)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                # The session is unknown: the service restarted (or the session lapsed, which broke
+                # this member's barriers). Wait again under a new session.
+                lost = from_rpc_error(error, self.address)
+                if not self._replace_session(session, lost):
+                    raise lost from None
+                raise _SessionReplaced(lost) from None
+
+        while True:
+            try:
+                response = self._within(deadline - time.monotonic()).call(attempt)
+                return Released(response.generation, response.arrival_index)
+            except _SessionReplaced as replaced:
+                if time.monotonic() >= deadline:
+                    raise replaced.error from None
+            except grpc.RpcError as error:
+                missing = trailing(error, "nanodist-missing")
+                if missing is not None:
+                    message = error.details() or error.code().name
+                    raise BarrierBroken(message, error.code(), [m for m in missing.split(",") if m]) from None
+                raise from_rpc_error(error, self.address) from None
 
     def abort(self, name: str, reason: str = "") -> int:
         request = pb.AbortRequest(name=name, member_id=self.member_id, reason=reason)
-        return self._call(self._stub.Abort, request).generation
+        return self._call(self._stub.Abort, request, idempotent=True).generation  # a broken barrier stays broken
 
     def reset(self, name: str) -> int:
         return self._call(self._stub.Reset, pb.ResetRequest(name=name)).generation
@@ -125,8 +177,10 @@ class BarrierClient(ServiceClient):
     def close(self) -> None:
         """End the session (the member's barriers do not break) and the channel."""
         self._stop.set()
+        with self._reopening:  # a session being replaced now is the one closed; none is opened after
+            session = self.session_id
         try:
-            self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.session_id), timeout=5.0)
+            self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session), timeout=5.0)
         except NanodistError:
             pass  # the lease lapses on its own
         super().close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterable
 
 from nanodist.client.base import ServiceClient
@@ -16,7 +18,12 @@ def _bytes(value: bytes | str) -> bytes:
 
 
 class KVStore(ServiceClient):
-    """set/get/add/compare_set/wait/delete_key on bytes values (str is UTF-8 encoded)."""
+    """set/get/add/compare_set/wait/delete_key on bytes values (str is UTF-8 encoded).
+
+    Every call rides through a restart of the lock service that fits in its
+    timeout: UNAVAILABLE is retried, and add and compare_set carry a request id
+    so that a retry of one the server applied is answered, not applied again.
+    """
 
     def __init__(
         self,
@@ -37,8 +44,9 @@ class KVStore(ServiceClient):
         return self._call(self._stub.Get, pb.GetRequest(key=key), idempotent=True).value
 
     def add(self, key: str, delta: int = 1) -> int:
-        """Atomically add to a counter (absent = 0) and return the new value. Not retried: not idempotent."""
-        return self._call(self._stub.Add, pb.AddRequest(key=key, delta=delta)).value
+        """Atomically add to a counter (absent = 0) and return the new value, exactly once."""
+        request = pb.AddRequest(key=key, delta=delta, request_id=uuid.uuid4().hex)
+        return self._call(self._stub.Add, request, idempotent=True).value
 
     def compare_set(self, key: str, expected: bytes | str | None, desired: bytes | str) -> tuple[bool, bytes | None]:
         """Store `desired` if the key holds `expected` (None: if absent). Returns (swapped, value now)."""
@@ -47,8 +55,9 @@ class KVStore(ServiceClient):
             expected=_bytes(expected or b""),
             expect_absent=expected is None,
             desired=_bytes(desired),
+            request_id=uuid.uuid4().hex,
         )
-        response = self._call(self._stub.CompareAndSwap, request)
+        response = self._call(self._stub.CompareAndSwap, request, idempotent=True)
         return response.swapped, response.value if response.exists else None
 
     def delete_key(self, key: str) -> bool:
@@ -56,5 +65,11 @@ class KVStore(ServiceClient):
 
     def wait(self, keys: Iterable[str], timeout: float = 60.0) -> None:
         """Block until every key exists; DeadlineExceeded names the missing keys."""
-        request = pb.WaitKeysRequest(keys=list(keys), timeout_ms=max(1, int(timeout * 1000)))
-        self._call(self._stub.Wait, request, timeout=timeout + 10, idempotent=True)
+        names = list(keys)
+        deadline = time.monotonic() + timeout
+
+        def attempt() -> pb.WaitKeysResponse:
+            left = max(0.001, deadline - time.monotonic())  # a retry waits only for what is left
+            return self._stub.Wait(pb.WaitKeysRequest(keys=names, timeout_ms=int(left * 1000) or 1), timeout=left + 10)
+
+        self._retried(attempt, within=timeout)

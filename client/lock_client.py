@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +30,12 @@ class Held:
 
 
 class LockClient(ServiceClient):
-    """Named locks (FIFO, exclusive or shared) held by `owner` under leases with fencing tokens."""
+    """Named locks (FIFO, exclusive or shared) held by `owner` under leases with fencing tokens.
+
+    Acquire carries a request id, so a retry after UNAVAILABLE gets back the
+    lease a lost response granted; the background renewal keeps trying through
+    a restart of the service, which keeps held locks when it has --state-dir.
+    """
 
     def __init__(
         self,
@@ -43,13 +50,14 @@ class LockClient(ServiceClient):
         self.owner = owner or default_member_id()
         self._stub = lock_pb2_grpc.LockStub(self._channel)
 
-    def _request(self, name: str, ttl: float, shared: bool, wait: float = 0) -> pb.AcquireRequest:
+    def _request(self, name: str, ttl: float, shared: bool, request_id: str, wait: float = 0) -> pb.AcquireRequest:
         return pb.AcquireRequest(
             name=name,
             owner=self.owner,
             ttl_ms=int(ttl * 1000),
             wait_timeout_ms=int(wait * 1000),
             mode=pb.SHARED if shared else pb.EXCLUSIVE,
+            request_id=request_id,
         )
 
     @staticmethod
@@ -57,12 +65,21 @@ class LockClient(ServiceClient):
         return Held(name, response.lease_id, response.fencing_token, response.ttl_ms / 1000)
 
     def acquire(self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False) -> Held:
-        """Wait up to `timeout` seconds for the lock (FIFO); DeadlineExceeded names the holder."""
-        response = self._call(self._stub.Acquire, self._request(name, ttl, shared, timeout), timeout=timeout + 10)
-        return self._held(name, response)
+        """Wait up to `timeout` seconds for the lock (FIFO); DeadlineExceeded names the holder.
+
+        A retry after a restart of the service queues again, behind those that reconnected first."""
+        request_id = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+
+        def attempt() -> pb.AcquireResponse:
+            left = max(0.001, deadline - time.monotonic())
+            return self._stub.Acquire(self._request(name, ttl, shared, request_id, left), timeout=left + 10)
+
+        return self._held(name, self._retried(attempt, within=timeout))
 
     def try_acquire(self, name: str, ttl: float = 10.0, shared: bool = False) -> Held | None:
-        response = self._call(self._stub.TryAcquire, self._request(name, ttl, shared))
+        request = self._request(name, ttl, shared, uuid.uuid4().hex)
+        response = self._call(self._stub.TryAcquire, request, idempotent=True)
         return self._held(name, response) if response.acquired else None
 
     def release(self, held: Held) -> None:
@@ -71,17 +88,22 @@ class LockClient(ServiceClient):
         self._call(self._stub.Release, request, idempotent=True)
 
     def keep_alive(self, held: Held) -> None:
-        self._call(self._stub.KeepAlive, pb.KeepAliveRequest(lease_ids=[held.lease_id]))
+        self._call(self._stub.KeepAlive, pb.KeepAliveRequest(lease_ids=[held.lease_id]), idempotent=True)
 
     def _renew_until_released(self, held: Held) -> None:
-        while not held._stop.wait(held.ttl / 3):
+        # One try per third of the TTL, each bounded by it, so that release never waits long for this
+        # thread; a service that restarts with --state-dir gives the lease its whole TTL again, so the
+        # first try after the restart is in time.
+        interval = held.ttl / 3
+        request = pb.KeepAliveRequest(lease_ids=[held.lease_id])
+        while not held._stop.wait(interval):
             try:
-                self.keep_alive(held)
+                self._call(self._stub.KeepAlive, request, timeout=interval)
             except NotFound:
                 held.lost = True
                 return
             except NanodistError:
-                continue
+                continue  # unreachable for now: the lease has slack for two more tries
 
     @contextmanager
     def lock(self, name: str, ttl: float = 10.0, timeout: float = 60.0, shared: bool = False) -> Iterator[Held]:

@@ -29,6 +29,7 @@ from nanodist.client import (
     ParameterServerClient,
     Values,
 )
+from nanodist.client.health import wait_serving
 from nanodist.workers.comm import Communicator, from_env
 from nanodist.workers.config import ConfigError, JobConfig
 from nanodist.workers.progress import say
@@ -53,6 +54,8 @@ class Job:
         check(rank, world) runs once the job has formed and before the servers are reached, so that
         settings that cannot work are named before an absent server is."""
         config.validate()
+        # Every worker joins through the lock service and the barrier: wait until both serve.
+        wait_serving([config.lock, config.barrier], config.timeout, say, security)
         self.config = config
         self.security = security
         self.every_rank_pushes = every_rank_pushes
@@ -196,7 +199,7 @@ class Job:
         worker_id = self.pusher_id
         client = ParameterServerClient(list(c.ps), worker_id=worker_id, timeout=c.timeout, security=security)
         try:
-            client.wait_ready(timeout=min(10.0, c.timeout))
+            wait_serving(c.ps, c.timeout, say, security)
         except NanodistError as error:
             client.close()
             raise ConfigError(f"{error.message}; check --ps") from None

@@ -48,6 +48,12 @@ class LeaseTable:
         self.leases[lease.lease_id] = lease
         return lease
 
+    def restore(self, lease_id: str, ttl_ms: int, on_expire: Callable[[Lease], None], **payload: object) -> Lease:
+        """Bring back a lease granted before a restart, under its own id, with its whole TTL from now."""
+        lease = Lease(lease_id, ttl_ms, time.monotonic() + ttl_ms / 1000, on_expire, dict(payload))
+        self.leases[lease_id] = lease
+        return lease
+
     def renew(self, lease_id: str) -> Lease:
         lease = self.leases.get(lease_id)
         if lease is None:

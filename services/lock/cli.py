@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 
 import grpc
@@ -14,9 +15,12 @@ from nanodist.services.common.handlers import servicer_handler
 from nanodist.services.common.runtime import serve
 from nanodist.services.lock.kv import KeyValueStore
 from nanodist.services.lock.locks import FencingTokens, LockTable
-from nanodist.services.lock.server import KeyValueService, LockService
+from nanodist.services.lock.persistence import DEFAULT_MAX_LOG_BYTES, Persistence
+from nanodist.services.lock.server import KeyValueService, LockService, Synced, in_memory
 from nanodist.settings import env_default, env_optional
 from nanodist.v1 import lock_pb2 as pb
+
+log = logging.getLogger("nanodist.lock")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         default=env_optional("state_dir"),
-        help="directory for the fencing-token ceiling, so tokens grow across restarts "
-        "without trusting the clock (env NANODIST_STATE_DIR)",
+        help="directory for the key-value store, the held locks and the fencing-token ceiling: written "
+        "and fsynced before each answer, restored at start (default: memory only; env NANODIST_STATE_DIR)",
+    )
+    parser.add_argument(
+        "--max-log-bytes",
+        type=int,
+        default=env("max_log_bytes", DEFAULT_MAX_LOG_BYTES),
+        help="with --state-dir: snapshot the state once the log has grown by this much (default 64 MiB)",
     )
     parser.add_argument(
         "--max-value-bytes",
@@ -57,8 +67,19 @@ def run(args: argparse.Namespace) -> None:
         _state_dir(args.state_dir)
 
         async def main() -> None:
-            locks = LockService(LockTable(FencingTokens(args.state_dir)))
-            kv = KeyValueService(KeyValueStore(args.max_value_bytes, args.max_keys))
+            table = LockTable(FencingTokens(args.state_dir))
+            store = KeyValueStore(args.max_value_bytes, args.max_keys)
+            persistence: Persistence | None = None
+            synced: Synced = in_memory
+            if args.state_dir:
+                persistence = Persistence(args.state_dir, store, table, args.max_log_bytes)
+                persistence.start()
+                synced = persistence.synced
+            else:
+                log.warning("no --state-dir: the key-value store, counters and held locks live in memory only")
+            table.leases.start()  # restored leases lapse unless their holders renew them
+            locks = LockService(table, synced)
+            kv = KeyValueService(store, synced)
 
             def register(server: grpc.aio.Server) -> list[str]:
                 server.add_generic_rpc_handlers(
@@ -69,6 +90,6 @@ def run(args: argparse.Namespace) -> None:
                 )
                 return [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Lock", "KeyValue")]
 
-            await serve("lock", config, register)
+            await serve("lock", config, register, persistence.close if persistence else None)
 
         asyncio.run(main())

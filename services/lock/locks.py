@@ -7,11 +7,14 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanodist.services.common.durable import fsync_dir
-from nanodist.services.common.errors import exhausted, failed_precondition
+from nanodist.services.common.errors import exhausted, failed_precondition, invalid
 from nanodist.services.common.leases import Lease, LeaseTable
+from nanodist.services.lock import records
 from nanodist.v1 import lock_pb2 as pb
 
 log = logging.getLogger("nanodist.lock")
@@ -56,6 +59,10 @@ class FencingTokens:
         fsync_dir(os.path.dirname(self.path))
         self.ceiling = ceiling
 
+    def at_least(self, token: int) -> None:
+        """Never hand out `token` or anything below it (a grant restored from the log holds it)."""
+        self.last = max(self.last, token)
+
 
 @dataclass
 class Holding:
@@ -66,6 +73,21 @@ class Holding:
     owner: str
     mode: int
     token: int
+    request_id: str = ""  # the AcquireRequest's, so that a retry gets this grant back
+
+    def record(self) -> bytes:
+        """The GRANT record that restores this holding after a restart."""
+        return records.to_json(
+            {
+                "lock": self.lock,
+                "lease_id": self.lease.lease_id,
+                "owner": self.owner,
+                "mode": self.mode,
+                "token": self.token,
+                "ttl_ms": self.lease.ttl_ms,
+                "request_id": self.request_id,
+            }
+        )
 
 
 @dataclass
@@ -74,6 +96,7 @@ class Request:
     mode: int
     ttl_ms: int
     granted: asyncio.Future[Holding]
+    request_id: str = ""
 
 
 @dataclass
@@ -90,12 +113,17 @@ class NamedLock:
 
 
 class LockTable:
+    """Every lock, its holders and its queue. Grants and lease ends are handed to `journal` as they
+    happen, so that held locks survive a restart; queued requests are not (their callers retry)."""
+
     def __init__(self, tokens: FencingTokens) -> None:
         self.locks: dict[str, NamedLock] = {}
         self.leases = LeaseTable()
         self.holdings: dict[str, Holding] = {}  # lease id -> grant, for the lapse callback
+        self.by_request: dict[str, Holding] = {}  # AcquireRequest.request_id -> its live grant
         self.tokens = tokens
         self.per_owner: Counter[str] = Counter()  # grants held plus requests queued
+        self.journal: records.Journal = records.unlogged
 
     def lock(self, name: str) -> NamedLock:
         lock = self.locks.get(name)
@@ -116,26 +144,53 @@ class LockTable:
         if self.per_owner[owner] <= 0:
             del self.per_owner[owner]
 
-    def _grant(self, lock: NamedLock, owner: str, mode: int, ttl_ms: int) -> Holding:
-        self.per_owner[owner] += 1
-        token = self.tokens.next()
-        lock.last_token = token
+    def _hold(self, lock: NamedLock, holding: Holding) -> None:
+        self.per_owner[holding.owner] += 1
+        lock.last_token = max(lock.last_token, holding.token)
+        lock.holders[holding.lease.lease_id] = self.holdings[holding.lease.lease_id] = holding
+        if holding.request_id:
+            self.by_request[holding.request_id] = holding
+
+    def _grant(self, lock: NamedLock, owner: str, mode: int, ttl_ms: int, request_id: str) -> Holding:
         lease = self.leases.grant(ttl_ms, self._lapsed)
-        holding = Holding(lease, lock.name, owner, mode, token)
-        lock.holders[lease.lease_id] = self.holdings[lease.lease_id] = holding
+        holding = Holding(lease, lock.name, owner, mode, self.tokens.next(), request_id)
+        self._hold(lock, holding)
+        self.journal(records.GRANT, holding.record())
         return holding
 
-    def try_acquire(self, name: str, owner: str, mode: int, ttl_ms: int) -> Holding | None:
+    def _end(self, lock: NamedLock, lease_id: str) -> Holding | None:
+        """Forget a holding whose lease is over (released, lapsed, or withdrawn)."""
+        holding = lock.holders.pop(lease_id, None)
+        self.holdings.pop(lease_id, None)
+        if holding is None:
+            return None
+        self._forget(holding.owner)
+        if self.by_request.get(holding.request_id) is holding:
+            del self.by_request[holding.request_id]
+        self.journal(records.RELEASE, pb.ReleaseRequest(name=lock.name, lease_id=lease_id).SerializeToString())
+        return holding
+
+    def granted_before(self, name: str, request_id: str) -> Holding | None:
+        """The live grant an earlier request with this id received (its response was lost), if any."""
+        holding = self.by_request.get(request_id) if request_id else None
+        if holding is not None and holding.lock != name:
+            raise invalid(f"request_id: {request_id!r} was already granted lock {holding.lock!r}")
+        return holding
+
+    def try_acquire(self, name: str, owner: str, mode: int, ttl_ms: int, request_id: str = "") -> Holding | None:
         """Grant at once if nobody queues ahead and the holders are compatible (FIFO fairness)."""
+        earlier = self.granted_before(name, request_id)
+        if earlier is not None:
+            return earlier
         self._check_owner(owner)
         lock = self.lock(name)
         if lock.queue or not lock.compatible(mode):
             return None
-        return self._grant(lock, owner, mode, ttl_ms)
+        return self._grant(lock, owner, mode, ttl_ms, request_id)
 
-    def enqueue(self, name: str, owner: str, mode: int, ttl_ms: int) -> Request:
+    def enqueue(self, name: str, owner: str, mode: int, ttl_ms: int, request_id: str = "") -> Request:
         self._check_owner(owner)
-        request = Request(owner, mode, ttl_ms, asyncio.get_running_loop().create_future())
+        request = Request(owner, mode, ttl_ms, asyncio.get_running_loop().create_future(), request_id)
         self.lock(name).queue.append(request)
         self.per_owner[owner] += 1
         return request
@@ -154,21 +209,38 @@ class LockTable:
         lock = self.locks.get(name)
         if lock is None or lease_id not in lock.holders:
             raise failed_precondition(f"lease {lease_id!r} does not hold lock {name!r}")
-        holding = lock.holders.pop(lease_id)
-        self.holdings.pop(lease_id, None)
-        self._forget(holding.owner)
+        self._end(lock, lease_id)
         self.leases.revoke(lease_id)
         self._advance(lock)
 
     def _lapsed(self, lease: Lease) -> None:
-        holding = self.holdings.pop(lease.lease_id, None)
+        holding = self.holdings.get(lease.lease_id)
         if holding is None:
             return
         lock = self.locks[holding.lock]
-        if lock.holders.pop(lease.lease_id, None) is not None:
-            self._forget(holding.owner)
+        if self._end(lock, lease.lease_id) is not None:
             log.warning("lease of %s on lock %s lapsed", holding.owner, lock.name)
             self._advance(lock)
+
+    def replay(self, kind: int, payload: bytes) -> None:
+        """Apply a logged grant or lease end again. A restored lease gets its whole TTL from now:
+        its holder could not renew it while the service was down."""
+        if kind == records.GRANT:
+            grant: dict[str, Any] = records.from_json(payload)
+            lease = self.leases.restore(grant["lease_id"], grant["ttl_ms"], self._lapsed)
+            holding = Holding(lease, grant["lock"], grant["owner"], grant["mode"], grant["token"], grant["request_id"])
+            self._hold(self.lock(holding.lock), holding)
+            self.tokens.at_least(holding.token)
+        elif kind == records.RELEASE:
+            end = pb.ReleaseRequest.FromString(payload)
+            lock = self.locks.get(end.name)
+            if lock is not None:
+                self._end(lock, end.lease_id)
+            self.leases.revoke(end.lease_id)
+
+    def snapshot(self) -> Iterator[tuple[int, bytes]]:
+        """The held locks as GRANT records, encoded now (holdings change after a snapshot is taken)."""
+        return iter([(records.GRANT, holding.record()) for holding in self.holdings.values()])
 
     def _advance(self, lock: NamedLock) -> None:
         """Grant queued requests in order while they are compatible with the holders."""
@@ -177,4 +249,6 @@ class LockTable:
             self._forget(request.owner)
             if request.granted.done():  # the waiter already gave up
                 continue
-            request.granted.set_result(self._grant(lock, request.owner, request.mode, request.ttl_ms))
+            request.granted.set_result(
+                self._grant(lock, request.owner, request.mode, request.ttl_ms, request.request_id)
+            )

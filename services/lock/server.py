@@ -1,8 +1,13 @@
-"""The Lock and KeyValue gRPC services (one server process)."""
+"""The Lock and KeyValue gRPC services (one server process).
+
+With --state-dir every answer waits for `synced`: the log then holds every
+change the answer reflects, the caller's own and any it read.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -17,6 +22,15 @@ from nanodist.v1 import lock_pb2_grpc
 
 DEFAULT_WAIT_MS = 60_000
 MAX_WAIT_KEYS = 10_000
+Synced = Callable[[], Awaitable[None]]
+
+
+async def in_memory() -> None:
+    """Without --state-dir there is no log to wait for."""
+
+
+def _check_request_id(request_id: str) -> str:
+    return check_name(request_id, "request_id") if request_id else request_id
 
 
 def _check_mode(mode: int) -> int:
@@ -32,18 +46,20 @@ def _check_timeout(timeout_ms: int, field: str) -> float:
 
 
 class LockService(lock_pb2_grpc.LockServicer):
-    def __init__(self, table: LockTable) -> None:
+    def __init__(self, table: LockTable, synced: Synced = in_memory) -> None:
         self.table = table
+        self.synced = synced
 
     def _check(self, request: pb.AcquireRequest) -> None:
         check_name(request.name, "name")
         check_name(request.owner, "owner")
         check_ttl(request.ttl_ms)
         _check_mode(request.mode)
+        _check_request_id(request.request_id)
         self.table.leases.start()
 
-    @staticmethod
-    def _granted(holding: Holding) -> pb.AcquireResponse:
+    async def _granted(self, holding: Holding) -> pb.AcquireResponse:
+        await self.synced()
         return pb.AcquireResponse(
             acquired=True,
             lease_id=holding.lease.lease_id,
@@ -51,20 +67,26 @@ class LockService(lock_pb2_grpc.LockServicer):
             ttl_ms=holding.lease.ttl_ms,
         )
 
+    def _try(self, request: pb.AcquireRequest) -> Holding | None:
+        return self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms, request.request_id)
+
     @unary("lock", "TryAcquire")
     async def TryAcquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         self._check(request)
-        holding = self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms)
-        return self._granted(holding) if holding else pb.AcquireResponse(acquired=False)
+        holding = self._try(request)
+        if holding is None:
+            await self.synced()
+            return pb.AcquireResponse(acquired=False)
+        return await self._granted(holding)
 
     @unary("lock", "Acquire")
     async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         self._check(request)
         timeout = _check_timeout(request.wait_timeout_ms, "wait_timeout_ms")
-        holding = self.table.try_acquire(request.name, request.owner, request.mode, request.ttl_ms)
+        holding = self._try(request)
         if holding is not None:
-            return self._granted(holding)
-        waiter = self.table.enqueue(request.name, request.owner, request.mode, request.ttl_ms)
+            return await self._granted(holding)
+        waiter = self.table.enqueue(request.name, request.owner, request.mode, request.ttl_ms, request.request_id)
         try:
             holding = await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -76,12 +98,13 @@ class LockService(lock_pb2_grpc.LockServicer):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"lock {request.name!r} not granted within {timeout:g}s; held by {holders or 'nobody'}",
             ) from None
-        return self._granted(holding)
+        return await self._granted(holding)
 
     @unary("lock", "Release")
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         check_name(request.name, "name")
         self.table.release(request.name, request.lease_id)
+        await self.synced()
         return pb.ReleaseResponse()
 
     @unary("lock", "KeepAlive")
@@ -90,6 +113,7 @@ class LockService(lock_pb2_grpc.LockServicer):
         if not request.lease_ids:
             raise invalid("lease_ids: name at least one lease")
         leases = [self.table.leases.renew(lease_id) for lease_id in request.lease_ids]
+        await self.synced()  # renewals are not logged, but the grant renewed may be that new
         return pb.KeepAliveResponse(ttl_ms=min(lease.ttl_ms for lease in leases))
 
     @unary("lock", "Status")
@@ -108,38 +132,53 @@ class LockService(lock_pb2_grpc.LockServicer):
                     fencing_token=holding.token,
                     expires_in_ms=holding.lease.remaining_ms(),
                 )
+        await self.synced()
         return response
 
 
 class KeyValueService(lock_pb2_grpc.KeyValueServicer):
-    def __init__(self, store: KeyValueStore) -> None:
+    def __init__(self, store: KeyValueStore, synced: Synced = in_memory) -> None:
         self.store = store
+        self.synced = synced
 
     @unary("kv", "Get")
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
-        return pb.GetResponse(value=self.store.get(check_name(request.key, "key")))
+        value = self.store.get(check_name(request.key, "key"))
+        await self.synced()
+        return pb.GetResponse(value=value)
 
     @unary("kv", "Set")
     async def Set(self, request: pb.SetRequest, context: grpc.aio.ServicerContext) -> pb.SetResponse:
         self.store.set(check_name(request.key, "key"), request.value)
+        await self.synced()
         return pb.SetResponse()
 
     @unary("kv", "Delete")
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
-        return pb.DeleteResponse(deleted=self.store.delete(check_name(request.key, "key")))
+        deleted = self.store.delete(check_name(request.key, "key"))
+        await self.synced()
+        return pb.DeleteResponse(deleted=deleted)
 
     @unary("kv", "CompareAndSwap")
     async def CompareAndSwap(
         self, request: pb.CompareAndSwapRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompareAndSwapResponse:
         swapped, value = self.store.compare_and_swap(
-            check_name(request.key, "key"), request.expected, request.expect_absent, request.desired
+            check_name(request.key, "key"),
+            request.expected,
+            request.expect_absent,
+            request.desired,
+            _check_request_id(request.request_id),
         )
+        await self.synced()
         return pb.CompareAndSwapResponse(swapped=swapped, value=value or b"", exists=value is not None)
 
     @unary("kv", "Add")
     async def Add(self, request: pb.AddRequest, context: grpc.aio.ServicerContext) -> pb.AddResponse:
-        return pb.AddResponse(value=self.store.add(check_name(request.key, "key"), request.delta))
+        key = check_name(request.key, "key")
+        value = self.store.add(key, request.delta, _check_request_id(request.request_id))
+        await self.synced()
+        return pb.AddResponse(value=value)
 
     @unary("kv", "Wait")
     async def Wait(self, request: pb.WaitKeysRequest, context: grpc.aio.ServicerContext) -> pb.WaitKeysResponse:
@@ -149,4 +188,5 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
         for i, key in enumerate(request.keys):
             check_name(key, f"keys[{i}]")
         await self.store.wait(list(request.keys), _check_timeout(request.timeout_ms, "timeout_ms"))
+        await self.synced()
         return pb.WaitKeysResponse()

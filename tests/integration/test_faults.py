@@ -45,14 +45,15 @@ def test_a_worker_killed_mid_step_is_named_by_the_survivor_within_the_lease_ttl(
     assert elapsed < SESSION_TTL + 1.0, f"the survivor needed {elapsed:.1f}s"
 
 
-def test_a_lock_service_restart_keeps_tokens_rising_and_tells_the_holder_its_lease_is_gone(start_server, tmp_path):
-    state = str(tmp_path / "lock-state")
-    server = start_server("lock", "--state-dir", state)
+def test_a_lock_service_restart_without_state_keeps_tokens_rising_and_tells_the_holder_its_lease_is_gone(
+    start_server,
+):
+    server = start_server("lock")  # with --state-dir the lease would be kept: test_coordination_restart.py
     holder = LockClient(server.address, "holder")
     with holder.lock("model", ttl=1.0) as held:
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
-        restarted = start_server("lock", "--state-dir", state, port=server.port)
+        restarted = start_server("lock", port=server.port)
         wait_until(lambda: held.lost, timeout=10)  # the restarted service does not know the lease
         with LockClient(restarted.address, "next") as other:
             taken = other.acquire("model", ttl=5, timeout=5)  # free at once: the old lease died with the process

@@ -17,18 +17,20 @@ EXCLUSIVE: LockMode
 SHARED: LockMode
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("name", "owner", "ttl_ms", "wait_timeout_ms", "mode")
+    __slots__ = ("name", "owner", "ttl_ms", "wait_timeout_ms", "mode", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     owner: str
     ttl_ms: int
     wait_timeout_ms: int
     mode: LockMode
-    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., wait_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[LockMode, str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., wait_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[LockMode, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("acquired", "lease_id", "fencing_token", "ttl_ms")
@@ -139,16 +141,18 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class CompareAndSwapRequest(_message.Message):
-    __slots__ = ("key", "expected", "expect_absent", "desired")
+    __slots__ = ("key", "expected", "expect_absent", "desired", "request_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FIELD_NUMBER: _ClassVar[int]
     EXPECT_ABSENT_FIELD_NUMBER: _ClassVar[int]
     DESIRED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     key: str
     expected: bytes
     expect_absent: bool
     desired: bytes
-    def __init__(self, key: _Optional[str] = ..., expected: _Optional[bytes] = ..., expect_absent: _Optional[bool] = ..., desired: _Optional[bytes] = ...) -> None: ...
+    request_id: str
+    def __init__(self, key: _Optional[str] = ..., expected: _Optional[bytes] = ..., expect_absent: _Optional[bool] = ..., desired: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CompareAndSwapResponse(_message.Message):
     __slots__ = ("swapped", "value", "exists")
@@ -161,12 +165,14 @@ class CompareAndSwapResponse(_message.Message):
     def __init__(self, swapped: _Optional[bool] = ..., value: _Optional[bytes] = ..., exists: _Optional[bool] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("key", "delta")
+    __slots__ = ("key", "delta", "request_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     key: str
     delta: int
-    def __init__(self, key: _Optional[str] = ..., delta: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, key: _Optional[str] = ..., delta: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AddResponse(_message.Message):
     __slots__ = ("value",)

@@ -71,10 +71,11 @@ class LockServicer:
     def Acquire(self, request, context):
         """Acquire waits up to wait_timeout_ms for the lock, then grants a lease and a
         fencing token that is strictly greater than every token this lock name has
-        ever been granted, also across restarts of the service. Not idempotent:
-        each grant is a new lease. Errors: DEADLINE_EXCEEDED naming the current
-        holders if the wait expires; INVALID_ARGUMENT for a bad name, owner,
-        ttl_ms, wait_timeout_ms or mode.
+        ever been granted, also across restarts of the service. Idempotent per
+        request_id while the lease it granted lives; without one each grant is a
+        new lease. Errors: DEADLINE_EXCEEDED naming the current holders if the
+        wait expires; INVALID_ARGUMENT for a bad name, owner, ttl_ms,
+        wait_timeout_ms, mode or request_id, or a request_id granted for another lock.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,8 +83,8 @@ class LockServicer:
 
     def TryAcquire(self, request, context):
         """TryAcquire grants the lock only if it is free now and nobody queues ahead;
-        acquired=false otherwise. Not idempotent (a grant is a new lease). Errors
-        as Acquire, without DEADLINE_EXCEEDED.
+        acquired=false otherwise. Idempotent per request_id as Acquire. Errors as
+        Acquire, without DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -363,7 +364,9 @@ class KeyValueServicer:
     def CompareAndSwap(self, request, context):
         """CompareAndSwap sets desired only if the current value equals expected
         (an absent key matches expect_absent). Atomic: one of racing callers wins.
-        Not idempotent. Errors: INVALID_ARGUMENT for a bad key or an oversized value.
+        Idempotent per request_id: a repeat of a call that swapped answers
+        swapped=true again and changes nothing. Errors: INVALID_ARGUMENT for a
+        bad key, an oversized value, a bad request_id or one used for another key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -371,8 +374,10 @@ class KeyValueServicer:
 
     def Add(self, request, context):
         """Add adds delta to a counter stored as a decimal int64 (absent = 0) and
-        returns the new value. Not idempotent: a retry adds again. Errors:
-        FAILED_PRECONDITION if the value is not an integer or the sum overflows.
+        returns the new value. Idempotent per request_id: a repeat answers the
+        first call's value and adds nothing; without one a retry adds again.
+        Errors: FAILED_PRECONDITION if the value is not an integer or the sum
+        overflows; INVALID_ARGUMENT for a bad request_id or one used for another key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
