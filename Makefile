@@ -11,7 +11,8 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto docs certs test lint demo demo-pipeline demo-torch demo-ctr bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs
+.PHONY: setup proto docs certs test lint demo demo-pipeline demo-torch demo-ctr bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs \
+	stack-up stack-down
 
 setup: $(STAMP)
 
@@ -137,11 +138,44 @@ down:
 logs:
 	$(COMPOSE) logs -f
 
+# The same cluster on Docker Swarm (docker-stack.yml; docs/deploy.md). An engine in no swarm starts
+# a single-node one (`docker swarm leave --force` ends it). The shards and the lock service keep
+# their state on local volumes, so they run on nodes labelled for them: with no labelled node,
+# this one gets the labels. A swarm spans hosts, so the stack has mutual TLS and tokens unless
+# STACK_TLS=off (plaintext, unauthenticated) says otherwise; the certificates come from `make certs`.
+STACK ?= nanodist
+STACK_TLS ?= on
+STACK_FILES ?= -c docker-stack.yml $(if $(filter off,$(STACK_TLS)),,-c docker-stack.tls.yml)
+STATE_LABELS := nanodist.ps-0 nanodist.ps-1 nanodist.lock
+
+stack-up: docker $(if $(filter off,$(STACK_TLS)),,certs/ca.pem)
+	@[ "$$(docker info --format '{{.Swarm.LocalNodeState}}')" = active ] || docker swarm init
+	@docker node ls -q --filter node.label=nanodist.ps-0 | grep -q . \
+	|| docker node update $(foreach l,$(STATE_LABELS),--label-add $(l)=true) "$$(docker info --format '{{.Swarm.NodeID}}')"
+	docker stack deploy --resolve-image never $(STACK_FILES) $(STACK)
+	docker stack services $(STACK)
+
+certs/ca.pem:
+	$(MAKE) certs
+
+# `docker stack rm` returns before the containers are gone and keeps the volumes: wait, then remove them.
+stack-down:
+	docker stack rm $(STACK)
+	@while docker ps -aq --filter label=com.docker.stack.namespace=$(STACK) | grep -q .; do sleep 1; done
+	docker volume ls -q --filter label=com.docker.stack.namespace=$(STACK) | xargs -r docker volume rm
+
 # examples/digits_cnn.py as worker containers (a TCP group of 2, an MPI group of 2) against the same services.
 up-torch: docker docker-torch
 	mkdir -p runs
 	$(COMPOSE) -f docker-compose.yml -f docker-compose.torch.yml up -d
 	$(COMPOSE) -f docker-compose.yml -f docker-compose.torch.yml ps
+
+# docker-stack.yml on a swarm of three docker-in-docker nodes made on this machine and removed after
+# (tests/e2e/test_multihost.py): training across the nodes, then a node killed mid-run. 2-4 minutes
+# once the images exist; the default test run skips it. Never touches this engine's own swarm.
+.PHONY: e2e-multihost
+e2e-multihost: docker-base docker
+	NANODIST_MULTIHOST=1 $(BIN)/pytest -s -q tests/e2e/test_multihost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

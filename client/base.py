@@ -15,9 +15,6 @@ from nanodist.client.retry import RetryPolicy
 from nanodist.client.rpc import ClientSecurity, call, open_channel
 
 T = TypeVar("T")
-# gRPC waits up to 2 minutes between reconnection attempts once a server has gone; a coordination
-# service that restarts in seconds should be found again within a second of coming back.
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def default_member_id() -> str:
@@ -60,7 +57,7 @@ class ServiceClient(Closing):
         self.address = address
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._channel = open_channel(address, RECONNECT_OPTIONS, security=security)
+        self._channel = open_channel(address, security=security)
 
     def _within(self, seconds: float) -> RetryPolicy:
         """The retry policy, retrying for no longer than `seconds`."""

@@ -130,12 +130,23 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+# A server that restarts (a crashed shard, a rescheduled container) must be found again within a
+# second of coming back: gRPC otherwise waits up to 2 minutes between reconnection attempts, and
+# re-resolves a name at most every 30 s, which misses a task that came back under a new address
+# (a Swarm task behind dnsrr, a Kubernetes pod).
+RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
+]
+
+
 def open_channel(
     address: str, options: list[tuple[str, Any]] | None = None, security: ClientSecurity | None = None
 ) -> grpc.Channel:
     """A channel to `address`, secured by `security` (None: from NANODIST_TLS_* and NANODIST_AUTH_TOKEN_FILE)."""
     security = security or ClientSecurity.from_env()
-    options = list(options or [])
+    options = [*RECONNECT_OPTIONS, *(options or [])]
     if security.ca:
         credentials = grpc.ssl_channel_credentials(_read(security.ca), _read(security.key), _read(security.cert))
         if security.server_name:
