@@ -26,6 +26,7 @@ from nanodist.client import (
     DeadlineExceeded,
     KVStore,
     NanodistError,
+    NotFound,
     ParameterServerClient,
     Values,
 )
@@ -251,9 +252,13 @@ class Job:
             try:
                 return wait(PULL_SLICE_MS)
             except DeadlineExceeded:
-                (state,) = self.barrier.status(self.barrier_name)
-                if state.broken_reason:
-                    raise BarrierBroken(state.broken_reason, grpc.StatusCode.ABORTED, list(state.missing)) from None
+                try:
+                    (state,) = self.barrier.status(self.barrier_name)
+                except NotFound:
+                    pass  # the barrier service restarted without it; the next wait there makes it again
+                else:
+                    if state.broken_reason:
+                        raise BarrierBroken(state.broken_reason, grpc.StatusCode.ABORTED, list(state.missing)) from None
                 if time.monotonic() > deadline:
                     raise
 

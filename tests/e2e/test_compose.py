@@ -63,7 +63,7 @@ def test_compose_cluster_trains_digits_with_three_tcp_workers_and_an_mpi_group(c
     first_step = min(c.state(w)["State"]["StartedAt"] for w in workers)
     print(
         f"\ncompose: up to completion {finished:.1f} s; workers started at {first_step}; "
-        f"accuracy {metrics['final_test_accuracy']}"
+        f"accuracy {metrics['final_test_accuracy']}; step {metrics['timings']['mean_ms_per_step']['step']:.1f} ms"
     )
     # Every service answers the standard health check from the host; servers keep serving after training.
     for service, port in (("ps-0", 50051), ("ps-1", 50051), ("barrier", 50061), ("lock", 50071)):
