@@ -75,6 +75,7 @@ class BarrierClient(ServiceClient):
         # The error that ended the last session this client had to replace (a lapse, or a restart of the
         # service); the member must assume the barriers it was waiting at broke then.
         self.session_lost: NanodistError | None = None
+        self.renewed_at = time.monotonic()  # when the service last confirmed this member's session
         try:
             self.session_id, ttl_ms = self._open_session()
         except BaseException:
@@ -101,6 +102,7 @@ class BarrierClient(ServiceClient):
             idempotency_key=uuid.uuid4().hex,
         )
         opened = self._call(self._stub.OpenSession, request, idempotent=True)
+        self.renewed_at = time.monotonic()
         return opened.session_id, opened.ttl_ms
 
     def _replace_session(self, gone: str, error: NanodistError) -> bool:
@@ -118,6 +120,7 @@ class BarrierClient(ServiceClient):
             try:
                 try:
                     self._call(self._stub.KeepAlive, pb.KeepAliveSessionRequest(session_id=session), timeout=interval)
+                    self.renewed_at = time.monotonic()
                 except NotFound as error:  # lapsed, or the service restarted without it
                     self._replace_session(session, error)
             except NanodistError:
@@ -171,11 +174,19 @@ class BarrierClient(ServiceClient):
     def reset(self, name: str) -> int:
         return self._call(self._stub.Reset, pb.ResetRequest(name=name)).generation
 
-    def status(self, name: str = "") -> list[pb.BarrierState]:
-        return list(self._call(self._stub.Status, pb.BarrierStatusRequest(name=name), idempotent=True).barriers)
+    def status(self, name: str = "", timeout: float | None = None) -> list[pb.BarrierState]:
+        request = pb.BarrierStatusRequest(name=name)
+        return list(self._call(self._stub.Status, request, timeout=timeout, idempotent=True).barriers)
+
+    @property
+    def unrenewed_for(self) -> float:
+        """Seconds since the service last renewed this member's session: past the TTL, it has lapsed."""
+        return time.monotonic() - self.renewed_at
 
     def close(self) -> None:
-        """End the session (the member's barriers do not break) and the channel."""
+        """End the session (the member's barriers do not break) and the channel; again: nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         with self._reopening:  # a session being replaced now is the one closed; none is opened after
             session = self.session_id

@@ -57,6 +57,17 @@ class JobConfig(Endpoints):
         help="keep training when a worker is lost: the others form a new generation of the group (tcp, --group-size 0)",
     )
     min_workers: int = setting(1, flag="--min-workers", help="with --elastic: stop when fewer workers are left")
+    regroup_window: float = setting(
+        2.0,
+        flag="--regroup-window",
+        help="with --elastic: a new generation closes after this many seconds without a newcomer, "
+        "or at once when every other member of the last one has come back after a loss",
+    )
+    max_workers: int = setting(
+        0,
+        flag="--max-workers",
+        help="with --elastic: the group takes at most this many; more wait for a free place (0: no bound)",
+    )
 
     def validate(self) -> None:
         if self.backend not in ("mpi", "tcp", "single"):
@@ -77,6 +88,8 @@ class JobConfig(Endpoints):
             )
         if self.min_workers < 1:
             raise ConfigError("--min-workers must be >= 1")
+        if self.max_workers and self.max_workers < self.min_workers:
+            raise ConfigError(f"--max-workers {self.max_workers} is below --min-workers {self.min_workers}")
 
 
 @dataclass(kw_only=True)

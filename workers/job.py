@@ -38,6 +38,17 @@ from nanodist.workers.progress import say
 T = TypeVar("T")
 SESSION_TTL = 5.0  # seconds: how long a dead worker goes unnoticed
 PULL_SLICE_MS = 500  # how often a waiting pull looks for a broken barrier
+STATUS_TIMEOUT = 1.0  # seconds a watch gives the barrier service to answer
+
+
+class _GroupClosed(ConfigError):
+    """The group's generation formed before this worker arrived."""
+
+
+class CutOff(NanodistError):
+    """This worker's session lapsed (it was frozen, or cut off from the services): the job goes on without it."""
+
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 class Job:
@@ -55,24 +66,37 @@ class Job:
         check(rank, world) runs once the job has formed and before the servers are reached, so that
         settings that cannot work are named before an absent server is."""
         config.validate()
-        # Every worker joins through the lock service and the barrier: wait until both serve.
-        wait_serving([config.lock, config.barrier], config.timeout, say, security)
         self.config = config
         self.security = security
         self.every_rank_pushes = every_rank_pushes
         self.identity = f"{socket.gethostname()}:{os.getpid()}"  # names this worker across generations
         self.generation = 0  # elastic jobs re-form the group after a loss: generation 1, 2, ...
         self._worlds: dict[int, int] = {}  # the world size of each earlier generation
+        self.joined_late = False  # elastic: this worker entered a group already training
         self.kv = KVStore(config.lock, timeout=config.timeout, security=security)
+        self._services_ready = False
+        self._expected: int | None = None  # members the next generation can close with at once
+        if config.elastic:
+            self._await_services()
+            self.generation = self._current_generation()
         self.ps: ParameterServerClient | None = None
         self._collectives: ThreadPoolExecutor | None = None
         self._reader: ParameterServerClient | None = None
         self._form(check)
 
+    def _await_services(self) -> None:
+        """Every worker joins through the lock service and the barrier: wait until both serve."""
+        if not self._services_ready:
+            wait_serving([self.config.lock, self.config.barrier], self.config.timeout, say, self.security)
+            self._services_ready = True
+
     def _form(self, check: Callable[[int, int], None] | None = None) -> None:
         """Join this generation's group, learn the world, and open the clients that depend on the rank."""
         c = self.config
+        if c.backend == "tcp":
+            self._await_services()  # its members meet through the lock service
         self.comm = self._join_group()
+        self._await_services()  # an MPI group forms without them: a wrong size is named first
         self.group_sizes = self._group_sizes()
         self.world = sum(self.group_sizes)
         self.rank = sum(self.group_sizes[: c.group_id]) + self.comm.rank
@@ -97,26 +121,35 @@ class Job:
             timeout=c.timeout,
             security=self.security,
         )
+        self.comm.watch(self.membership_problem)
         if c.elastic:
+            if self.rank == 0:
+                self.kv.set(f"{c.run_id}/generation", str(self.generation))
             self._record_members()
 
     @property
     def _generation_suffix(self) -> str:
         return f"/gen-{self.generation}" if self.generation else ""
 
-    def regroup(self, cause: str) -> None:
+    def regroup(self, cause: str, expected: int | None = None) -> None:
         """Elastic: after the group lost a member, form the next generation with the workers that are left.
 
         Every survivor calls this once it has seen the loss (a failed collective, a broken barrier); the
-        first to arrive becomes rank 0 and closes the new group once --join-window passes without a newcomer.
+        first to arrive becomes rank 0 and closes the new group once --regroup-window passes without a
+        newcomer, or once `expected` members have arrived.
         Raises ConfigError when fewer than --min-workers are left.
         """
         say(f"[{self.config.run_id}] rank {self.rank} leaves generation {self.generation}: {cause}")
+        self.comm.watch(lambda: None)  # the barrier it watches is about to go
         self.comm.close()
         self.barrier.close()
         self._worlds[self.generation] = self.world
         self.generation += 1
-        self._form()
+        self._expected = expected
+        try:
+            self._form()
+        finally:
+            self._expected = None
         if self.world < self.config.min_workers:
             raise ConfigError(
                 f"only {self.world} workers are left in generation {self.generation}, fewer than "
@@ -149,9 +182,13 @@ class Job:
     def _join_group(self) -> Communicator:
         c = self.config
         if c.backend == "tcp":
-            group = f"{c.run_id}/group-{c.group_id}{self._generation_suffix}"
-            rank, size = self._elastic_rank(group) if c.group_size == 0 else (None, c.group_size)
-            comm = from_env("tcp", store=self.kv, world_size=size, rank=rank, group=group, timeout=c.timeout)
+            if c.elastic:
+                rank, size = self._join_generation()
+            elif c.group_size == 0:
+                rank, size = self._counted_rank(self._group)
+            else:
+                rank, size = None, c.group_size
+            comm = from_env("tcp", store=self.kv, world_size=size, rank=rank, group=self._group, timeout=c.timeout)
         else:
             comm = from_env(c.backend)
         if c.group_size and comm.size != c.group_size:
@@ -161,26 +198,80 @@ class Job:
             )
         return comm
 
-    def _elastic_rank(self, group: str) -> tuple[int, int]:
+    @property
+    def _group(self) -> str:
+        return f"{self.config.run_id}/group-{self.config.group_id}{self._generation_suffix}"
+
+    def _counted_rank(self, group: str) -> tuple[int, int]:
         """--group-size 0: members take ranks from a counter; rank 0 closes the group once no one
-        has joined for --join-window seconds (as torchelastic's last call), then publishes its size."""
+        has joined for --join-window seconds (as torchelastic's last call; --regroup-window for a later
+        generation), or once --max-workers or every expected member have, then publishes its size."""
         c = self.config
         rank = self.kv.add(f"{group}/joined", 1) - 1
         size_key = f"{group}/size"
+        window = c.regroup_window if self.generation else c.join_window
+        bounds = [n for n in (c.max_workers, self._expected) if n]
+        enough = min(bounds) if bounds else 0  # members that close the group at once
         if rank == 0:
             seen, stable_since = 1, time.monotonic()
-            while time.monotonic() - stable_since < c.join_window:
-                time.sleep(0.2)
+            while time.monotonic() - stable_since < window and not 0 < enough <= seen:
+                time.sleep(min(0.2, window / 5))
                 now = self.kv.add(f"{group}/joined", 0)
                 if now != seen:
                     seen, stable_since = now, time.monotonic()
-            self.kv.set(size_key, str(seen))
-        self.kv.wait([size_key], timeout=c.timeout + c.join_window)
+            self.kv.set(size_key, str(min(seen, c.max_workers or seen)))
+        self.kv.wait([size_key], timeout=c.timeout + window)
         size = int(self.kv.get(size_key))
         if rank >= size:
-            raise ConfigError(f"joined group {group!r} as member {rank + 1} after it closed with {size} members")
+            raise _GroupClosed(f"joined group {group!r} as member {rank + 1} after it closed with {size} members")
         say(f"[{group}] member {rank} of {size}")
         return rank, size
+
+    def _current_generation(self) -> int:
+        """The generation an elastic job trains in now (0 before its first group forms)."""
+        try:
+            return int(self.kv.get(f"{self.config.run_id}/generation"))
+        except NotFound:
+            return 0
+
+    def _join_generation(self) -> tuple[int, int]:
+        """--elastic: join this generation's group or, once it has closed, wait to enter the next one.
+
+        A late worker counts itself in `<run>/joiners`; rank 0 looks there at every epoch boundary
+        and, while the group is below --max-workers, has everyone form the next generation, which
+        the late worker joins after its first member (so that a member of the old generation, who
+        knows where training is, leads it).
+        """
+        c = self.config
+        joiners = f"{c.run_id}/joiners"
+        waiting_since: float | None = None
+        while True:
+            try:
+                joined = self._counted_rank(self._group)
+            except _GroupClosed:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    say(f"[{c.run_id}] generation {self.generation} is training; waiting to join the next one")
+                self.kv.add(joiners, 1)
+                self._await_next_generation(waiting_since)
+                continue
+            if waiting_since is not None:
+                self.kv.add(joiners, -1)
+                self.joined_late = True
+            return joined
+
+    def _await_next_generation(self, waiting_since: float) -> None:
+        c = self.config
+        following = f"{c.run_id}/group-{c.group_id}/gen-{self.generation + 1}/joined"
+        left = c.timeout - (time.monotonic() - waiting_since)
+        try:
+            self.kv.wait([following], timeout=max(0.001, left))
+        except DeadlineExceeded:
+            raise ConfigError(
+                f"waited {c.timeout:g} s (--timeout) to join run {c.run_id!r}, and its group formed no new "
+                f"generation: it is full (--max-workers {c.max_workers}) or never reached an epoch boundary"
+            ) from None
+        self.generation += 1
 
     def _group_sizes(self) -> list[int]:
         """Every group leader publishes its size; everyone learns all sizes, hence global ranks and world size."""
@@ -261,6 +352,31 @@ class Job:
                         raise BarrierBroken(state.broken_reason, grpc.StatusCode.ABORTED, list(state.missing)) from None
                 if time.monotonic() > deadline:
                     raise
+
+    def membership_problem(self) -> str | None:
+        """Why the group cannot go on, from the job's barrier: a member whose session lapsed broke it.
+
+        A wait for a silent peer (frozen, or cut off by the network) calls this about once a second,
+        so every rank learns of the loss within the session TTL plus a second. Raises CutOff when the
+        lapsed session is this worker's own: then it is the one the others go on without.
+        """
+        if self.barrier.unrenewed_for > SESSION_TTL:
+            raise CutOff(
+                f"rank {self.rank} has not reached the barrier service at {self.config.barrier} for "
+                f"{self.barrier.unrenewed_for:.0f} s: its session lapsed, and the job goes on without it"
+            )
+        try:
+            (state,) = self.barrier.status(self.barrier_name, timeout=STATUS_TIMEOUT)
+        except NanodistError:
+            return None  # not known yet (a restarted service), or slow: the next look may tell
+        if not state.broken_reason:
+            return None
+        if state.lapsed_member == self.barrier.member_id:
+            raise CutOff(
+                f"rank {self.rank} was named missing by the job's barrier ({state.broken_reason}): it was "
+                "frozen or cut off for longer than its session's TTL, and the job goes on without it"
+            )
+        return state.broken_reason  # names the barrier, the member that broke it, and who is missing
 
     def abort(self, reason: str) -> None:
         """Break the job's barrier so that every other worker stops at once, naming the cause."""

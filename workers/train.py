@@ -12,6 +12,7 @@ import sys
 from nanodist.client import BarrierBroken, NanodistError
 from nanodist.workers.comm import CommError
 from nanodist.workers.config import ConfigError, SecurityFlags, TrainConfig
+from nanodist.workers.job import CutOff
 from nanodist.workers.pipeline_worker import PipelineWorker
 from nanodist.workers.settings import add_flags, from_args
 from nanodist.workers.worker import Worker
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> None:
     except (ConfigError, CommError, NanodistError) as error:
         print(f"nanodist worker: error: {error}", file=sys.stderr, flush=True)
         if worker is not None:
-            if not isinstance(error, BarrierBroken):
+            if not isinstance(error, BarrierBroken | CutOff):  # a cut-off worker cannot reach the barrier
                 worker.abort(str(error))
             sys.stdout.flush()
             worker.comm.abort()

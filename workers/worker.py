@@ -8,6 +8,7 @@ its group. Flat mode: every worker pushes and pulls on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,6 +21,7 @@ from nanodist.client import (
     BarrierBroken,
     ClientSecurity,
     LockClient,
+    NotFound,
     Values,
     sgd,
 )
@@ -140,8 +142,11 @@ class Worker:
         self.job.abort(reason)
 
     def train(self) -> None:
-        self.initialise()
         at = Position()
+        if self.job.joined_late:
+            self._resume(at)  # the group's leader hands over the parameters and where training is
+        else:
+            self.initialise()
         while True:
             try:
                 self._train(at)
@@ -182,6 +187,8 @@ class Worker:
             at.epoch, at.batch = at.epoch + 1, 0
             if c.max_steps and at.step >= c.max_steps:
                 break
+            if c.elastic and at.epoch <= c.epochs:
+                self._admit_joiners(at)
 
     def _rejoin(self, cause: str, at: Position) -> None:
         """Elastic: form the next generation with the workers left, then continue from the servers' step.
@@ -191,10 +198,37 @@ class Worker:
         in the epoch, whose remaining batches are re-sharded over the new
         membership.
         """
+        self.job.membership_problem()  # raises CutOff if the others have gone on without this worker
         self.job.abort(f"{self.name} lost a member of its group: {cause}")  # the others learn at once
-        self.job.regroup(cause)
+        self.job.regroup(cause, expected=self.world - 1)  # one lost: closes as soon as the rest are back
+        self._resume(at)
+
+    def _admit_joiners(self, at: Position) -> None:
+        """Elastic, at an epoch boundary: if workers wait to join (and the group is below --max-workers),
+        everyone forms the next generation with them. Rank 0 decides, so that all ranks agree."""
+        c = self.config
+        joiners = f"{c.run_id}/joiners"
+        grow = np.zeros(1, dtype=np.int64)
+        if self.rank == 0 and (not c.max_workers or self.world < c.max_workers):
+            grow[0] = self.kv.add(joiners, 0) > 0
+        self.comm.broadcast(grow, root=0)
+        if not grow[0]:
+            return
+        world = self.world
+        self.job.regroup("workers wait to join")
+        if self.rank == 0 and self.world <= world:
+            self.kv.set(joiners, "0")  # counted joiners that never came (killed while waiting)
+        self._resume(at)
+
+    def _resume(self, at: Position) -> None:
+        """After a new generation formed: its leader pulls the parameters and their version (the steps
+        the servers applied) and hands both to the group with its place in the epoch, whose remaining
+        batches are re-sharded over the new membership."""
         self._adopt_job()
         self._check_data(self.rank, self.world)
+        if self.rank == 0:
+            with contextlib.suppress(NotFound):  # none before the first epoch's end
+                self.state.epochs = json.loads(self.kv.get(f"{self.config.run_id}/evaluations"))
         state = np.zeros(3, dtype=np.int64)
         if self.ps is not None:
             values = self.ps.pull(list(self.params.views))
@@ -229,6 +263,8 @@ class Worker:
                 "eval_fencing_token": held.fencing_token,
             }
         self.state.epochs.append(record)
+        if self.config.elastic:  # whoever leads a later generation reports these too
+            self.kv.set(f"{self.config.run_id}/evaluations", json.dumps(self.state.epochs))
         say(
             f"[{self.name}] epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
             f"test accuracy {accuracy:.4f}"

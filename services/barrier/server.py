@@ -48,7 +48,7 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
         member = str(lease.payload["member"])
         for barrier in self.barriers.values():
             if member in barrier.known and barrier.break_(
-                f"member {member!r} stopped heartbeating (session lease of {lease.ttl_ms} ms lapsed)"
+                f"member {member!r} stopped heartbeating (session lease of {lease.ttl_ms} ms lapsed)", member
             ):
                 log.warning("barrier %s broken: session of %s lapsed", barrier.name, member)
 
@@ -154,5 +154,6 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
                 arrived=sorted(b.arrived, key=b.arrived.__getitem__),
                 missing=b.missing(),
                 broken_reason=b.broken.message if b.broken else "",
+                lapsed_member=b.lapsed_member,
             )
         return response

@@ -29,6 +29,7 @@ class Barrier:
     arrived: dict[str, int] = field(default_factory=dict)  # member -> arrival index
     known: set[str] = field(default_factory=set)  # members seen in sessions or earlier generations
     broken: BarrierBroken | None = None
+    lapsed_member: str = ""  # whose session lapse broke it, if that is what did
     waiters: list[asyncio.Future[int]] = field(default_factory=list)  # one per Wait call in progress
 
     def missing(self) -> list[str]:
@@ -75,10 +76,11 @@ class Barrier:
                 settle(waiter)
         self.waiters = []
 
-    def break_(self, reason: str) -> BarrierBroken | None:
+    def break_(self, reason: str, lapsed_member: str = "") -> BarrierBroken | None:
         """Break the barrier; current waiters and later arrivals get ABORTED until Reset."""
         if self.broken is not None:
             return None
+        self.lapsed_member = lapsed_member
         missing = self.missing()
         error = BarrierBroken(
             grpc.StatusCode.ABORTED,
@@ -93,6 +95,7 @@ class Barrier:
         error = BarrierBroken(grpc.StatusCode.ABORTED, f"barrier {self.name!r} was reset", self.missing())
         self._settle(lambda f: f.set_exception(error))
         self.broken = None
+        self.lapsed_member = ""
         self.arrived = {}
         self.generation += 1
         return self.generation

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
+import time
 import uuid
 
 import pytest
 
+from nanodist.workers.job import SESSION_TTL
 from tests.conftest import nanodist_command
 
 
@@ -71,3 +74,90 @@ def test_below_min_workers_the_job_stops_naming_who_left(start_server, tmp_path)
     assert survivor.returncode == 2, output[-3000:]
     assert "only 1 workers are left in generation 1, fewer than --min-workers 2" in output
     assert f":{victim.pid})" in output
+
+
+class Output:
+    """A worker's output lines as they come, each with the time it was read."""
+
+    def __init__(self, worker: subprocess.Popen[str]) -> None:
+        self.worker = worker
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.worker.stdout is not None
+        for line in self.worker.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def first(self, text: str, timeout: float = 120) -> float:
+        """When the first line holding `text` was read."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [at for at, line in list(self.lines) if text in line]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} within {timeout:g}s:\n{self.text[-3000:]}")
+
+    def finish(self, timeout: float = 240) -> int:
+        code = self.worker.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    @property
+    def text(self) -> str:
+        return "".join(line for _, line in list(self.lines))
+
+
+def test_a_worker_started_mid_training_joins_at_an_epoch_boundary_and_takes_a_share(start_server, tmp_path):
+    run_id, first = start_workers(start_server, tmp_path, 2, "--epochs", "20", "--slow-ms", "10", "--min-workers", "2")
+    outputs = [Output(w) for w in first]
+    outputs[0].first(" step ")
+    late = subprocess.Popen(first[0].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs.append(Output(late))
+    assert [o.finish() for o in outputs] == [0, 0, 0], [o.text[-2000:] for o in outputs]
+    joiner = outputs[2].text
+    assert "waiting to join the next one" in joiner and "generation 1: resuming at step" in joiner, joiner[-3000:]
+    resumed = joiner.split("generation 1: resuming at step")[1]
+    assert " step " in resumed, joiner[-3000:]  # it trained batches of its own
+    logged = "".join(o.text for o in outputs)
+    (change,) = [line for line in logged.splitlines() if "generation 1: 3 workers (was 2)" in line]
+    assert "left: none; joined: " in change and f":{late.pid}" in change, change
+    metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
+    assert metrics["world_size"] == 3 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
+    assert len(metrics["epochs"]) == 20
+
+
+def test_a_frozen_worker_is_left_behind_within_the_lease_ttl_and_stops_itself_when_it_wakes(start_server, tmp_path):
+    """A frozen process keeps its sockets open: only the barrier's session lease can tell the others."""
+    run_id, workers = start_workers(start_server, tmp_path, 3, "--epochs", "10", "--min-workers", "2")
+    outputs = [Output(w) for w in workers]
+    for o in outputs:
+        o.first(" step ")
+    ranks = [int(o.text.split(" member ")[1].split()[0]) for o in outputs]
+    frozen = outputs[ranks.index(1)]
+    survivors = [o for o in outputs if o is not frozen]
+    frozen.worker.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    noticed = max(o.first("leaves generation 0") for o in survivors) - stopped_at
+    frozen.worker.send_signal(signal.SIGCONT)
+    assert frozen.finish(timeout=60) == 1, frozen.text[-3000:]
+    assert "the job goes on without it" in frozen.text, frozen.text[-3000:]
+    assert [o.finish() for o in survivors] == [0, 0], [o.text[-2000:] for o in survivors]
+    # Its session lapses within the TTL of its last renewal; a waiting peer looks every second.
+    assert noticed < SESSION_TTL + 1.5, f"the survivors needed {noticed:.1f} s"
+    metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
+    print(f"\nthe survivors of a frozen worker went on {noticed:.2f} s after it stopped")
+
+
+def test_beyond_max_workers_a_worker_waits_for_a_place_and_says_why_it_gave_up(start_server, tmp_path):
+    run_id, workers = start_workers(start_server, tmp_path, 3, "--epochs", "3", "--max-workers", "2", "--timeout", "8")
+    outputs = [Output(w) for w in workers]
+    codes = [o.finish() for o in outputs]
+    assert sorted(codes) == [0, 0, 2], [o.text[-2000:] for o in outputs]
+    refused = outputs[codes.index(2)].text
+    assert "waiting to join the next one" in refused, refused[-2000:]
+    assert "it is full (--max-workers 2)" in refused, refused[-2000:]
+    assert json.loads((tmp_path / run_id / "metrics.json").read_text())["world_size"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol
 
@@ -58,6 +59,10 @@ class _Done:
         return None
 
 
+# Says why the group cannot go on (a member is gone), or None; it may raise to stop this rank itself.
+Watch = Callable[[], str | None]
+
+
 class Communicator(abc.ABC):
     """A group of `size` processes; this one is `rank`. Collectives run in place on numpy arrays.
 
@@ -99,6 +104,14 @@ class Communicator(abc.ABC):
         """
         self.send(array, dest)
         return _Done()
+
+    def watch(self, probe: Watch) -> None:  # noqa: B027 - only backends that can wait on a silent peer need it
+        """Call `probe` about once a second while waiting for a peer; a message it returns fails the wait.
+
+        A peer that dies closes its sockets, but a frozen or partitioned one says
+        nothing: the probe lets a wait learn of its loss from elsewhere (the job's
+        barrier leases) instead of waiting out the whole timeout.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release sockets or other resources."""

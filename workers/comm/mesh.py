@@ -11,6 +11,7 @@ blaming its neighbour.
 from __future__ import annotations
 
 import queue
+import select
 import socket
 import struct
 import threading
@@ -20,12 +21,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nanodist.workers.comm.base import CommError
+from nanodist.workers.comm.base import CommError, Watch
 
 FRAME = struct.Struct("<B7xQ")  # kind, payload length
 HELLO = struct.Struct("<qq")  # group hash, rank
 DATA, META_KIND, ABORT, HELLO_KIND, SYNC = 1, 2, 3, 4, 5
 DEFAULT_TIMEOUT = 60.0
+WATCH_EVERY = 0.5  # seconds a receive waits between two calls of the mesh's watch
 ABORT_MESSAGE_BYTES = 4096
 
 # What a frame can carry: raw bytes, or a C-contiguous numpy array sent from (or received into) its memory.
@@ -101,6 +103,7 @@ class Mesh:
         for sock in sockets.values():
             sock.settimeout(timeout)
         self._sender = _Sender(self.describe)
+        self.watch: Watch | None = None  # consulted while a receive waits (Communicator.watch)
 
     @classmethod
     def connect(
@@ -184,12 +187,30 @@ class Mesh:
         sock = self.sockets[peer]
         try:
             while view:
+                if self.watch is not None:
+                    self._await(peer, sock)
                 got = sock.recv_into(view)
                 if got == 0:
                     raise ConnectionResetError("connection closed")
                 view = view[got:]
         except OSError as exc:
             raise CommError(self.describe(peer, exc)) from None
+
+    def _await(self, peer: int, sock: socket.socket) -> None:
+        """Return once `sock` has data; in between, every WATCH_EVERY seconds, ask the watch whether the
+        group is still whole. Polling, not a shorter socket timeout: that would also cut the sender's
+        sends short, mid-frame."""
+        waited = 0.0
+        readable = select.poll()  # not select.select: a process may hold descriptors past 1024
+        readable.register(sock, select.POLLIN)
+        while not readable.poll(WATCH_EVERY * 1000):
+            waited += WATCH_EVERY
+            assert self.watch is not None
+            problem = self.watch()
+            if problem is not None:
+                raise CommError(f"rank {self.rank}: {problem}")
+            if waited >= self.timeout:
+                raise CommError(self.describe(peer, TimeoutError()))
 
     def abort(self, message: str) -> None:
         """Tell every peer why this rank stops, then close: nobody is left waiting on us.
@@ -199,7 +220,9 @@ class Mesh:
         sending side and drain briefly before closing.
         """
         self._sender.stop()
-        self._sender.thread.join(timeout=1.0)
+        # A sender still busy after this is stuck on one peer that does not read (frozen, or cut off):
+        # the frames below go to the others, whose sockets it is not writing to.
+        self._sender.thread.join(timeout=0.25)
         text = message.encode()[:ABORT_MESSAGE_BYTES]
         frame = FRAME.pack(ABORT, len(text)) + text
         for sock in self.sockets.values():

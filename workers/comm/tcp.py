@@ -27,6 +27,7 @@ from nanodist.workers.comm.base import (
     Communicator,
     ReduceOp,
     SendHandle,
+    Watch,
     check_array,
     signature,
 )
@@ -81,6 +82,9 @@ class TCPCommunicator(Communicator):
             self._broken = str(error)
             self.mesh.abort(str(error))
             raise
+
+    def watch(self, probe: Watch) -> None:
+        self.mesh.watch = probe
 
     def _agree(self, name: str, flat: np.ndarray, root: int = 0) -> None:
         """Exchange (sequence, op, dtype, count, root) around the ring; any difference is an error."""

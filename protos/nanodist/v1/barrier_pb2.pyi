@@ -105,20 +105,22 @@ class BarrierStatusRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class BarrierState(_message.Message):
-    __slots__ = ("name", "parties", "generation", "arrived", "missing", "broken_reason")
+    __slots__ = ("name", "parties", "generation", "arrived", "missing", "broken_reason", "lapsed_member")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARTIES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     ARRIVED_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
     BROKEN_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAPSED_MEMBER_FIELD_NUMBER: _ClassVar[int]
     name: str
     parties: int
     generation: int
     arrived: _containers.RepeatedScalarFieldContainer[str]
     missing: _containers.RepeatedScalarFieldContainer[str]
     broken_reason: str
-    def __init__(self, name: _Optional[str] = ..., parties: _Optional[int] = ..., generation: _Optional[int] = ..., arrived: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., broken_reason: _Optional[str] = ...) -> None: ...
+    lapsed_member: str
+    def __init__(self, name: _Optional[str] = ..., parties: _Optional[int] = ..., generation: _Optional[int] = ..., arrived: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., broken_reason: _Optional[str] = ..., lapsed_member: _Optional[str] = ...) -> None: ...
 
 class BarrierStatusResponse(_message.Message):
     __slots__ = ("barriers",)

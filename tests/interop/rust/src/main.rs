@@ -111,13 +111,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut locks = LockClient::connect(format!("http://{lock_address}")).await?;
     let held = locks.acquire(AcquireRequest {
         name: "interop-lock".into(), owner: "rust".into(), ttl_ms: 10_000, wait_timeout_ms: 10_000, mode: 0,
+        ..Default::default()
     }).await?.into_inner();
     println!("lock {}", held.fencing_token);
     locks.release(ReleaseRequest { name: "interop-lock".into(), lease_id: held.lease_id }).await?;
 
-    // 6. Add to a counter.
+    // 6. Add to a counter, twice with one request id: the retry is answered, not applied again.
     let mut kv = KeyValueClient::connect(format!("http://{lock_address}")).await?;
-    let added = kv.add(AddRequest { key: "interop-counter".into(), delta: 5 }).await?.into_inner();
+    let add = AddRequest { key: "interop-counter".into(), delta: 5, request_id: "rust-add-1".into() };
+    let added = kv.add(add.clone()).await?.into_inner();
+    let retried = kv.add(add).await?.into_inner();
+    assert_eq!(retried.value, added.value, "a retried Add was applied twice");
     println!("add {}", added.value);
 
     // 4. Join a barrier with the two Python processes the test started.
