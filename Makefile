@@ -83,6 +83,7 @@ bench: $(TORCH_STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/torch_step.py
 	$(BIN)/python bench/embedding_step.py
+	$(BIN)/python bench/recovery.py
 
 # 64 clients for 60 s against 2 shards, barrier and lock: zero errors, zero lost updates, bounded memory.
 soak: $(STAMP)

@@ -32,6 +32,8 @@ NON_DEFAULT = {
     "--dump-params": "/tmp/p.npz",
     "--timeout": "30",
     "--min-workers": "2",
+    "--max-workers": "4",
+    "--regroup-window": "0.5",
     "--pipeline-stages": "2",
     "--micro-batches": "2",
     "--schedule": "gpipe",

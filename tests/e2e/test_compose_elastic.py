@@ -1,0 +1,83 @@
+"""docker-compose.elastic.yml: one elastic TCP group of worker containers that loses members and finishes."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+from nanodist.workers.job import SESSION_TTL
+from tests.e2e.compose import Cluster
+
+ELASTIC = ["-f", "docker-compose.yml", "-f", "docker-compose.elastic.yml"]
+
+
+def start(cluster, workers: int, epochs: int) -> tuple[Cluster, dict[int, str]]:
+    """The cluster with `workers` worker containers, once all train; returns rank -> container."""
+    c = cluster(NANODIST_EPOCHS=str(epochs))
+    c.files = ELASTIC
+    up = c.compose("up", "-d", "--no-build", "--scale", f"worker={workers}")
+    assert up.returncode == 0, up.stderr
+    containers = c.containers("worker")
+    deadline = time.monotonic() + 180
+    while not all(" step " in c.logs(w) for w in containers):
+        assert time.monotonic() < deadline, "training did not start:\n" + c.logs(containers[0])[-2000:]
+        time.sleep(0.3)
+    ranks = {int(re.search(r"\] member (\d+) of", c.logs(w)).group(1)): w for w in containers}  # type: ignore[union-attr]
+    return c, ranks
+
+
+def finish(c: Cluster, containers: list[str]) -> dict:
+    c.wait_exited(containers, timeout=300)
+    for container in containers:
+        assert c.state(container)["State"]["ExitCode"] == 0, c.logs(container)[-3000:]
+    return json.loads((c.runs / c.run_id / "metrics.json").read_text())
+
+
+def wait_for(c: Cluster, containers: list[str], text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in c.logs(w) for w in containers):
+        assert time.monotonic() < deadline, f"no {text!r}:\n" + c.logs(containers[0])[-2000:]
+        time.sleep(0.2)
+
+
+def test_workers_killed_mid_training_are_left_behind_a_restarted_one_rejoins_and_the_job_completes(cluster):
+    c, ranks = start(cluster, 4, epochs=100)
+    everyone = list(ranks.values())
+    subprocess.run(["docker", "kill", ranks[1]], check=True, capture_output=True)  # a manual stop: no restart
+    wait_for(c, everyone, "generation 1: 3 workers (was 4); left: rank 1")
+    # A crash of another worker's process: its container restarts and the worker joins again.
+    crashed = ranks[3]
+    restarts = c.state(crashed)["RestartCount"]
+    os.kill(c.state(crashed)["State"]["Pid"], signal.SIGKILL)
+    wait_for(c, everyone, "generation 2: 2 workers (was 3)")
+    wait_for(c, everyone, "generation 3: 3 workers (was 2); left: none; joined: ")
+    assert c.state(crashed)["RestartCount"] == restarts + 1
+    metrics = finish(c, [w for w in everyone if w != ranks[1]])
+    assert metrics["world_size"] == 3 and metrics["final_test_accuracy"] >= 0.95
+    assert len(metrics["epochs"]) == 100
+
+
+def test_a_worker_cut_off_from_the_network_is_left_behind_within_the_lease_ttl(cluster):
+    c, ranks = start(cluster, 3, epochs=30)
+    victim = ranks[2]
+    (network,) = c.state(victim)["NetworkSettings"]["Networks"]
+    subprocess.run(["docker", "network", "disconnect", network, victim], check=True, capture_output=True)
+    cut_at = time.monotonic()
+    survivors = [ranks[0], ranks[1]]
+    while not all("leaves generation 0" in c.logs(w) for w in survivors):
+        assert time.monotonic() - cut_at < 60, c.logs(survivors[0])[-2000:]
+        time.sleep(0.1)
+    noticed = time.monotonic() - cut_at
+    c.wait_exited([victim], timeout=60)
+    stopped = time.monotonic() - cut_at
+    assert c.state(victim)["State"]["ExitCode"] == 1, c.logs(victim)[-3000:]
+    assert "the job goes on without it" in c.logs(victim), c.logs(victim)[-3000:]
+    metrics = finish(c, survivors)
+    assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95
+    # The survivors: the session TTL and a second of watching (plus the log's polling here). The cut-off
+    # worker: the same, then closing what it holds.
+    assert noticed < SESSION_TTL + 1.5, f"the survivors went on {noticed:.1f} s after the cut"
+    assert stopped < SESSION_TTL + 1.5 + 10, f"the cut-off worker stopped {stopped:.1f} s after the cut"
+    print(f"\ncut off: the survivors went on after {noticed:.1f} s, the cut-off worker stopped after {stopped:.1f} s")
