@@ -39,8 +39,9 @@ certs: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python protos/apitools.py docs
 
+# Two streams: most tests wait on processes and timeouts more than they compute.
 test: $(TORCH_STAMP)
-	$(BIN)/pytest -q --durations=10
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=10
 
 # The whole cluster as local processes: 2 parameter-server shards, barrier, lock,
 # an MPI group and a TCP group of 2 workers each, training on scikit-learn's digits.

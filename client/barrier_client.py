@@ -179,6 +179,10 @@ class BarrierClient(ServiceClient):
         return list(self._call(self._stub.Status, request, timeout=timeout, idempotent=True).barriers)
 
     @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    @property
     def unrenewed_for(self) -> float:
         """Seconds since the service last renewed this member's session: past the TTL, it has lapsed."""
         return time.monotonic() - self.renewed_at

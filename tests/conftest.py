@@ -101,3 +101,12 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n` (make test runs two streams), the docker tests share one stream: they build the
+    same images and one of them makes this engine a swarm, so they must not overlap one another."""
+    for item in items:
+        if "tests/e2e/" in item.nodeid or item.nodeid.startswith("e2e/"):
+            item.add_marker(pytest.mark.xdist_group("docker"))

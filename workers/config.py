@@ -58,7 +58,7 @@ class JobConfig(Endpoints):
     )
     min_workers: int = setting(1, flag="--min-workers", help="with --elastic: stop when fewer workers are left")
     regroup_window: float = setting(
-        2.0,
+        5.0,
         flag="--regroup-window",
         help="with --elastic: a new generation closes after this many seconds without a newcomer, "
         "or at once when every other member of the last one has come back after a loss",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +85,23 @@ class Job:
         self._collectives: ThreadPoolExecutor | None = None
         self._reader: ParameterServerClient | None = None
         self._form(check)
+        if config.elastic:
+            threading.Thread(target=self._leave_when_cut_off, name="nanodist-cut-off-watch", daemon=True).start()
+
+    def _leave_when_cut_off(self) -> None:
+        """Elastic: a worker whose session lapsed has been left behind, whatever it is waiting for (a
+        barrier, a server's answer); it stops at once rather than when that wait times out."""
+        while True:
+            time.sleep(0.5)
+            barrier = self.barrier
+            if not barrier.closed and barrier.unrenewed_for > SESSION_TTL + 1:
+                say(
+                    f"nanodist worker: error: rank {self.rank} has not reached the barrier service at "
+                    f"{self.config.barrier} for {barrier.unrenewed_for:.0f} s: its session lapsed, "
+                    "and the job goes on without it",
+                    sys.stderr,
+                )
+                os._exit(1)  # the main thread may be inside a call that would wait out its timeout
 
     def _await_services(self) -> None:
         """Every worker joins through the lock service and the barrier: wait until both serve."""
@@ -252,7 +271,7 @@ class Job:
                 if waiting_since is None:
                     waiting_since = time.monotonic()
                     say(f"[{c.run_id}] generation {self.generation} is training; waiting to join the next one")
-                self.kv.add(joiners, 1)
+                    self.kv.add(joiners, 1)  # counted once: it stays counted until it gets in
                 self._await_next_generation(waiting_since)
                 continue
             if waiting_since is not None:
@@ -356,7 +375,7 @@ class Job:
     def membership_problem(self) -> str | None:
         """Why the group cannot go on, from the job's barrier: a member whose session lapsed broke it.
 
-        A wait for a silent peer (frozen, or cut off by the network) calls this about once a second,
+        A wait for a silent peer (frozen, or cut off by the network) calls this every half second,
         so every rank learns of the loss within the session TTL plus a second. Raises CutOff when the
         lapsed session is this worker's own: then it is the one the others go on without.
         """

@@ -210,12 +210,12 @@ class Worker:
         joiners = f"{c.run_id}/joiners"
         grow = np.zeros(1, dtype=np.int64)
         if self.rank == 0 and (not c.max_workers or self.world < c.max_workers):
-            grow[0] = self.kv.add(joiners, 0) > 0
+            grow[0] = max(0, self.kv.add(joiners, 0))  # how many wait
         self.comm.broadcast(grow, root=0)
         if not grow[0]:
             return
         world = self.world
-        self.job.regroup("workers wait to join")
+        self.job.regroup("workers wait to join", expected=world + int(grow[0]))
         if self.rank == 0 and self.world <= world:
             self.kv.set(joiners, "0")  # counted joiners that never came (killed while waiting)
         self._resume(at)

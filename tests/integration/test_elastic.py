@@ -145,7 +145,7 @@ def test_a_frozen_worker_is_left_behind_within_the_lease_ttl_and_stops_itself_wh
     assert frozen.finish(timeout=60) == 1, frozen.text[-3000:]
     assert "the job goes on without it" in frozen.text, frozen.text[-3000:]
     assert [o.finish() for o in survivors] == [0, 0], [o.text[-2000:] for o in survivors]
-    # Its session lapses within the TTL of its last renewal; a waiting peer looks every second.
+    # Its session lapses within the TTL of its last renewal; a waiting peer looks every half second.
     assert noticed < SESSION_TTL + 1.5, f"the survivors needed {noticed:.1f} s"
     metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]

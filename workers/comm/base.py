@@ -106,7 +106,7 @@ class Communicator(abc.ABC):
         return _Done()
 
     def watch(self, probe: Watch) -> None:  # noqa: B027 - only backends that can wait on a silent peer need it
-        """Call `probe` about once a second while waiting for a peer; a message it returns fails the wait.
+        """Call `probe` every half second or so while waiting for a peer; a message it returns fails the wait.
 
         A peer that dies closes its sockets, but a frozen or partitioned one says
         nothing: the probe lets a wait learn of its loss from elsewhere (the job's
