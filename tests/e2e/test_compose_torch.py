@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.e2e.compose import Cluster
+from tests.e2e.conftest import build_images
 
 TORCH_IMAGE = "nanodist:0.1.0-torch"
 
@@ -16,9 +16,7 @@ TORCH_IMAGE = "nanodist:0.1.0-torch"
 @pytest.fixture(scope="module")
 def images() -> None:
     """The services' image and the torch variant (its wheelhouse comes from PyPI with pip download)."""
-    began = time.monotonic()
-    subprocess.run(["make", "docker", "docker-torch"], cwd=ROOT, check=True, timeout=1500)
-    print(f"\nimages built in {time.monotonic() - began:.0f} s")
+    build_images("docker", "docker-torch")
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.e2e.conftest import build_images
 from tests.e2e.multihost import (
     FINISHED,
     Clock,
@@ -58,7 +58,7 @@ def clock() -> Clock:
 @pytest.fixture(scope="module")
 def swarm(clock: Clock) -> Iterator[Swarm]:
     if not docker("image", "ls", "-q", IMAGE).strip():
-        subprocess.run(["make", "docker"], cwd=ROOT, check=True, timeout=1500)
+        build_images("docker")
     build_node_image()
     clock("node image ready")
     nodes = Swarm(3, clock)

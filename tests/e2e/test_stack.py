@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanodist.client.health import check
 from nanodist.client.rpc import ClientSecurity, open_channel
-from tests.conftest import ROOT
+from tests.e2e.conftest import build_images
 from tests.e2e.swarm import Stack, docker, init_swarm, leave_swarm, swarm_state
 
 WORKERS = ["worker", "mpi-group"]
@@ -27,7 +27,7 @@ def swarm() -> Iterator[None]:
     """`make docker`, then a swarm of this engine alone, left whatever happens."""
     if swarm_state() != "inactive":
         pytest.skip("this engine is in a swarm already; the tests make and leave one of their own")
-    subprocess.run(["make", "docker"], cwd=ROOT, check=True, timeout=1500)
+    build_images("docker")
     try:
         init_swarm()
         yield
