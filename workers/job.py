@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
+import numpy as np
 
 from nanodist.client import (
     BarrierBroken,
@@ -174,6 +175,35 @@ class Job:
                 f"only {self.world} workers are left in generation {self.generation}, fewer than "
                 f"--min-workers {self.config.min_workers}; {self._departures()}"
             )
+
+    def regroup_after_loss(self, cause: str, before: Callable[[], None] = lambda: None) -> None:
+        """Elastic, on a rank that saw a member lost (a failed collective, a broken barrier): break the
+        job's barrier so that the others learn at once, then form the next generation with those left.
+        `before` runs once the old group is closed, to drain work queued on it.
+        Raises CutOff if the others have gone on without this worker."""
+        self.membership_problem()
+        self.abort(f"rank {self.rank} lost a member of its group: {cause}")
+        self.comm.close()
+        before()
+        self.regroup(cause, expected=self.world - 1)  # one lost: closes as soon as the rest are back
+
+    def admit_joiners(self) -> bool:
+        """Elastic, where every rank stands at the same point (an epoch boundary, a commit): if workers
+        wait to join and the group is below --max-workers, form the next generation with them. Rank 0
+        decides and tells the others, so that all agree. Returns whether a new generation formed."""
+        c = self.config
+        joiners = f"{c.run_id}/joiners"
+        grow = np.zeros(1, dtype=np.int64)
+        if self.rank == 0 and (not c.max_workers or self.world < c.max_workers):
+            grow[0] = max(0, self.kv.add(joiners, 0))  # how many wait
+        self.comm.broadcast(grow, root=0)
+        if not grow[0]:
+            return False
+        world = self.world
+        self.regroup("workers wait to join", expected=world + int(grow[0]))
+        if self.rank == 0 and self.world <= world:
+            self.kv.set(joiners, "0")  # counted joiners that never came (killed while waiting)
+        return True
 
     def _record_members(self) -> None:
         """Every member publishes who it is; the new rank 0 logs once who left and who joined."""

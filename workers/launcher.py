@@ -204,6 +204,26 @@ class Cluster:
                 return
             time.sleep(0.1)
 
+    def watch_elastic_workers(self) -> None:
+        """An elastic group goes on without a worker that fails: report each, and return once every
+        worker has exited, if one at least finished; else raise naming the first failure."""
+        reported: set[str] = set()
+        while True:
+            for child in self.children:
+                code = child.process.poll()
+                if child.server and code is not None:
+                    raise LaunchError(f"{child.name} exited with status {code}")
+                if not child.server and code not in (None, 0) and child.name not in reported:
+                    reported.add(child.name)
+                    print(f"nanodist: {child.name} exited with status {code}; the others go on", flush=True)
+            workers = [c.process.poll() for c in self.children if not c.server]
+            if all(code is not None for code in workers):
+                if 0 in workers:
+                    return
+                time.sleep(0.2)  # let the output threads catch the children's last lines
+                raise LaunchError(f"every worker failed; the first: {self.first_failure or 'see above'}")
+            time.sleep(0.1)
+
     def stop(self) -> None:
         """SIGTERM every process group, then SIGKILL what is left: no orphans."""
         for child in reversed(self.children):

@@ -191,34 +191,14 @@ class Worker:
                 self._admit_joiners(at)
 
     def _rejoin(self, cause: str, at: Position) -> None:
-        """Elastic: form the next generation with the workers left, then continue from the servers' step.
-
-        The new group leader pulls the parameters and their version (the
-        steps the servers applied) and hands both to its group with its place
-        in the epoch, whose remaining batches are re-sharded over the new
-        membership.
-        """
-        self.job.membership_problem()  # raises CutOff if the others have gone on without this worker
-        self.job.abort(f"{self.name} lost a member of its group: {cause}")  # the others learn at once
-        self.job.regroup(cause, expected=self.world - 1)  # one lost: closes as soon as the rest are back
+        """Elastic: form the next generation with the workers left, then continue from the servers' step."""
+        self.job.regroup_after_loss(cause)
         self._resume(at)
 
     def _admit_joiners(self, at: Position) -> None:
-        """Elastic, at an epoch boundary: if workers wait to join (and the group is below --max-workers),
-        everyone forms the next generation with them. Rank 0 decides, so that all ranks agree."""
-        c = self.config
-        joiners = f"{c.run_id}/joiners"
-        grow = np.zeros(1, dtype=np.int64)
-        if self.rank == 0 and (not c.max_workers or self.world < c.max_workers):
-            grow[0] = max(0, self.kv.add(joiners, 0))  # how many wait
-        self.comm.broadcast(grow, root=0)
-        if not grow[0]:
-            return
-        world = self.world
-        self.job.regroup("workers wait to join", expected=world + int(grow[0]))
-        if self.rank == 0 and self.world <= world:
-            self.kv.set(joiners, "0")  # counted joiners that never came (killed while waiting)
-        self._resume(at)
+        """Elastic, at an epoch boundary: workers waiting to join enter with a new generation."""
+        if self.job.admit_joiners():
+            self._resume(at)
 
     def _resume(self, at: Position) -> None:
         """After a new generation formed: its leader pulls the parameters and their version (the steps

@@ -103,8 +103,9 @@ def test_compressed_gradients_train_the_cnn(tmp_path, compression):
 
 @pytest.mark.parametrize("mode", [("--mode", "asp"), ("--mode", "ssp", "--staleness", "2")], ids=["asp", "ssp"])
 def test_server_side_optimizer_trains_the_cnn(tmp_path, mode):
-    # Stale gradients and a constant learning rate on the servers: a few more epochs than the default.
-    assert example_accuracy(tmp_path, "--server-optimizer", "--epochs", "20", mode=mode) >= 0.95
+    # Stale gradients and a constant learning rate on the servers: more epochs than the default. Under load
+    # (the other test stream) ASP's accuracy still swings by ±0.015 from epoch to epoch at 20; at 30 it has settled.
+    assert example_accuracy(tmp_path, "--server-optimizer", "--epochs", "30", mode=mode) >= 0.95
 
 
 def test_mismatched_models_fail_fast_naming_the_parameter(tmp_path):

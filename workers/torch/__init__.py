@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 import nanodist.torch.broadcast as _broadcast
+import nanodist.torch.elastic as elastic
 import nanodist.torch.runtime as _runtime
 from nanodist.torch.compression import Compression
 from nanodist.torch.embedding import Embedding, EmbeddingBag, normal, prefetch, uniform, zeros
@@ -59,6 +60,7 @@ __all__ = [
     "EmbeddingBag",
     "ModelMismatch",
     "broadcast_optimizer_state",
+    "elastic",
     "broadcast_parameters",
     "group_rank",
     "group_size",

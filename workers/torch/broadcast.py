@@ -81,12 +81,15 @@ def broadcast_parameters(
     broadcast_tensors(job, [t for _, t in items if isinstance(t, torch.Tensor)], root_rank)
 
 
-def broadcast_optimizer_state(job: Job, optimizer: torch.optim.Optimizer, root_rank: int) -> None:
+def broadcast_optimizer_state(
+    job: Job, optimizer: torch.optim.Optimizer, root_rank: int, name: str | None = None
+) -> None:
     """Every rank ends with root_rank's optimizer state (momentum buffers, Adam moments, step counts,
-    learning rates), even a rank whose optimizer has taken no step yet."""
+    learning rates), even a rank whose optimizer has taken no step yet. `name`: the call's key, when
+    the ranks may have made different numbers of calls before (a worker that joined late)."""
     if job.world == 1:
         return
-    name = f"{job.config.run_id}/torch/optimizer-state/{next(_calls)}"
+    name = name or f"{job.config.run_id}/torch/optimizer-state/{next(_calls)}"
     if job.rank == root_rank:
         skeleton, tensors = _split_state(optimizer.state_dict())
         job.kv.set(name, json.dumps(skeleton))

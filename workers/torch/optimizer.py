@@ -105,6 +105,11 @@ class _Synchronizer:
         if self.buffers.buckets:
             self.buffers.synchronize()
 
+    def adopt_generation(self) -> None:
+        """Elastic: continue in the job's new generation (see Reducer.adopt_generation)."""
+        self.grads.adopt_generation()
+        self.buffers.adopt_generation()
+
     def close(self) -> None:
         self.grads.close()
         self.buffers.close()
@@ -197,6 +202,11 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's name, so that switching is a
         raise ValueError(f"mode {mode!r} is unknown; choose bsp, asp or ssp")
     if mode != "bsp" and server_optimizer is None:
         raise ValueError(f"mode {mode!r} needs server_optimizer= (in ASP and SSP the servers apply the updates)")
+    if server_optimizer is not None and job is not None and job.config.elastic:
+        raise ValueError(
+            "server_optimizer= is not supported in an elastic job: the servers count steps per worker, and a "
+            "new generation does not carry that count over; average gradients (the default) instead"
+        )
     codec = Compression.parse(compression)
     if server_optimizer is not None and codec is not Compression.none:
         raise ValueError("compression applies to averaged gradients; with server_optimizer= leave it unset")
@@ -204,7 +214,8 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's name, so that switching is a
     cls = type(type(optimizer).__name__, (_DistributedMixin, type(optimizer)), {})
     wrapped: Any = object.__new__(cls)
     wrapped.__dict__ = optimizer.__dict__  # one state: the wrapped optimizer and this object stay in step
-    needed = job is not None and (job.world > 1 or server_optimizer is not None)
+    # An elastic job of one may grow, so it keeps its synchronizer.
+    needed = job is not None and (job.world > 1 or server_optimizer is not None or job.config.elastic)
     wrapped._nanodist = (
         _Synchronizer(
             job,

@@ -19,6 +19,7 @@ pull brings back parameters rather than an average gradient.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -264,6 +265,18 @@ class Reducer:
                     param.grad.copy_(value)
             else:
                 param.grad = None  # no worker produced one: the optimizer skips it, as it would alone
+
+    def adopt_generation(self) -> None:
+        """Elastic, after the group re-formed: wait out the exchanges queued on the old group (they fail
+        at once, as it is closed), forget the step they belonged to, and take the new group's shape."""
+        for stage1 in self._stage1:
+            with contextlib.suppress(Exception):
+                for trip in stage1.result():
+                    with contextlib.suppress(Exception):
+                        trip.result()
+        self._comm.submit(lambda: None).result()  # one thread, in order: whatever was queued has run
+        self.route = Route.of(self.job, server_side=self.target is Target.PARAM)
+        self._reset()
 
     def _reset(self) -> None:
         self._stage1 = []

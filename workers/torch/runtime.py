@@ -50,6 +50,14 @@ def synchronize() -> None:
             optimizer.synchronize()
 
 
+def adopt_generation() -> None:
+    """Elastic: every DistributedOptimizer drops the step in flight and takes the job's new group."""
+    for optimizer in list(_optimizers):
+        synchronizer = getattr(optimizer, "_nanodist", None)
+        if synchronizer is not None:
+            synchronizer.adopt_generation()
+
+
 def init() -> None:
     """Join the job described by the environment (idempotent)."""
     global _job, _solo

@@ -1,0 +1,93 @@
+"""nd.elastic.run with real processes: a torch script that loses a worker to kill -9, or gains one,
+goes on, and its workers end with equal parameters having trained on disjoint samples."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="nanodist[torch] is not installed (make test installs it)")
+
+from nanodist.workers.config import JobConfig  # noqa: E402
+from nanodist.workers.settings import to_environment  # noqa: E402
+from tests.conftest import nanodist_command  # noqa: E402
+from tests.integration.test_elastic import Output  # noqa: E402
+from tests.integration.test_torch import SCRIPTS  # noqa: E402
+
+SCRIPT = os.path.join(SCRIPTS, "elastic.py")
+
+
+def finished(out) -> tuple[list[dict[str, np.ndarray]], list[dict[str, list[int]]]]:
+    """The parameters and the samples per epoch of every worker that finished."""
+    params = [dict(np.load(f, allow_pickle=False)) for f in sorted(glob.glob(str(out / "worker-*.npz")))]
+    samples = [json.loads(open(f).read()) for f in sorted(glob.glob(str(out / "samples-*.json")))]
+    return params, samples
+
+
+def assert_equal_everywhere(params: list[dict[str, np.ndarray]]) -> None:
+    for rank, state in enumerate(params[1:], start=1):
+        for name, value in state.items():
+            np.testing.assert_array_equal(value, params[0][name], err_msg=f"worker {rank} differs: {name}")
+
+
+def test_a_script_under_elastic_run_survives_losing_a_worker(tmp_path):
+    command = nanodist_command(
+        "run", "--runs-dir", str(tmp_path / "runs"), "--timeout", "30", "--elastic", "--groups", "tcp:3",
+        "--min-workers", "2", SCRIPT, str(tmp_path), "3",
+    )  # fmt: skip
+    run = Output(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    run.first("epoch 0 batch 6:")  # inside the first epoch, between two commits
+    victim = int((tmp_path / "pid-0").read_text())  # rank 0: the new generation needs a new leader
+    os.kill(victim, signal.SIGKILL)
+    assert run.finish() == 0, run.text[-4000:]
+    assert "exited with status -9; the others go on" in run.text
+    (change,) = [line for line in run.text.splitlines() if "generation 1: 2 workers (was 3)" in line]
+    assert "left: rank 0 (" in change and f":{victim})" in change, change
+    assert run.text.count("reset: rank") == 2  # the callbacks ran on both survivors
+    params, samples = finished(tmp_path)
+    assert len(params) == 2
+    assert_equal_everywhere(params)
+    for epoch in ("0", "1", "2"):  # the rest of an epoch is split over the survivors: no sample twice
+        a, b = (set(s[epoch]) for s in samples)
+        assert not a & b, f"epoch {epoch}: {len(a & b)} samples trained on twice"
+    assert len(set(samples[0]["2"]) | set(samples[1]["2"])) == 1796  # a whole epoch of digits' 1797, over 2
+    accuracy = float(run.text.split("accuracy ")[-1].split()[0])
+    assert accuracy >= 0.9, run.text[-2000:]
+
+
+def test_a_worker_started_mid_training_enters_at_a_commit_and_takes_a_share(start_server, tmp_path):
+    ps, barrier, lock = start_server("ps"), start_server("barrier"), start_server("lock")
+    config = JobConfig(
+        ps=(ps.address,), barrier=barrier.address, lock=lock.address, run_id=f"elastic-{uuid.uuid4().hex[:8]}",
+        backend="tcp", group_size=0, elastic=True, join_window=2.0, timeout=60,
+    )  # fmt: skip
+    env = {**os.environ, **to_environment(config), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, SCRIPT, str(tmp_path), "3"]
+
+    def start() -> Output:
+        return Output(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+
+    first = [start(), start()]
+    first[0].first("epoch 0 batch 2:")
+    late = start()
+    outputs = [*first, late]
+    assert [o.finish() for o in outputs] == [0, 0, 0], [o.text[-2000:] for o in outputs]
+    logged = "".join(o.text for o in outputs)
+    (change,) = [line for line in logged.splitlines() if "generation 1: 3 workers (was 2)" in line]
+    assert "joined: " in change and f":{late.worker.pid}" in change, change
+    assert re.search(r"batch \d+: rank \d of 3", late.text), late.text[-2000:]  # it trained in the group of 3
+    params, samples = finished(tmp_path)
+    assert len(params) == 3
+    assert_equal_everywhere(params)
+    last = [set(s["2"]) for s in samples]
+    assert all(last) and not (last[0] & last[1] or last[0] & last[2] or last[1] & last[2])
+    assert len(last[0] | last[1] | last[2]) == 1797 // 3 * 3  # a whole epoch, over 3
