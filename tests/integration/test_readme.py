@@ -19,6 +19,7 @@ MARKERS = {
     "lock": "KVStore(",
     "comm": "comm = from_env(",
     "embeddings": "nd.EmbeddingBag(",
+    "elastic": "@nd.elastic.run",
     "torch": "nd.DistributedOptimizer(",
 }
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -64,18 +65,28 @@ def test_example_runs(start_server: Callable[..., Server], name: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_torch_example_runs_alone_and_under_nanodist_run(tmp_path) -> None:
-    """The script of docs/torch.md runs as a plain script, and as 4 workers (an MPI and a TCP group)."""
-    code = examples()["torch"][1]
+def assert_runs_alone_and_launched(tmp_path, name: str, world: int, *launch: str) -> None:
+    """Example `name` runs as a plain script, and as `world` workers of `nanodist run *launch`."""
+    code = examples()[name][1]
     alone = run(code)
     assert alone.returncode == 0, alone.stderr
     assert "rank 0 of 1 done" in alone.stdout
     script = tmp_path / "train.py"
     script.write_text(code)
-    command = [sys.executable, "-m", "nanodist.workers.cli", "run", "--groups", "mpi:2,tcp:2", str(script)]
+    command = [sys.executable, "-m", "nanodist.workers.cli", "run", *launch, str(script)]
     job = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert all(f"rank {r} of 4 done" in job.stdout for r in range(4)), job.stdout[-3000:]
+    assert all(f"rank {r} of {world} done" in job.stdout for r in range(world)), job.stdout[-3000:]
+
+
+def test_torch_example_runs_alone_and_under_nanodist_run(tmp_path) -> None:
+    """The script of docs/torch.md, and 4 workers of it (an MPI and a TCP group)."""
+    assert_runs_alone_and_launched(tmp_path, "torch", 4, "--groups", "mpi:2,tcp:2")
+
+
+def test_elastic_example_runs_alone_and_under_nanodist_run_elastic(tmp_path) -> None:
+    """The script of docs/torch.md's elastic section, and an elastic group of 2 of it."""
+    assert_runs_alone_and_launched(tmp_path, "elastic", 2, "--elastic", "--groups", "tcp:2")
 
 
 def test_embeddings_example_runs_under_nanodist_run(tmp_path) -> None:
