@@ -13,15 +13,12 @@ import sys
 import uuid
 
 import numpy as np
-import pytest
 
-pytest.importorskip("torch", reason="nanodist[torch] is not installed (make test installs it)")
-
-from nanodist.workers.config import JobConfig  # noqa: E402
-from nanodist.workers.settings import to_environment  # noqa: E402
-from tests.conftest import nanodist_command  # noqa: E402
-from tests.integration.test_elastic import Output  # noqa: E402
-from tests.integration.test_torch import SCRIPTS  # noqa: E402
+from nanodist.workers.config import JobConfig
+from nanodist.workers.settings import to_environment
+from tests.conftest import nanodist_command
+from tests.integration.test_elastic import Output
+from tests.integration.test_torch import SCRIPTS
 
 SCRIPT = os.path.join(SCRIPTS, "elastic.py")
 

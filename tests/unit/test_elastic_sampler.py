@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("torch", reason="nanodist[torch] is not installed (make test installs it)")
-
-import nanodist.torch as nd  # noqa: E402
-from nanodist.torch.elastic import ElasticSampler  # noqa: E402
+import nanodist.torch as nd
+from nanodist.torch.elastic import ElasticSampler
 
 BATCH = 4
 
