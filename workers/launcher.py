@@ -45,9 +45,8 @@ class LaunchConfig:
     )
 
 
-# The worker settings the launcher fills in itself, from the cluster it starts and from --groups
-# (its groups have fixed sizes, so its workers are not elastic).
-PLACED = ("ps", "barrier", "lock", "backend", "group_id", "num_groups", "group_size", "elastic")
+# The worker settings the launcher fills in itself, from the cluster it starts and from --groups.
+PLACED = ("ps", "barrier", "lock", "backend", "group_id", "num_groups", "group_size")
 
 
 class LaunchError(RuntimeError):
@@ -97,8 +96,12 @@ T = TypeVar("T")
 
 
 def worker_config(train: J, groups: list[tuple[str, int]], group_id: int, ps: list[str], barrier: str, lock: str) -> J:
-    """The settings of group `group_id`'s workers: `train`, placed in the cluster."""
+    """The settings of group `group_id`'s workers: `train`, placed in the cluster. An elastic group
+    counts its members as they come (--group-size 0), as its size changes with the generations."""
     backend, size = groups[group_id]
+    if train.elastic and (len(groups) != 1 or backend != "tcp"):
+        spec = ",".join(f"{b}:{n}" for b, n in groups)
+        raise LaunchError(f"--elastic re-forms one TCP group: give --groups tcp:N, not {spec!r}")
     return replace(
         train,
         ps=tuple(ps),
@@ -107,7 +110,7 @@ def worker_config(train: J, groups: list[tuple[str, int]], group_id: int, ps: li
         backend=backend,
         group_id=group_id,
         num_groups=len(groups),
-        group_size=size,
+        group_size=0 if train.elastic else size,
     )
 
 
@@ -217,7 +220,7 @@ class Cluster:
                     reported.add(child.name)
                     print(f"nanodist: {child.name} exited with status {code}; the others go on", flush=True)
             workers = [c.process.poll() for c in self.children if not c.server]
-            if all(code is not None for code in workers):
+            if workers and all(code is not None for code in workers):
                 if 0 in workers:
                     return
                 time.sleep(0.2)  # let the output threads catch the children's last lines
@@ -293,13 +296,17 @@ def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[s
     shards, barrier, lock = start_services(cluster, launch, train, groups)
     configs = [worker_config(train, groups, gid, shards, barrier, lock) for gid in range(len(groups))]
     for config in configs:
-        gid, size, argv = config.group_id, config.group_size, worker_argv(config)
+        gid, argv = config.group_id, worker_argv(config)
+        size = groups[gid][1]  # an elastic group counts its members: its group_size is 0
         if config.backend == "mpi":
             cluster.spawn(f"group{gid}-mpi", [find_mpiexec(), "-n", str(size), *argv])
         else:
             for r in range(size):
                 cluster.spawn(f"group{gid}-tcp-{r}", argv)
-    cluster.watch_workers()
+    if train.elastic:
+        cluster.watch_elastic_workers()
+    else:
+        cluster.watch_workers()
     with open(os.path.join(train.runs_dir, train.run_id, "metrics.json")) as f:
         return json.load(f)
 

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from nanodist.workers.config import JobConfig
 from nanodist.workers.launcher import (
@@ -54,12 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ps", help="use these running shards (comma-separated) instead of starting services")
     parser.add_argument("--barrier", help="the running barrier service (with --ps)")
     parser.add_argument("--lock", help="the running lock service (with --ps)")
-    parser.add_argument(
-        "--elastic",
-        action="store_true",
-        help="one TCP group that goes on without a worker that fails (the script uses nd.elastic.run); "
-        "a worker started later with the same settings joins it",
-    )
     parser.add_argument("script", help="the training script; it calls nanodist.torch's init()")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
 
@@ -78,9 +72,7 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
     launch_config = build(LaunchConfig, values)
     job = build(JobConfig, values, run_id=values.get("run_id") or time.strftime("run-%Y%m%d-%H%M%S"))
     groups = parse_groups(launch_config.groups)
-    if args.elastic and (len(groups) != 1 or groups[0][0] != "tcp"):
-        raise LaunchError(f"--elastic re-forms one TCP group: give --groups tcp:N, not {launch_config.groups!r}")
-    check_before_start(group_settings(job, groups, 0, ["127.0.0.1:0"], "", "", args.elastic))
+    check_before_start(worker_config(job, groups, 0, ["127.0.0.1:0"], "", ""))
     if not os.path.exists(args.script):
         raise LaunchError(f"{args.script}: no such file")
     existing = existing_cluster(args)
@@ -92,8 +84,8 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
     command = [sys.executable, args.script, *args.script_args]
     first = 0
     for group_id, (backend, size) in enumerate(groups):
-        env = to_environment(group_settings(job, groups, group_id, shards, barrier, lock, args.elastic))
-        if args.elastic:
+        env = to_environment(worker_config(job, groups, group_id, shards, barrier, lock))
+        if job.elastic:
             for r in range(size):  # ranks come from the rendezvous, and change with the generations
                 cluster.spawn(f"worker {r}", command, env={**env, "NANODIST_LOCAL_RANK": str(r)})
         elif backend == "mpi":
@@ -105,18 +97,10 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
                 placed = {**env, "NANODIST_LOCAL_RANK": str(r), "NANODIST_RANK": str(r)}
                 cluster.spawn(f"rank {first + r}", command, env=placed)
         first += size
-    if args.elastic:
+    if job.elastic:
         cluster.watch_elastic_workers()
     else:
         cluster.watch_workers()
-
-
-def group_settings(
-    job: JobConfig, groups: list[tuple[str, int]], group_id: int, ps: list[str], barrier: str, lock: str, elastic: bool
-) -> JobConfig:
-    """The group's settings; an elastic group counts its members as they come (--group-size 0)."""
-    config = worker_config(job, groups, group_id, ps, barrier, lock)
-    return replace(config, elastic=True, group_size=0) if elastic else config
 
 
 def run(args: argparse.Namespace) -> None:

@@ -87,6 +87,33 @@ def test_a_failing_worker_stops_the_cluster_and_is_named(tmp_path):
     assert processes_mentioning(run_id) == []
 
 
+def test_an_elastic_up_goes_on_without_a_worker_killed_mid_training(tmp_path):
+    run_id = f"t-{uuid.uuid4().hex[:8]}"
+    command = ["up", "--run-id", run_id, "--runs-dir", str(tmp_path), "--groups", "tcp:3", "--elastic"]
+    process = subprocess.Popen(
+        nanodist_command(*command, "--min-workers", "2", "--epochs", "6"), stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "epoch 2/6 step" in line:
+            break
+    workers = [p for p in processes_mentioning(run_id) if "nanodist.workers.cli worker " in p]
+    victim = int(workers[0].split(":")[0])
+    os.kill(victim, signal.SIGKILL)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "exited with status -9; the others go on" in output
+    assert "generation 1: 2 workers (was 3)" in output and f":{victim})" in output
+    metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
+    assert processes_mentioning(run_id) == []
+
+
+def test_up_rejects_an_elastic_job_of_several_groups_at_once(tmp_path):
+    result, _ = up(tmp_path, "--groups", "mpi:2,tcp:2", "--elastic", timeout=30)
+    assert result.returncode == 1 and "--elastic re-forms one TCP group: give --groups tcp:N" in result.stderr
+
+
 def test_up_rejects_unequal_groups_at_once(tmp_path):
     result, _ = up(tmp_path, "--groups", "mpi:2,tcp:3", timeout=30)
     assert result.returncode == 1 and "all groups need the same size" in result.stderr
