@@ -19,6 +19,7 @@ from nanodist.client.ps_values import SparseGradient, Values
 from nanodist.client.retry import RetryPolicy
 from nanodist.client.rpc import ClientSecurity
 from nanodist.client.sharding import shard_of
+from nanodist.wire.codec import Membership
 
 __all__ = [
     "BarrierBroken",
@@ -27,6 +28,7 @@ __all__ = [
     "Held",
     "KVStore",
     "LockClient",
+    "Membership",
     "Released",
     "Aborted",
     "DeadlineExceeded",

@@ -62,6 +62,8 @@ class ParameterServerClient(Closing):
             raise ValueError("addresses: ParameterServerClient needs at least one shard address")
         self.shards = [Shard(a, max_message_bytes, security) for a in addresses]
         self.worker_id = worker_id
+        # Elastic jobs: every push names the sender's generation and its number of pushers.
+        self.membership = codec.NOT_ELASTIC
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.chunk_bytes = min(chunk_bytes, max_message_bytes // 2)
@@ -177,9 +179,11 @@ class ParameterServerClient(Closing):
         def start(i: int, entries: list[codec.Entry]) -> Pending[ps.PushResponse]:
             rid = f"{base}/{i}"
             if sum(_payload_bytes(e) for e in entries) > self.chunk_bytes:
-                chunks = push_chunks(entries, self.chunk_bytes, self.worker_id, step, rid, fencing_token)
+                chunks = push_chunks(
+                    entries, self.chunk_bytes, self.worker_id, step, rid, fencing_token, self.membership
+                )
                 return self.shards[i].push_stream.future(chunks, timeout=self.timeout)
-            data = codec.encode_push(entries, self.worker_id, step, rid, fencing_token)
+            data = codec.encode_push(entries, self.worker_id, step, rid, fencing_token, self.membership)
             return self.shards[i].push.future(data, timeout=self.timeout)
 
         versions: dict[str, int] = {}

@@ -68,18 +68,24 @@ class Shard:
 
 
 def push_chunks(
-    entries: list[codec.Entry], chunk_bytes: int, worker_id: int, step: int, request_id: str, token: int
+    entries: list[codec.Entry],
+    chunk_bytes: int,
+    worker_id: int,
+    step: int,
+    request_id: str,
+    token: int,
+    membership: codec.Membership = codec.NOT_ELASTIC,
 ) -> Iterator[bytes]:
     """PushStream messages: dense entries sliced to `chunk_bytes`, each slice naming its offset."""
     for entry in entries:
         if entry.dense is None:
-            yield codec.encode_push([entry], worker_id, step, request_id, token)
+            yield codec.encode_push([entry], worker_id, step, request_id, token, membership)
             continue
         flat = entry.dense.reshape(-1)
         per_chunk = max(1, chunk_bytes // flat.itemsize)
         for start in range(0, max(flat.size, 1), per_chunk):
             piece = codec.Entry(key=entry.key, dense=flat[start : start + per_chunk], offset=start)
-            yield codec.encode_push([piece], worker_id, step, request_id, token)
+            yield codec.encode_push([piece], worker_id, step, request_id, token, membership)
 
 
 class UnaryPull:

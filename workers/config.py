@@ -82,10 +82,8 @@ class JobConfig(Endpoints):
             raise ConfigError("--group-size 0 (join as many as arrive) needs --backend tcp")
         if not self.ps:
             raise ConfigError("--ps needs at least one parameter-server address")
-        if self.elastic and (self.backend != "tcp" or self.group_size != 0 or self.num_groups != 1 or self.flat):
-            raise ConfigError(
-                "--elastic re-forms one TCP group: it needs --backend tcp, --group-size 0, one group and no --flat"
-            )
+        if self.elastic and (self.backend != "tcp" or self.group_size != 0 or self.num_groups != 1):
+            raise ConfigError("--elastic re-forms one TCP group: it needs --backend tcp, --group-size 0 and one group")
         if self.min_workers < 1:
             raise ConfigError("--min-workers must be >= 1")
         if self.max_workers and self.max_workers < self.min_workers:

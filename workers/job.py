@@ -28,6 +28,7 @@ from nanodist.client import (
     ClientSecurity,
     DeadlineExceeded,
     KVStore,
+    Membership,
     NanodistError,
     NotFound,
     ParameterServerClient,
@@ -46,6 +47,10 @@ STATUS_TIMEOUT = 1.0  # seconds a watch gives the barrier service to answer
 
 class _GroupClosed(ConfigError):
     """The group's generation formed before this worker arrived."""
+
+
+class JobFinished(Exception):
+    """Elastic: the job finished while this worker waited for a place in it; there is nothing left to do."""
 
 
 class CutOff(NanodistError):
@@ -133,6 +138,10 @@ class Job:
         elif not self.pushes and self.ps is not None:  # a leader that became a member of a new generation
             self.ps.close()
             self.ps = None
+        if self.ps is not None and c.elastic:
+            # The servers count this generation's pushes; generations are numbered from 1 on the wire.
+            self.ps.worker_id = self.pusher_id
+            self.ps.membership = Membership(self.generation + 1, self.world if c.flat else c.num_groups)
         self.barrier = BarrierClient(
             c.barrier,
             f"{c.run_id}/rank-{self.rank}{self._generation_suffix}",
@@ -219,7 +228,9 @@ class Job:
         """rank -> identity of a generation's members."""
         suffix = f"/gen-{generation}" if generation else ""
         world = self._worlds.get(generation, self.world)
-        return {r: self.kv.get(f"{self.config.run_id}/members{suffix}/{r}").decode() for r in range(world)}
+        keys = [f"{self.config.run_id}/members{suffix}/{r}" for r in range(world)]
+        self.kv.wait(keys, timeout=self.config.timeout)  # every member records itself as it enters
+        return {r: self.kv.get(key).decode() for r, key in enumerate(keys)}
 
     def _departures(self) -> str:
         """Who left since the previous generation and who joined, by their old ranks and identities."""
@@ -310,17 +321,39 @@ class Job:
             return joined
 
     def _await_next_generation(self, waiting_since: float) -> None:
+        """Wait for the group's next generation, looking every second whether the job has finished."""
         c = self.config
         following = f"{c.run_id}/group-{c.group_id}/gen-{self.generation + 1}/joined"
-        left = c.timeout - (time.monotonic() - waiting_since)
-        try:
-            self.kv.wait([following], timeout=max(0.001, left))
-        except DeadlineExceeded:
-            raise ConfigError(
-                f"waited {c.timeout:g} s (--timeout) to join run {c.run_id!r}, and its group formed no new "
-                f"generation: it is full (--max-workers {c.max_workers}) or never reached an epoch boundary"
-            ) from None
+        while True:
+            left = c.timeout - (time.monotonic() - waiting_since)
+            if left <= 0:
+                raise ConfigError(
+                    f"waited {c.timeout:g} s (--timeout) to join run {c.run_id!r}, and its group formed no new "
+                    f"generation: it is full (--max-workers {c.max_workers}) or never reached an epoch boundary"
+                )
+            try:
+                self.kv.wait([following], timeout=min(1.0, left))
+                break
+            except DeadlineExceeded:
+                if self._has_finished():
+                    raise JobFinished(f"run {c.run_id!r} finished while this worker waited for a place in it") from None
         self.generation += 1
+
+    def _has_finished(self) -> bool:
+        try:
+            self.kv.get(self._finished_key)
+        except NotFound:
+            return False
+        return True
+
+    @property
+    def _finished_key(self) -> str:
+        return f"{self.config.run_id}/finished"
+
+    def finished(self) -> None:
+        """Elastic: rank 0 marks the job done, so that a worker still waiting to join stops (exit 0)."""
+        if self.config.elastic and self.rank == 0:
+            self.kv.set(self._finished_key, "1")
 
     def _group_sizes(self) -> list[int]:
         """Every group leader publishes its size; everyone learns all sizes, hence global ranks and world size."""

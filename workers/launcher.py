@@ -43,6 +43,12 @@ class LaunchConfig:
     startup_timeout: float = setting(
         30.0, flag="--startup-timeout", help="seconds for the services to turn healthy", env=False
     )
+    max_restarts: int = setting(
+        0,
+        flag="--max-restarts",
+        help="with --elastic: start a worker that fails again, at most this many times in all; it rejoins",
+        env=False,
+    )
 
 
 # The worker settings the launcher fills in itself, from the cluster it starts and from --groups.
@@ -141,6 +147,8 @@ class Child:
     name: str
     process: subprocess.Popen[str]
     server: bool
+    argv: list[str]
+    env: dict[str, str]
 
 
 class Cluster:
@@ -159,13 +167,21 @@ class Cluster:
     def spawn(self, name: str, argv: list[str], server: bool = False, env: dict[str, str] | None = None) -> Child:
         """Start `argv` with the caller's environment plus `env`."""
         merged = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=merged, start_new_session=True
-        )  # its own process group, so stop() reaches mpiexec's ranks
-        child = Child(name, process, server)
+        child = Child(name, self._start(argv, merged), server, argv, merged)
         self.children.append(child)
         threading.Thread(target=self._stream, args=(child,), daemon=True).start()
         return child
+
+    @staticmethod
+    def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )  # its own process group, so stop() reaches mpiexec's ranks
+
+    def restart(self, child: Child) -> None:
+        """Start a child that exited again, with the same command and environment."""
+        child.process = self._start(child.argv, child.env)
+        threading.Thread(target=self._stream, args=(child,), daemon=True).start()
 
     def _stream(self, child: Child) -> None:
         assert child.process.stdout is not None
@@ -207,17 +223,29 @@ class Cluster:
                 return
             time.sleep(0.1)
 
-    def watch_elastic_workers(self) -> None:
-        """An elastic group goes on without a worker that fails: report each, and return once every
-        worker has exited, if one at least finished; else raise naming the first failure."""
-        reported: set[str] = set()
+    def watch_elastic_workers(self, max_restarts: int = 0) -> None:
+        """An elastic group goes on without a worker that fails: report each (and start it again while
+        restarts are left: it rejoins at the next generation), and return once every worker has
+        exited, if one at least finished; else raise naming the first failure."""
+        reported: set[int] = set()  # processes whose failure was reported
+        restarts = 0
         while True:
             for child in self.children:
                 code = child.process.poll()
                 if child.server and code is not None:
                     raise LaunchError(f"{child.name} exited with status {code}")
-                if not child.server and code not in (None, 0) and child.name not in reported:
-                    reported.add(child.name)
+                if child.server or code in (None, 0) or child.process.pid in reported:
+                    continue
+                reported.add(child.process.pid)
+                if restarts < max_restarts:
+                    restarts += 1
+                    print(
+                        f"nanodist: {child.name} exited with status {code}; "
+                        f"starting it again (restart {restarts} of {max_restarts})",
+                        flush=True,
+                    )
+                    self.restart(child)
+                else:
                     print(f"nanodist: {child.name} exited with status {code}; the others go on", flush=True)
             workers = [c.process.poll() for c in self.children if not c.server]
             if workers and all(code is not None for code in workers):
@@ -252,12 +280,14 @@ def _nanodist(*args: str) -> list[str]:
     return [sys.executable, "-m", "nanodist.workers.cli", *args]
 
 
-def check_before_start(config: JobConfig) -> None:
+def check_before_start(config: JobConfig, launch: LaunchConfig) -> None:
     """Refuse settings that cannot work before any process starts."""
     try:
         config.validate()
     except ConfigError as error:
         raise LaunchError(str(error)) from None
+    if launch.max_restarts and not config.elastic:
+        raise LaunchError("--max-restarts needs --elastic: a group of fixed size cannot take a worker back")
 
 
 def find_mpiexec() -> str:
@@ -292,7 +322,7 @@ def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[s
     stages = train.pipeline_stages
     if stages > 1 and groups[0][1] != stages:
         raise LaunchError(f"--pipeline-stages {stages}: every group is one pipeline replica, so needs {stages} ranks")
-    check_before_start(worker_config(train, groups, 0, ["127.0.0.1:0"], "", ""))
+    check_before_start(worker_config(train, groups, 0, ["127.0.0.1:0"], "", ""), launch)
     shards, barrier, lock = start_services(cluster, launch, train, groups)
     configs = [worker_config(train, groups, gid, shards, barrier, lock) for gid in range(len(groups))]
     for config in configs:
@@ -303,12 +333,17 @@ def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[s
         else:
             for r in range(size):
                 cluster.spawn(f"group{gid}-tcp-{r}", argv)
-    if train.elastic:
-        cluster.watch_elastic_workers()
-    else:
-        cluster.watch_workers()
+    watch(cluster, launch, train.elastic)
     with open(os.path.join(train.runs_dir, train.run_id, "metrics.json")) as f:
         return json.load(f)
+
+
+def watch(cluster: Cluster, launch: LaunchConfig, elastic: bool) -> None:
+    """Wait for the workers: an elastic group goes on without (or restarts) a worker that fails."""
+    if elastic:
+        cluster.watch_elastic_workers(launch.max_restarts)
+    else:
+        cluster.watch_workers()
 
 
 def supervise(command: str, cluster: Cluster, body: Callable[[], T]) -> T:

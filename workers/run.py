@@ -31,6 +31,7 @@ from nanodist.workers.launcher import (
     parse_groups,
     start_services,
     supervise,
+    watch,
     worker_config,
 )
 from nanodist.workers.settings import add_flags, build, to_environment
@@ -72,7 +73,7 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
     launch_config = build(LaunchConfig, values)
     job = build(JobConfig, values, run_id=values.get("run_id") or time.strftime("run-%Y%m%d-%H%M%S"))
     groups = parse_groups(launch_config.groups)
-    check_before_start(worker_config(job, groups, 0, ["127.0.0.1:0"], "", ""))
+    check_before_start(worker_config(job, groups, 0, ["127.0.0.1:0"], "", ""), launch_config)
     if not os.path.exists(args.script):
         raise LaunchError(f"{args.script}: no such file")
     existing = existing_cluster(args)
@@ -97,10 +98,7 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
                 placed = {**env, "NANODIST_LOCAL_RANK": str(r), "NANODIST_RANK": str(r)}
                 cluster.spawn(f"rank {first + r}", command, env=placed)
         first += size
-    if job.elastic:
-        cluster.watch_elastic_workers()
-    else:
-        cluster.watch_workers()
+    watch(cluster, launch_config, job.elastic)
 
 
 def run(args: argparse.Namespace) -> None:

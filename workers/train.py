@@ -12,7 +12,7 @@ import sys
 from nanodist.client import BarrierBroken, NanodistError
 from nanodist.workers.comm import CommError
 from nanodist.workers.config import ConfigError, SecurityFlags, TrainConfig
-from nanodist.workers.job import CutOff
+from nanodist.workers.job import CutOff, JobFinished
 from nanodist.workers.pipeline_worker import PipelineWorker
 from nanodist.workers.settings import add_flags, from_args
 from nanodist.workers.worker import Worker
@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> None:
         security = from_args(SecurityFlags, args).client_security()
         worker = PipelineWorker(config, security) if config.pipeline_stages > 1 else Worker(config, security)
         worker.train()
+    except JobFinished as done:
+        print(f"nanodist worker: {done}; nothing to do", flush=True)
     except (ConfigError, CommError, NanodistError) as error:
         print(f"nanodist worker: error: {error}", file=sys.stderr, flush=True)
         if worker is not None:

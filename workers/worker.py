@@ -155,6 +155,7 @@ class Worker:
                 if not self.config.elastic:
                     raise
                 self._rejoin(str(error), at)
+        self.job.finished()
         self._finish()
 
     def _train(self, at: Position) -> None:

@@ -59,6 +59,7 @@ def snapshot(store: Store, wal_lsn: int | None = None) -> dict[str, Any]:
             "ids": ids,
             "version": slot.version,
             "applied_step": slot.applied_step,
+            "membership": [slot.generation, slot.pushers],
             "optimizer": asdict(slot.optimizer.config),
             "optimizer_steps": slot.optimizer.steps,
             # BSP sums still waiting for pushes: a restart must not forget the pushes already acknowledged
@@ -78,6 +79,7 @@ def snapshot(store: Store, wal_lsn: int | None = None) -> dict[str, Any]:
         "keys": keys,
         "fencing_high": store.fencing_high,
         "clocks": dict(store.clocks),
+        "membership": [store.generation, store.pushers],
         "dedup": [(rid, base64.b64encode(response).decode()) for rid, response in store.recent_requests()],
         "wal_lsn": wal_lsn,
     }
@@ -106,6 +108,7 @@ def write(directory: str, snap: dict[str, Any]) -> str:
         "format": FORMAT,
         "fencing_high": snap["fencing_high"],
         "clocks": {str(k): v for k, v in snap["clocks"].items()},
+        "membership": snap["membership"],
         "dedup": snap["dedup"],
         "wal_lsn": snap["wal_lsn"],
         "keys": {},
@@ -138,6 +141,7 @@ def write(directory: str, snap: dict[str, Any]) -> str:
             "shape": list(item["value"].shape),
             "version": item["version"],
             "applied_step": item["applied_step"],
+            "membership": item["membership"],
             "optimizer": item["optimizer"],
             "optimizer_steps": item["optimizer_steps"],
             "states": len(item["states"]),
@@ -231,6 +235,7 @@ def restore(directory: str, store: Store) -> tuple[str, int | None] | None:
                 applied_step=meta["applied_step"],
                 table=table,
             )
+            slot.generation, slot.pushers = meta.get("membership", (0, 0))  # none before elastic jobs
             for item in meta.get("pending", []):
                 step = item["step"]
                 slot.pending[step] = Pending(
@@ -244,6 +249,7 @@ def restore(directory: str, store: Store) -> tuple[str, int | None] | None:
         manifest = loaded["manifest"]
         store.fencing_high = manifest["fencing_high"]
         store.clocks = {int(k): v for k, v in manifest["clocks"].items()}
+        store.generation, store.pushers = manifest.get("membership", (0, 0))
         for rid, response in manifest.get("dedup", []):
             store.remember(rid, base64.b64decode(response))
         log.info("restored %d keys from %s", len(loaded["keys"]), path)

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-workers",
         type=int,
         default=env("num_workers", 1),
-        help="pushes per step under BSP, and workers tracked by SSP",
+        help="pushes per step under BSP, and workers tracked by SSP (an elastic job's pushes name their own count)",
     )
     parser.add_argument(
         "--staleness",

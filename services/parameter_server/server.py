@@ -108,7 +108,12 @@ class ParameterServerService:
         response = self.apply(message)
         if self.persistence.log is not None and data is None:  # an assembled stream: log it as one push
             data = codec.encode_push(
-                message.entries, message.worker_id, message.step, message.request_id, message.fencing_token
+                message.entries,
+                message.worker_id,
+                message.step,
+                message.request_id,
+                message.fencing_token,
+                message.membership,
             )
         durable = self.persistence.log_push(data or b"")
         async with self.changed:
@@ -129,7 +134,9 @@ class ParameterServerService:
             check_name(entry.key, f"entries[{i}].key")
             if entry.offset:
                 raise invalid(f"entries[{i}].offset: only PushStream takes slices")
-        result = self.store.push(message.entries, message.worker_id, message.step, message.fencing_token)
+        result = self.store.push(
+            message.entries, message.worker_id, message.step, message.fencing_token, message.membership
+        )
         if message.request_id:
             duplicate = ps.PushResponse(versions=result.versions, applied=result.applied, duplicate=True)
             self.store.remember(message.request_id, duplicate.SerializeToString())

@@ -15,7 +15,7 @@ import numpy as np
 from nanodist.services.common.errors import ConfigurationError, exhausted, failed_precondition, invalid, not_found
 from nanodist.services.parameter_server.optimizers import CHUNK_ELEMENTS, Optimizer, OptimizerConfig
 from nanodist.services.parameter_server.row_table import RowTable, TableShape
-from nanodist.wire.codec import Entry
+from nanodist.wire.codec import NOT_ELASTIC, Entry, Membership
 
 MAX_PENDING_STEPS = 64  # BSP steps of one key that may wait for pushes at once; each holds a full-size sum
 
@@ -73,6 +73,9 @@ class Slot:
     version: int = 0
     applied_step: int = -1  # BSP: last step whose mean was applied
     pending: dict[int, Pending] = field(default_factory=dict)
+    # Elastic jobs: the newest generation that pushed this key, and its pushers (0: --num-workers).
+    generation: int = 0
+    pushers: int = 0
     spare: list[np.ndarray] = field(default_factory=list)  # PushStream assembly buffers, reused
     table: RowTable | None = None
 
@@ -132,6 +135,9 @@ class Store:
         self.staleness = staleness
         self.slots: dict[str, Slot] = {}
         self.clocks: dict[int, int] = {}
+        # SSP: the newest generation pushed and its pushers, whose clocks the slowest is taken from.
+        self.generation = 0
+        self.pushers = 0
         self.pushes_applied = 0
         self.pushes_deduplicated = 0
         self.fencing_high = 0
@@ -197,13 +203,20 @@ class Store:
 
     # --- push -----------------------------------------------------------
 
-    def check_push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int) -> list[Slot]:
+    def check_push(
+        self, entries: list[Entry], worker_id: int, step: int, fencing_token: int, membership: Membership = NOT_ELASTIC
+    ) -> list[Slot]:
         """Validate a whole push before any of it is applied, so a bad entry changes nothing."""
-        if self.mode is not Mode.ASP and not 0 <= worker_id < self.num_workers:
-            raise invalid(
-                f"worker_id: {worker_id} is outside [0, {self.num_workers}) "
-                f"for {self.mode.value} with num_workers={self.num_workers}"
+        if membership.pushers < 0:
+            raise invalid(f"pushers: must be >= 0, got {membership.pushers}")
+        pushers = membership.pushers or self.num_workers
+        if self.mode is not Mode.ASP and not 0 <= worker_id < pushers:
+            among = (
+                f"{pushers} pushers in generation {membership.generation}"
+                if membership.pushers
+                else f"num_workers={self.num_workers}"
             )
+            raise invalid(f"worker_id: {worker_id} is outside [0, {pushers}) for {self.mode.value} with {among}")
         if step < 0:
             raise invalid(f"step: must be >= 0, got {step}")
         if fencing_token and fencing_token < self.fencing_high:
@@ -220,12 +233,18 @@ class Store:
             seen.add(entry.key)
             slot = self.slot(entry.key, f"{path}.key")
             self._check_gradient(slot, entry, path)
+            if self.mode is not Mode.ASP and membership.generation < slot.generation:
+                raise failed_precondition(
+                    f"generation: {membership.generation} is over; {entry.key!r} is pushed by generation "
+                    f"{slot.generation}, which went on without worker {worker_id}"
+                )
+            newer = membership.generation > slot.generation  # its steps collecting pushes will be dropped
             if self.mode is Mode.BSP and step <= slot.applied_step:
                 raise failed_precondition(
                     f"step: step {step} of {entry.key!r} was already applied (last applied step {slot.applied_step})"
                 )
-            pending = slot.pending.get(step) if self.mode is Mode.BSP else None
-            if self.mode is Mode.BSP and pending is None and len(slot.pending) >= MAX_PENDING_STEPS:
+            pending = slot.pending.get(step) if self.mode is Mode.BSP and not newer else None
+            if self.mode is Mode.BSP and pending is None and not newer and len(slot.pending) >= MAX_PENDING_STEPS:
                 raise exhausted(
                     f"step: {len(slot.pending)} steps of {entry.key!r} already wait for pushes "
                     f"(limit {MAX_PENDING_STEPS}); step {step} runs too far ahead"
@@ -277,11 +296,19 @@ class Store:
             # One NaN would spread through the optimizer into every later pull.
             raise invalid(f"{path}: the gradient of {entry.key!r} holds NaN or Inf (--allow-nonfinite accepts it)")
 
-    def push(self, entries: list[Entry], worker_id: int, step: int, fencing_token: int = 0) -> PushResult:
+    def push(
+        self,
+        entries: list[Entry],
+        worker_id: int,
+        step: int,
+        fencing_token: int = 0,
+        membership: Membership = NOT_ELASTIC,
+    ) -> PushResult:
         """Validate, then apply (ASP/SSP) or accumulate (BSP) every entry."""
-        slots = self.check_push(entries, worker_id, step, fencing_token)
+        slots = self.check_push(entries, worker_id, step, fencing_token, membership)
         self.fencing_high = max(self.fencing_high, fencing_token)
         if self.mode is not Mode.ASP:
+            self._follow(slots, membership)
             self.clocks[worker_id] = max(self.clocks.get(worker_id, 0), step + 1)
         applied = True
         for slot, entry in zip(slots, entries, strict=True):
@@ -292,6 +319,18 @@ class Store:
         if applied:
             self.pushes_applied += 1
         return PushResult([s.version for s in slots], applied)
+
+    def _follow(self, slots: list[Slot], membership: Membership) -> None:
+        """Elastic jobs: a key pushed by a newer generation drops the steps still collecting pushes (its
+        members push them again, so a step that lost a member mid-way completes with the survivors'
+        gradients, averaged over the survivors); SSP forgets the clocks of the departed."""
+        for slot in slots:
+            if membership.generation > slot.generation:
+                slot.pending.clear()
+                slot.generation, slot.pushers = membership.generation, membership.pushers
+        if membership.generation > self.generation:
+            self.generation, self.pushers = membership.generation, membership.pushers
+            self.clocks.clear()
 
     def _apply(self, slot: Slot, entry: Entry, scale: float) -> None:
         if entry.rows is not None:
@@ -330,10 +369,11 @@ class Store:
             np.add(pending.total, entry.dense, out=pending.total)
             pending.dense = True
         pending.workers.add(worker_id)
-        if len(pending.workers) < self.num_workers:
+        pushers = slot.pushers or self.num_workers
+        if len(pending.workers) < pushers:
             return False
         del slot.pending[step]
-        scale = 1.0 / self.num_workers
+        scale = 1.0 / pushers
         if slot.table is not None:
             self._apply_rows(slot, *_summed(_no_rows() if pending.rows is None else pending.rows, pending.total), scale)
         elif not pending.dense and pending.touched is not None:
@@ -356,7 +396,7 @@ class Store:
         return True
 
     def slowest_clock(self) -> int:
-        return min(self.clocks.get(w, 0) for w in range(self.num_workers))
+        return min(self.clocks.get(w, 0) for w in range(self.pushers or self.num_workers))
 
 
 def _no_rows() -> np.ndarray:

@@ -49,9 +49,15 @@ def group_rank(worker: subprocess.Popen[str]) -> int:
     raise AssertionError("the worker never joined its group")
 
 
-@pytest.mark.parametrize("victim_rank", [0, 2])  # the group leader, who talks to the servers, and a member
-def test_a_group_of_three_loses_a_worker_to_kill_9_and_finishes_with_two(start_server, tmp_path, victim_rank):
-    run_id, workers = start_workers(start_server, tmp_path, 3, "--epochs", "8", "--min-workers", "2")
+@pytest.mark.parametrize(
+    ("victim_rank", "layout"),
+    # The group leader, who talks to the servers, and a member; in flat mode every worker pushes, and the
+    # servers (started for one pusher) average each step over the pushers of the generation that pushed it.
+    [(0, "hierarchical"), (2, "hierarchical"), (1, "flat")],
+)
+def test_a_group_of_three_loses_a_worker_to_kill_9_and_finishes_with_two(start_server, tmp_path, victim_rank, layout):
+    flat = ["--flat"] if layout == "flat" else []
+    run_id, workers = start_workers(start_server, tmp_path, 3, "--epochs", "8", "--min-workers", "2", *flat)
     ranks = [group_rank(w) for w in workers]
     victim = workers[ranks.index(victim_rank)]
     survivors = [w for w in workers if w is not victim]
@@ -153,7 +159,7 @@ def test_a_frozen_worker_is_left_behind_within_the_lease_ttl_and_stops_itself_wh
 
 
 def test_beyond_max_workers_a_worker_waits_for_a_place_and_says_why_it_gave_up(start_server, tmp_path):
-    run_id, workers = start_workers(start_server, tmp_path, 3, "--epochs", "3", "--max-workers", "2", "--timeout", "8")
+    run_id, workers = start_workers(start_server, tmp_path, 3, "--epochs", "40", "--max-workers", "2", "--timeout", "8")
     outputs = [Output(w) for w in workers]
     codes = [o.finish() for o in outputs]
     assert sorted(codes) == [0, 0, 2], [o.text[-2000:] for o in outputs]
@@ -161,3 +167,15 @@ def test_beyond_max_workers_a_worker_waits_for_a_place_and_says_why_it_gave_up(s
     assert "waiting to join the next one" in refused, refused[-2000:]
     assert "it is full (--max-workers 2)" in refused, refused[-2000:]
     assert json.loads((tmp_path / run_id / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_a_worker_that_arrives_after_the_job_finished_stops_at_once_saying_so(start_server, tmp_path):
+    run_id, workers = start_workers(start_server, tmp_path, 2, "--epochs", "1")
+    for worker in workers:
+        output = worker.communicate(timeout=120)[0]
+        assert worker.returncode == 0, output[-2000:]
+    began = time.monotonic()
+    late = subprocess.run(workers[0].args, capture_output=True, text=True, timeout=60)
+    assert late.returncode == 0, late.stdout[-2000:] + late.stderr[-2000:]
+    assert f"run {run_id!r} finished while this worker waited for a place in it; nothing to do" in late.stdout
+    assert time.monotonic() - began < 15  # not the --timeout of 60 s

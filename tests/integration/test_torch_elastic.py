@@ -65,7 +65,7 @@ def test_a_worker_started_mid_training_enters_at_a_commit_and_takes_a_share(star
     ps, barrier, lock = start_server("ps"), start_server("barrier"), start_server("lock")
     config = JobConfig(
         ps=(ps.address,), barrier=barrier.address, lock=lock.address, run_id=f"elastic-{uuid.uuid4().hex[:8]}",
-        backend="tcp", group_size=0, elastic=True, join_window=2.0, timeout=60,
+        backend="tcp", group_size=0, elastic=True, join_window=10.0, timeout=60,
     )  # fmt: skip
     env = {**os.environ, **to_environment(config), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, SCRIPT, str(tmp_path), "3"]

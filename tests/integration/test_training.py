@@ -87,9 +87,11 @@ def test_a_failing_worker_stops_the_cluster_and_is_named(tmp_path):
     assert processes_mentioning(run_id) == []
 
 
-def test_an_elastic_up_goes_on_without_a_worker_killed_mid_training(tmp_path):
+def elastic_up_losing_a_worker(tmp_path, *extra: str) -> tuple[str, int, dict]:
+    """`nanodist up --elastic` with 3 TCP workers, one killed with kill -9 in epoch 2: the output, the
+    victim's pid and the metrics."""
     run_id = f"t-{uuid.uuid4().hex[:8]}"
-    command = ["up", "--run-id", run_id, "--runs-dir", str(tmp_path), "--groups", "tcp:3", "--elastic"]
+    command = ["up", "--run-id", run_id, "--runs-dir", str(tmp_path), "--groups", "tcp:3", "--elastic", *extra]
     process = subprocess.Popen(
         nanodist_command(*command, "--min-workers", "2", "--epochs", "6"), stdout=subprocess.PIPE, text=True
     )
@@ -102,16 +104,34 @@ def test_an_elastic_up_goes_on_without_a_worker_killed_mid_training(tmp_path):
     os.kill(victim, signal.SIGKILL)
     output = process.communicate(timeout=240)[0]
     assert process.returncode == 0, output[-3000:]
-    assert "exited with status -9; the others go on" in output
     assert "generation 1: 2 workers (was 3)" in output and f":{victim})" in output
-    metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
     assert processes_mentioning(run_id) == []
+    return output, victim, json.loads((tmp_path / run_id / "metrics.json").read_text())
 
 
-def test_up_rejects_an_elastic_job_of_several_groups_at_once(tmp_path):
-    result, _ = up(tmp_path, "--groups", "mpi:2,tcp:2", "--elastic", timeout=30)
-    assert result.returncode == 1 and "--elastic re-forms one TCP group: give --groups tcp:N" in result.stderr
+def test_an_elastic_up_goes_on_without_a_worker_killed_mid_training(tmp_path):
+    output, _, metrics = elastic_up_losing_a_worker(tmp_path)
+    assert "exited with status -9; the others go on" in output
+    assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
+
+
+def test_an_elastic_up_starts_a_killed_worker_again_and_it_rejoins(tmp_path):
+    output, _, metrics = elastic_up_losing_a_worker(tmp_path, "--max-restarts", "1")
+    assert "exited with status -9; starting it again (restart 1 of 1)" in output
+    assert "generation 2: 3 workers (was 2); left: none; joined: " in output
+    assert metrics["world_size"] == 3 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--groups", "mpi:2,tcp:2", "--elastic"), "--elastic re-forms one TCP group: give --groups tcp:N"),
+        (("--max-restarts", "2"), "--max-restarts needs --elastic"),
+    ],
+)
+def test_up_refuses_elastic_settings_that_cannot_work_at_once(tmp_path, args, message):
+    result, _ = up(tmp_path, *args, timeout=30)
+    assert result.returncode == 1 and message in result.stderr
 
 
 def test_up_rejects_unequal_groups_at_once(tmp_path):

@@ -38,6 +38,7 @@ def test_generated_protobuf_reads_hand_framed_bytes_and_vice_versa():
         step=9,
         request_id="r-1",
         fencing_token=7,
+        membership=codec.Membership(generation=2, pushers=5),
     )
     message = ps.PushRequest.FromString(data)
     assert (message.worker_id, message.step, message.request_id, message.fencing_token) == (
@@ -46,6 +47,7 @@ def test_generated_protobuf_reads_hand_framed_bytes_and_vice_versa():
         "r-1",
         7,
     )
+    assert (message.generation, message.pushers) == (2, 5)
     assert list(message.entries[0].dense.shape) == [2, 3]
     assert np.frombuffer(message.entries[0].dense.data, "<f8").tolist() == grad.ravel().tolist()
     assert list(message.entries[1].sparse.rows) == [4, 2]
@@ -53,6 +55,7 @@ def test_generated_protobuf_reads_hand_framed_bytes_and_vice_versa():
     decoded = codec.decode_push(message.SerializeToString())
     assert decoded.entries[0].dense.tolist() == grad.tolist()
     assert decoded.entries[1].rows.tolist() == [4, 2]
+    assert decoded.membership == codec.Membership(2, 5)
 
 
 def test_pull_response_fields_are_not_confused_with_push_fields():

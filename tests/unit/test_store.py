@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 
 from nanodist.services.common.errors import ServiceError
+from nanodist.services.parameter_server import checkpoint
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Mode, Store
-from nanodist.wire.codec import Entry
+from nanodist.wire.codec import Entry, Membership
 
 SGD1 = OptimizerConfig(learning_rate=1.0)
 
@@ -113,3 +114,53 @@ def test_dedup_window_forgets_the_oldest_request():
         s.remember(rid, rid.encode())
     assert s.replay("a") is None and s.replay("c") == b"c"
     assert s.pushes_deduplicated == 1
+
+
+GEN1_OF_3, GEN2_OF_2 = Membership(1, 3), Membership(2, 2)
+
+
+def test_bsp_a_step_that_loses_a_member_completes_with_the_survivors_mean():
+    s = store(Mode.BSP, workers=3)
+    s.push(grad(9, 9), 0, 0, membership=GEN1_OF_3)
+    s.push(grad(9, 9), 1, 0, membership=GEN1_OF_3)  # then worker 2 dies: the survivors form generation 2
+    assert not s.push(grad(2, 0), 0, 0, membership=GEN2_OF_2).applied  # the generation-1 pushes are dropped
+    assert s.push(grad(0, 4), 1, 0, membership=GEN2_OF_2).applied
+    assert s.slots["w"].value.tolist() == [-1, -2]  # the mean of the two survivors' pushes
+
+
+def test_a_push_of_a_generation_that_was_left_behind_is_refused_and_changes_nothing():
+    s = store(Mode.BSP, workers=3)
+    s.push(grad(1, 1), 0, 0, membership=GEN2_OF_2)
+    with pytest.raises(ServiceError, match="generation: 1 is over; 'w' is pushed by generation 2") as refused:
+        s.push(grad(5, 5), 2, 0, membership=GEN1_OF_3)
+    assert refused.value.code.name == "FAILED_PRECONDITION"
+    assert list(s.slots["w"].pending[0].workers) == [0]
+
+
+def test_a_generation_bounds_the_worker_ids_by_its_pushers():
+    s = store(Mode.BSP, workers=2)
+    s.push(grad(1, 1), 3, 0, membership=Membership(1, 4))  # a grown generation: ids past --num-workers
+    with pytest.raises(ServiceError, match=r"worker_id: 4 is outside \[0, 4\) for bsp with 4 pushers"):
+        s.push(grad(1, 1), 4, 0, membership=Membership(1, 4))
+
+
+def test_ssp_forgets_the_clock_of_a_worker_that_left():
+    s = store(Mode.SSP, workers=3, staleness=0)
+    for worker in (0, 1):
+        s.push(grad(1, 1), worker, 0, membership=GEN1_OF_3)
+    assert s.slowest_clock() == 0  # worker 2 never pushed, and never will
+    s.push(grad(1, 1), 0, 1, membership=GEN2_OF_2)
+    s.push(grad(1, 1), 1, 1, membership=GEN2_OF_2)
+    assert s.slowest_clock() == 2 and s.ready([s.slots["w"]], 0, clock=2)
+
+
+def test_a_checkpoint_keeps_the_generation_and_the_steps_it_collects(tmp_path):
+    s = store(Mode.BSP, workers=3)
+    s.push(grad(2, 0), 0, 0, membership=GEN2_OF_2)
+    checkpoint.write(str(tmp_path), checkpoint.snapshot(s))
+    restarted = Store(Mode.BSP, 3)
+    checkpoint.restore(str(tmp_path), restarted)
+    with pytest.raises(ServiceError, match="generation: 1 is over"):
+        restarted.push(grad(1, 1), 2, 0, membership=GEN1_OF_3)
+    assert restarted.push(grad(0, 4), 1, 0, membership=GEN2_OF_2).applied  # two pushers, as before the restart
+    assert restarted.slots["w"].value.tolist() == [-1, -2]

@@ -29,6 +29,7 @@ NON_DEFAULT = {
     "--max-steps": "7",
     "--slow-ms": "5",
     "--join-window": "1.5",
+    "--elastic": None,
     "--dump-params": "/tmp/p.npz",
     "--timeout": "30",
     "--min-workers": "2",
@@ -64,7 +65,7 @@ def test_the_launcher_passes_every_training_setting_to_its_workers():
 
     args = parser_of(launcher.add_arguments).parse_args(as_argv(NON_DEFAULT))
     _, config = launcher.settings(args)
-    placed = launcher.worker_config(config, [("mpi", 2), ("tcp", 2)], 1, ["h:1", "h:2"], "h:3", "h:4")
+    placed = launcher.worker_config(config, [("tcp", 2)], 0, ["h:1", "h:2"], "h:3", "h:4")
     argv = launcher.worker_argv(placed)
     assert argv[:4] == [sys.executable, "-m", "nanodist.workers.cli", "worker"]
 
@@ -75,12 +76,13 @@ def test_the_launcher_passes_every_training_setting_to_its_workers():
         if d.name not in launcher.PLACED:
             assert getattr(received, d.name) != getattr(defaults, d.name), d.setting.flag
     assert received.pipeline_split == (2, 1) and received.hidden == (32, 16) and received.learning_rate == 0.05
+    # An elastic group counts its members as they come.
     assert (received.ps, received.backend, received.group_id, received.num_groups, received.group_size) == (
         ("h:1", "h:2"),
         "tcp",
+        0,
         1,
-        2,
-        2,
+        0,
     )
 
 

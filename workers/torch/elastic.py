@@ -197,7 +197,9 @@ def run(train: Callable[..., T]) -> Callable[..., T]:
                 if changed:
                     for callback in state._callbacks:
                         callback()
-                return train(state, *args, **kwargs)
+                result = train(state, *args, **kwargs)
+                job.finished()
+                return result
             except MembershipChanged:
                 runtime.adopt_generation()  # joiners entered at a commit: nothing to roll back
             except (CommError, BarrierBroken) as error:

@@ -117,12 +117,16 @@ class _Synchronizer:
 
 def check_same_model(job: Job, key: str, named: list[tuple[str, torch.Tensor]]) -> None:
     """Every rank publishes its parameters' names, shapes and dtypes and compares them with every other
-    rank's, so that all ranks fail at once, each naming the first difference, instead of hanging."""
+    rank's, so that all ranks fail at once, each naming the first difference, instead of hanging.
+    A worker that joins an elastic job late compares its model with rank 0's, which the first generation
+    checked: on a difference it alone fails, naming it, and the others go on without it."""
     mine = [[name, list(t.shape), str(t.dtype)] for name, t in named]
-    job.kv.set(f"{key}/{job.rank}", json.dumps(mine))
+    others = [0] if job.joined_late else list(range(job.world))
+    if not job.joined_late:
+        job.kv.set(f"{key}/{job.rank}", json.dumps(mine))
     keys = [f"{key}/{r}" for r in range(job.world)]
-    job.kv.wait(keys, timeout=job.config.timeout)
-    for other in range(job.world):
+    job.kv.wait([keys[r] for r in others], timeout=job.config.timeout)
+    for other in others:
         theirs = json.loads(job.kv.get(keys[other]))
         if theirs != mine:
             raise ModelMismatch(f"rank {job.rank}: {describe_difference(mine, theirs, other)}")
@@ -202,10 +206,11 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's name, so that switching is a
         raise ValueError(f"mode {mode!r} is unknown; choose bsp, asp or ssp")
     if mode != "bsp" and server_optimizer is None:
         raise ValueError(f"mode {mode!r} needs server_optimizer= (in ASP and SSP the servers apply the updates)")
-    if server_optimizer is not None and job is not None and job.config.elastic:
+    if job is not None and job.config.elastic and (server_optimizer is not None or job.config.flat):
         raise ValueError(
-            "server_optimizer= is not supported in an elastic job: the servers count steps per worker, and a "
-            "new generation does not carry that count over; average gradients (the default) instead"
+            "server_optimizer= and --flat are not supported in an elastic job: the servers count the steps of "
+            "each worker, and a new generation does not carry that count over; average gradients in the group "
+            "(the default) instead"
         )
     codec = Compression.parse(compression)
     if server_optimizer is not None and codec is not Compression.none:

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Protocol
 
 from nanodist.workers.config import JobConfig
-from nanodist.workers.job import Job
+from nanodist.workers.job import Job, JobFinished
 from nanodist.workers.settings import from_environment
 
 _job: Job | None = None
@@ -66,7 +66,11 @@ def init() -> None:
     if not os.environ.get("NANODIST_RUN_ID"):
         _solo = True  # started as a plain script: a job of one, no services
     else:
-        _job = Job(from_environment(JobConfig))
+        try:
+            _job = Job(from_environment(JobConfig))
+        except JobFinished as done:
+            print(f"nanodist: {done}; nothing to do", flush=True)
+            raise SystemExit(0) from None
         sys.excepthook = _report_failure(sys.excepthook)
     atexit.register(shutdown)
 

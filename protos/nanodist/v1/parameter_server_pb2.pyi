@@ -119,18 +119,22 @@ class GradientEntry(_message.Message):
     def __init__(self, key: _Optional[str] = ..., dense: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sparse: _Optional[_Union[_tensor_pb2.SparseRows, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("entries", "worker_id", "step", "request_id", "fencing_token")
+    __slots__ = ("entries", "worker_id", "step", "request_id", "fencing_token", "generation", "pushers")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PUSHERS_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[GradientEntry]
     worker_id: int
     step: int
     request_id: str
     fencing_token: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[GradientEntry, _Mapping]]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
+    generation: int
+    pushers: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[GradientEntry, _Mapping]]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., generation: _Optional[int] = ..., pushers: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("versions", "duplicate", "applied")

@@ -170,13 +170,33 @@ def _entry_parts(entry: Entry, dense_field: int, extra: wire.Parts) -> wire.Part
     return parts
 
 
-def encode_push(entries: list[Entry], worker_id: int, step: int, request_id: str, fencing_token: int = 0) -> bytes:
+@dataclass(frozen=True)
+class Membership:
+    """An elastic job's generation and how many workers push each step in it (0, 0: not elastic)."""
+
+    generation: int = 0
+    pushers: int = 0
+
+
+NOT_ELASTIC = Membership()
+
+
+def encode_push(
+    entries: list[Entry],
+    worker_id: int,
+    step: int,
+    request_id: str,
+    fencing_token: int = 0,
+    membership: Membership = NOT_ELASTIC,
+) -> bytes:
     """A serialized PushRequest; tensor data is copied exactly once (the join)."""
     message = wire.Parts()
     for entry in entries:
         message.add_message(1, _entry_parts(entry, 2, wire.Parts().add(wire.int_field(4, entry.offset))))
     message.add(wire.int_field(2, worker_id)).add(wire.int_field(3, step))
     message.add(wire.str_field(4, request_id)).add(wire.int_field(5, fencing_token))
+    if membership.generation or membership.pushers:
+        message.add(wire.int_field(6, membership.generation)).add(wire.int_field(7, membership.pushers))
     return message.join()
 
 
@@ -236,6 +256,7 @@ class PushMessage:
     step: int = 0
     request_id: str = ""
     fencing_token: int = 0
+    membership: Membership = NOT_ELASTIC
 
 
 def decode_push(data: bytes) -> PushMessage:
@@ -256,6 +277,11 @@ def decode_push(data: bytes) -> PushMessage:
                 message.request_id = wire.read_str(buf, f.span)
             elif number == 5 and wire_type == wire.VARINT:
                 message.fencing_token = wire.signed64(f.value)
+            elif number == 6 and wire_type == wire.VARINT:
+                generation = wire.signed64(f.value)
+                message.membership = Membership(generation, message.membership.pushers)
+            elif number == 7 and wire_type == wire.VARINT:
+                message.membership = Membership(message.membership.generation, wire.signed64(f.value))
     except wire.WireError as exc:
         raise CodecError(f"malformed PushRequest: {exc}") from exc
     return message
