@@ -41,7 +41,7 @@ docs: $(STAMP)
 
 # Two streams: most tests wait on processes and timeouts more than they compute.
 test: $(TORCH_STAMP)
-	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=10
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=25
 
 # The whole cluster as local processes: 2 parameter-server shards, barrier, lock,
 # an MPI group and a TCP group of 2 workers each, training on scikit-learn's digits.
