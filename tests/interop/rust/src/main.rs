@@ -80,6 +80,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             step,
             request_id: format!("rust-push-{step}"),
             fencing_token: 0,
+            ..Default::default()
         }).await?.into_inner();
         println!("push {step} versions {:?}", push.versions);
     }
