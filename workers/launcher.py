@@ -5,6 +5,9 @@ for their health checks, then starts the worker groups (mpiexec for an MPI
 group, one process per rank for a TCP group). Every child's output is
 streamed with a prefix. If any child fails, or on Ctrl-C, every child's
 process group is stopped and the exit status is non-zero, naming the culprit.
+An elastic group (--elastic) goes on without a worker that fails, or starts
+it again (--max-restarts); only a failed server, or every worker failing,
+stops it.
 """
 
 from __future__ import annotations

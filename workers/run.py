@@ -8,7 +8,8 @@ starts the parameter-server shards, the barrier and the lock service (as
 their environment (NANODIST_*; nd.init() reads it) on top of the caller's.
 Output is forwarded line by line, prefixed with the rank. On Ctrl-C, or when
 the first worker fails, everything is stopped and the exit status is
-non-zero, naming the rank.
+non-zero, naming the rank; with --elastic, the script's nd.elastic.run goes on
+without a worker that fails (see nanodist.workers.launcher).
 """
 
 from __future__ import annotations
