@@ -14,8 +14,9 @@ ELASTIC = ["-f", "docker-compose.yml", "-f", "docker-compose.elastic.yml"]
 
 
 def start(cluster, workers: int, epochs: int) -> tuple[Cluster, dict[int, str]]:
-    """The cluster with `workers` worker containers, once all train; returns rank -> container."""
-    c = cluster(NANODIST_EPOCHS=str(epochs))
+    """The cluster with `workers` worker containers, once all train in its first generation; returns
+    rank -> container. A long join window lets every container in, however slowly it starts."""
+    c = cluster(NANODIST_EPOCHS=str(epochs), NANODIST_JOIN_WINDOW="10")
     c.files = ELASTIC
     up = c.compose("up", "-d", "--no-build", "--scale", f"worker={workers}")
     assert up.returncode == 0, up.stderr
@@ -24,7 +25,7 @@ def start(cluster, workers: int, epochs: int) -> tuple[Cluster, dict[int, str]]:
     while not all(" step " in c.logs(w) for w in containers):
         assert time.monotonic() < deadline, "training did not start:\n" + c.logs(containers[0])[-2000:]
         time.sleep(0.3)
-    ranks = {int(re.search(r"\] member (\d+) of", c.logs(w)).group(1)): w for w in containers}  # type: ignore[union-attr]
+    ranks = {int(re.search(rf"\] member (\d+) of {workers}\n", c.logs(w)).group(1)): w for w in containers}  # type: ignore[union-attr]
     return c, ranks
 
 

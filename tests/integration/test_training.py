@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,7 @@ def elastic_up_losing_a_worker(tmp_path, *extra: str) -> tuple[str, int, dict]:
     victim's pid and the metrics."""
     run_id = f"t-{uuid.uuid4().hex[:8]}"
     command = ["up", "--run-id", run_id, "--runs-dir", str(tmp_path), "--groups", "tcp:3", "--elastic", *extra]
+    command += ["--join-window", "10"]  # all three in the first generation, however slowly they start
     process = subprocess.Popen(
         nanodist_command(*command, "--min-workers", "2", "--epochs", "6"), stdout=subprocess.PIPE, text=True
     )
@@ -104,7 +106,7 @@ def elastic_up_losing_a_worker(tmp_path, *extra: str) -> tuple[str, int, dict]:
     os.kill(victim, signal.SIGKILL)
     output = process.communicate(timeout=240)[0]
     assert process.returncode == 0, output[-3000:]
-    assert "generation 1: 2 workers (was 3)" in output and f":{victim})" in output
+    assert "left: rank" in output and f":{victim})" in output, output[-3000:]  # named as it left
     assert processes_mentioning(run_id) == []
     return output, victim, json.loads((tmp_path / run_id / "metrics.json").read_text())
 
@@ -112,14 +114,17 @@ def elastic_up_losing_a_worker(tmp_path, *extra: str) -> tuple[str, int, dict]:
 def test_an_elastic_up_goes_on_without_a_worker_killed_mid_training(tmp_path):
     output, _, metrics = elastic_up_losing_a_worker(tmp_path)
     assert "exited with status -9; the others go on" in output
+    assert "generation 1: 2 workers (was 3)" in output
     assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
 
 
 def test_an_elastic_up_starts_a_killed_worker_again_and_it_rejoins(tmp_path):
     output, _, metrics = elastic_up_losing_a_worker(tmp_path, "--max-restarts", "1")
     assert "exited with status -9; starting it again (restart 1 of 1)" in output
-    assert "generation 2: 3 workers (was 2); left: none; joined: " in output
-    assert metrics["world_size"] == 3 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
+    # Where it comes back in depends on timing: in the survivors' regroup, or at the next epoch boundary.
+    changes = [line for line in output.splitlines() if re.search(r"generation \d+: 3 workers \(was [23]\)", line)]
+    assert changes and "joined: none" not in changes[-1], output[-3000:]
+    assert metrics["world_size"] == 3 and metrics["final_test_accuracy"] >= 0.95, output[-3000:]
 
 
 @pytest.mark.parametrize(

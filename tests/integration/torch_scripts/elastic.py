@@ -1,6 +1,6 @@
 """A user script under nd.elastic.run: an MLP on scikit-learn's digits through an ElasticSampler.
 
-argv: OUT_DIR EPOCHS
+argv: OUT_DIR EPOCHS [SECONDS_PER_BATCH (a pause, 0.02 by default: a kill lands inside an epoch)]
 Each worker writes its pid to OUT_DIR/pid-<first rank> once it has joined; each worker that finishes
 writes its parameters to OUT_DIR/worker-<pid>.npz and the samples it trained on per epoch to
 OUT_DIR/samples-<pid>.json.
@@ -25,6 +25,7 @@ BATCH = 16
 
 def main() -> None:
     out, epochs = sys.argv[1], int(sys.argv[2])
+    pause = float(sys.argv[3]) if len(sys.argv) > 3 else 0.02
     nd.init()
     with open(os.path.join(out, f"pid-{nd.rank()}"), "w") as f:
         f.write(str(os.getpid()))
@@ -53,7 +54,7 @@ def main() -> None:
                 optimizer.step()
                 sampler.record_batch(i, BATCH)
                 pending += batch.tolist()
-                time.sleep(0.02)  # a few seconds an epoch: a kill lands inside one
+                time.sleep(pause)
                 if i % 4 == 3:
                     mine += pending  # before commit(), which may go on in a new generation
                     pending = []
