@@ -239,7 +239,7 @@ class Store:
                     f"{slot.generation}, which went on without worker {worker_id}"
                 )
             newer = membership.generation > slot.generation  # its steps collecting pushes will be dropped
-            if self.mode is Mode.BSP and step <= slot.applied_step:
+            if self.mode is Mode.BSP and step <= slot.applied_step and not _pushed_again(membership, slot):
                 raise failed_precondition(
                     f"step: step {step} of {entry.key!r} was already applied (last applied step {slot.applied_step})"
                 )
@@ -312,6 +312,8 @@ class Store:
             self.clocks[worker_id] = max(self.clocks.get(worker_id, 0), step + 1)
         applied = True
         for slot, entry in zip(slots, entries, strict=True):
+            if self.mode is Mode.BSP and step <= slot.applied_step:
+                continue  # a completed step pushed again by a new generation (check_push let only that through)
             if self.mode is Mode.BSP:
                 applied = self._accumulate(slot, entry, worker_id, step) and applied
             else:
@@ -397,6 +399,12 @@ class Store:
 
     def slowest_clock(self) -> int:
         return min(self.clocks.get(w, 0) for w in range(self.pushers or self.num_workers))
+
+
+def _pushed_again(membership: Membership, slot: Slot) -> bool:
+    """Elastic: the survivors of a loss push again the step they were in; where the servers had completed
+    it (a leader may die between two shards), the push changes nothing, so the step stays applied once."""
+    return membership.generation > 0 and membership.generation >= slot.generation
 
 
 def _no_rows() -> np.ndarray:

@@ -88,18 +88,18 @@ def test_a_failing_worker_stops_the_cluster_and_is_named(tmp_path):
     assert processes_mentioning(run_id) == []
 
 
-def elastic_up_losing_a_worker(tmp_path, *extra: str) -> tuple[str, int, dict]:
+def elastic_up_losing_a_worker(tmp_path, *extra: str, epochs: int = 6) -> tuple[str, int, dict]:
     """`nanodist up --elastic` with 3 TCP workers, one killed with kill -9 in epoch 2: the output, the
     victim's pid and the metrics."""
     run_id = f"t-{uuid.uuid4().hex[:8]}"
     command = ["up", "--run-id", run_id, "--runs-dir", str(tmp_path), "--groups", "tcp:3", "--elastic", *extra]
     command += ["--join-window", "10"]  # all three in the first generation, however slowly they start
     process = subprocess.Popen(
-        nanodist_command(*command, "--min-workers", "2", "--epochs", "6"), stdout=subprocess.PIPE, text=True
+        nanodist_command(*command, "--min-workers", "2", "--epochs", str(epochs)), stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None
     for line in process.stdout:
-        if "epoch 2/6 step" in line:
+        if f"epoch 2/{epochs} step" in line:
             break
     workers = [p for p in processes_mentioning(run_id) if "nanodist.workers.cli worker " in p]
     victim = int(workers[0].split(":")[0])
@@ -119,7 +119,8 @@ def test_an_elastic_up_goes_on_without_a_worker_killed_mid_training(tmp_path):
 
 
 def test_an_elastic_up_starts_a_killed_worker_again_and_it_rejoins(tmp_path):
-    output, _, metrics = elastic_up_losing_a_worker(tmp_path, "--max-restarts", "1")
+    # Epochs enough for the restarted process to start (seconds, under load) while the job still trains.
+    output, _, metrics = elastic_up_losing_a_worker(tmp_path, "--max-restarts", "1", epochs=15)
     assert "exited with status -9; starting it again (restart 1 of 1)" in output
     # Where it comes back in depends on timing: in the survivors' regroup, or at the next epoch boundary.
     changes = [line for line in output.splitlines() if re.search(r"generation \d+: 3 workers \(was [23]\)", line)]

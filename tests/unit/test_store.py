@@ -164,3 +164,11 @@ def test_a_checkpoint_keeps_the_generation_and_the_steps_it_collects(tmp_path):
         restarted.push(grad(1, 1), 2, 0, membership=GEN1_OF_3)
     assert restarted.push(grad(0, 4), 1, 0, membership=GEN2_OF_2).applied  # two pushers, as before the restart
     assert restarted.slots["w"].value.tolist() == [-1, -2]
+
+
+def test_a_step_completed_before_a_loss_and_pushed_again_by_the_survivors_is_applied_once():
+    s = store(Mode.BSP, workers=1)
+    s.push(grad(2, 2), 0, 0, membership=Membership(1, 1))  # this shard completed step 0; the leader died
+    again = s.push(grad(5, 5), 0, 0, membership=Membership(2, 1))  # its successor pushes step 0 again
+    assert again.versions == [1] and s.slots["w"].value.tolist() == [-2, -2]
+    assert s.push(grad(1, 1), 0, 1, membership=Membership(2, 1)).versions == [2]  # and training goes on
