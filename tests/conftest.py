@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,6 +25,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+_handed_out: set[int] = set()
+
+
+def free_host_port() -> int:
+    """A port for a container to publish on the host, free now and below the kernel's ephemeral range.
+
+    A port from free_port() comes from that range, where the other test stream's servers and every
+    outgoing connection take theirs: it may be taken again in the seconds before docker binds it.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+        ephemeral_start = int(ranges.read().split()[0])
+    while True:
+        port = random.randrange(10000, ephemeral_start)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def health_status(address: str, timeout: float = 1.0, security: ClientSecurity | None = None) -> int:

@@ -54,7 +54,8 @@ class JobConfig(Endpoints):
     elastic: bool = setting(
         False,
         flag="--elastic",
-        help="keep training when a worker is lost: the others form a new generation of the group (tcp, --group-size 0)",
+        help="keep training when a worker is lost: the others form a new generation without it "
+        "(a TCP group of --group-size 0 re-forms; an MPI group leaves whole and may come back)",
     )
     min_workers: int = setting(1, flag="--min-workers", help="with --elastic: stop when fewer workers are left")
     regroup_window: float = setting(
@@ -82,8 +83,10 @@ class JobConfig(Endpoints):
             raise ConfigError("--group-size 0 (join as many as arrive) needs --backend tcp")
         if not self.ps:
             raise ConfigError("--ps needs at least one parameter-server address")
-        if self.elastic and (self.backend != "tcp" or self.group_size != 0 or self.num_groups != 1):
-            raise ConfigError("--elastic re-forms one TCP group: it needs --backend tcp, --group-size 0 and one group")
+        if self.elastic and self.backend == "tcp" and self.group_size != 0:
+            raise ConfigError("--elastic re-forms a TCP group from the workers left: it needs --group-size 0")
+        if self.elastic and self.backend == "single":
+            raise ConfigError("--elastic needs --backend tcp (a group that re-forms) or mpi (restarted whole)")
         if self.min_workers < 1:
             raise ConfigError("--min-workers must be >= 1")
         if self.max_workers and self.max_workers < self.min_workers:

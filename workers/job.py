@@ -10,6 +10,7 @@ wait notice a worker that died anywhere.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -49,6 +50,10 @@ class _GroupClosed(ConfigError):
     """The group's generation formed before this worker arrived."""
 
 
+def _groups_missing(num_groups: int, error: NanodistError) -> ConfigError:
+    return ConfigError(f"not every one of the {num_groups} groups showed up: {error.message}")
+
+
 class JobFinished(Exception):
     """Elastic: the job finished while this worker waited for a place in it; there is nothing left to do."""
 
@@ -84,6 +89,10 @@ class Job:
         self.kv = KVStore(config.lock, timeout=config.timeout, security=security)
         self._services_ready = False
         self._expected: int | None = None  # members the next generation can close with at once
+        self._expected_groups = config.num_groups  # groups the next generation can close with at once
+        self._group_waiting = False  # elastic: this group is counted in <run>/joining-groups
+        self._boundaries = 0  # admit_joiners calls in this generation, all ranks in step
+        self.group_ids: list[int] = []  # the groups of this generation, in the order of their ranks
         if config.elastic:
             self._await_services()
             self.generation = self._current_generation()
@@ -91,6 +100,8 @@ class Job:
         self._collectives: ThreadPoolExecutor | None = None
         self._reader: ParameterServerClient | None = None
         self._form(check)
+        if config.elastic and self.generation:
+            self.joined_late = True  # the others resume from the servers: so does this worker
         if config.elastic:
             threading.Thread(target=self._leave_when_cut_off, name="nanodist-cut-off-watch", daemon=True).start()
 
@@ -120,14 +131,25 @@ class Job:
         c = self.config
         if c.backend == "tcp":
             self._await_services()  # its members meet through the lock service
-        self.comm = self._join_group()
-        self._await_services()  # an MPI group forms without them: a wrong size is named first
-        self.group_sizes = self._group_sizes()
+        while True:
+            self.comm = self._join_group()
+            self._await_services()  # an MPI group forms without them: a wrong size is named first
+            try:
+                self.group_ids, self.group_sizes = self._groups()
+            except _GroupClosed as closed:  # elastic: the whole group came after the generation closed
+                self._wait_as_group(str(closed))
+                continue
+            if self._group_waiting and self.comm.rank == 0:
+                self.kv.add(f"{c.run_id}/joining-groups", -1)
+            self._group_waiting = False
+            break
+        self._boundaries = 0
+        position = self.group_index
         self.world = sum(self.group_sizes)
-        self.rank = sum(self.group_sizes[: c.group_id]) + self.comm.rank
+        self.rank = sum(self.group_sizes[:position]) + self.comm.rank
         # The servers average the pushes of the groups; scaling each group's mean by its share makes that
         # average the mean over all workers even when groups differ in size.
-        self.push_scale = self.group_sizes[c.group_id] * c.num_groups / self.world
+        self.push_scale = self.group_sizes[position] * len(self.group_ids) / self.world
         self.is_leader = self.comm.rank == 0
         self.pushes = c.flat or self.is_leader or self.every_rank_pushes
         self.barrier_name = f"{c.run_id}/epoch{self._generation_suffix}"
@@ -141,7 +163,7 @@ class Job:
         if self.ps is not None and c.elastic:
             # The servers count this generation's pushes; generations are numbered from 1 on the wire.
             self.ps.worker_id = self.pusher_id
-            self.ps.membership = Membership(self.generation + 1, self.world if c.flat else c.num_groups)
+            self.ps.membership = Membership(self.generation + 1, self.world if c.flat else len(self.group_ids))
         self.barrier = BarrierClient(
             c.barrier,
             f"{c.run_id}/rank-{self.rank}{self._generation_suffix}",
@@ -160,12 +182,13 @@ class Job:
     def _generation_suffix(self) -> str:
         return f"/gen-{self.generation}" if self.generation else ""
 
-    def regroup(self, cause: str, expected: int | None = None) -> None:
-        """Elastic: after the group lost a member, form the next generation with the workers that are left.
+    def regroup(self, cause: str, expected: int | None = None, expected_groups: int | None = None) -> None:
+        """Elastic: after the job lost a member, form the next generation with the workers that are left.
 
-        Every survivor calls this once it has seen the loss (a failed collective, a broken barrier); the
-        first to arrive becomes rank 0 and closes the new group once --regroup-window passes without a
-        newcomer, or once `expected` members have arrived.
+        Every survivor calls this once it has seen the loss (a failed collective, a broken barrier). In
+        a TCP group the first to arrive becomes its rank 0 and closes the group once --regroup-window
+        passes without a newcomer, or once `expected` members have arrived; an MPI group keeps its ranks.
+        The groups then make the generation (see _groups): `expected_groups` close it at once.
         Raises ConfigError when fewer than --min-workers are left.
         """
         say(f"[{self.config.run_id}] rank {self.rank} leaves generation {self.generation}: {cause}")
@@ -174,7 +197,7 @@ class Job:
         self.barrier.close()
         self._worlds[self.generation] = self.world
         self.generation += 1
-        self._expected = expected
+        self._expected, self._expected_groups = expected, expected_groups or len(self.group_ids)
         try:
             self._form()
         finally:
@@ -185,34 +208,54 @@ class Job:
                 f"--min-workers {self.config.min_workers}; {self._departures()}"
             )
 
-    def regroup_after_loss(self, cause: str, before: Callable[[], None] = lambda: None) -> None:
+    def regroup_after_loss(
+        self, cause: str, before: Callable[[], None] = lambda: None, *, in_group: bool = True
+    ) -> None:
         """Elastic, on a rank that saw a member lost (a failed collective, a broken barrier): break the
         job's barrier so that the others learn at once, then form the next generation with those left.
-        `before` runs once the old group is closed, to drain work queued on it.
+        `before` runs once the old group is closed, to drain work queued on it. in_group: the loss was
+        seen in this worker's own group (a collective failed), so the group waits for one fewer.
         Raises CutOff if the others have gone on without this worker."""
         self.membership_problem()
-        self.abort(f"rank {self.rank} lost a member of its group: {cause}")
+        self.abort(f"rank {self.rank} lost a member of the job: {cause}")
         self.comm.close()
         before()
-        self.regroup(cause, expected=self.world - 1)  # one lost: closes as soon as the rest are back
+        size = self.group_sizes[self.group_index]
+        # One lost: the group closes as soon as the rest are back. Which group lost it is known only to
+        # that group's members; the others wait for all of theirs.
+        self.regroup(cause, expected=size - 1 if in_group or len(self.group_ids) == 1 else size)
 
     def admit_joiners(self) -> bool:
         """Elastic, where every rank stands at the same point (an epoch boundary, a commit): if workers
         wait to join and the group is below --max-workers, form the next generation with them. Rank 0
         decides and tells the others, so that all agree. Returns whether a new generation formed."""
         c = self.config
-        joiners = f"{c.run_id}/joiners"
-        grow = np.zeros(1, dtype=np.int64)
-        if self.rank == 0 and (not c.max_workers or self.world < c.max_workers):
-            grow[0] = max(0, self.kv.add(joiners, 0))  # how many wait
-        self.comm.broadcast(grow, root=0)
-        if not grow[0]:
+        self._boundaries += 1
+        decision = f"{c.run_id}/admit{self._generation_suffix}/{self._boundaries}"
+        counters = {g: self._joiners_key(g) for g in self.group_ids} | {-1: f"{c.run_id}/joining-groups"}
+        if self.rank == 0:
+            waiting = {g: 0 for g in counters}
+            if not c.max_workers or self.world < c.max_workers:
+                waiting = {g: max(0, self.kv.add(key, 0)) for g, key in counters.items()}
+            self.kv.set(decision, json.dumps(waiting))
+        self.kv.wait([decision], timeout=c.timeout)
+        waiting = {int(g): n for g, n in json.loads(self.kv.get(decision)).items()}
+        if not any(waiting.values()):
             return False
-        world = self.world
-        self.regroup("workers wait to join", expected=world + int(grow[0]))
+        world, size = self.world, self.group_sizes[self.group_index]
+        self.regroup(
+            "workers wait to join",
+            expected=size + waiting.get(c.group_id, 0),
+            expected_groups=len(self.group_ids) + waiting[-1],
+        )
         if self.rank == 0 and self.world <= world:
-            self.kv.set(joiners, "0")  # counted joiners that never came (killed while waiting)
+            for key in counters.values():
+                self.kv.set(key, "0")  # counted joiners that never came (killed while waiting)
         return True
+
+    def _joiners_key(self, group_id: int) -> str:
+        """The count of workers that wait to enter TCP group `group_id`."""
+        return f"{self.config.run_id}/group-{group_id}/joiners"
 
     def _record_members(self) -> None:
         """Every member publishes who it is; the new rank 0 logs once who left and who joined."""
@@ -251,6 +294,10 @@ class Job:
             comm = from_env("tcp", store=self.kv, world_size=size, rank=rank, group=self._group, timeout=c.timeout)
         else:
             comm = from_env(c.backend)
+            if c.elastic and not self.group_ids:  # a new process: its ranks may have read different generations
+                generation = np.array([self.generation], dtype=np.int64)
+                comm.broadcast(generation, root=0)
+                self.generation = int(generation[0])
         if c.group_size and comm.size != c.group_size:
             comm.close()
             raise ConfigError(
@@ -297,13 +344,13 @@ class Job:
     def _join_generation(self) -> tuple[int, int]:
         """--elastic: join this generation's group or, once it has closed, wait to enter the next one.
 
-        A late worker counts itself in `<run>/joiners`; rank 0 looks there at every epoch boundary
+        A late worker counts itself in `<run>/group-<id>/joiners`; rank 0 looks there at every epoch boundary
         and, while the group is below --max-workers, has everyone form the next generation, which
         the late worker joins after its first member (so that a member of the old generation, who
         knows where training is, leads it).
         """
         c = self.config
-        joiners = f"{c.run_id}/joiners"
+        joiners = self._joiners_key(c.group_id)
         waiting_since: float | None = None
         while True:
             try:
@@ -313,17 +360,18 @@ class Job:
                     waiting_since = time.monotonic()
                     say(f"[{c.run_id}] generation {self.generation} is training; waiting to join the next one")
                     self.kv.add(joiners, 1)  # counted once: it stays counted until it gets in
-                self._await_next_generation(waiting_since)
+                following = f"{c.run_id}/group-{c.group_id}/gen-{self.generation + 1}/joined"
+                self._await_next(following, waiting_since)
                 continue
             if waiting_since is not None:
                 self.kv.add(joiners, -1)
                 self.joined_late = True
             return joined
 
-    def _await_next_generation(self, waiting_since: float) -> None:
-        """Wait for the group's next generation, looking every second whether the job has finished."""
+    def _await_next(self, following: str, waiting_since: float) -> None:
+        """Wait for the key that the next generation's first member makes, looking every second whether
+        the job has finished; then move to that generation."""
         c = self.config
-        following = f"{c.run_id}/group-{c.group_id}/gen-{self.generation + 1}/joined"
         while True:
             left = c.timeout - (time.monotonic() - waiting_since)
             if left <= 0:
@@ -340,11 +388,7 @@ class Job:
         self.generation += 1
 
     def _has_finished(self) -> bool:
-        try:
-            self.kv.get(self._finished_key)
-        except NotFound:
-            return False
-        return True
+        return self._exists(self._finished_key)
 
     @property
     def _finished_key(self) -> str:
@@ -355,18 +399,92 @@ class Job:
         if self.config.elastic and self.rank == 0:
             self.kv.set(self._finished_key, "1")
 
-    def _group_sizes(self) -> list[int]:
-        """Every group leader publishes its size; everyone learns all sizes, hence global ranks and world size."""
+    def _groups(self) -> tuple[list[int], list[int]]:
+        """The groups of this generation and their sizes, in the order of their ranks.
+
+        Every group leader publishes its size. A fixed job waits for all of --num-groups; in an elastic
+        one the leaders register, and the first closes the generation (see _close_generation). Raises
+        _GroupClosed, on every rank of a group, when the group came after its generation closed.
+        """
         c = self.config
         sizes = f"{c.run_id}/group-size{self._generation_suffix}"
-        if self.comm.rank == 0:
-            self.kv.set(f"{sizes}/{c.group_id}", str(self.comm.size))
-        keys = [f"{sizes}/{g}" for g in range(c.num_groups)]
+        if not c.elastic:
+            if self.comm.rank == 0:
+                self.kv.set(f"{sizes}/{c.group_id}", str(self.comm.size))
+            ids = list(range(c.num_groups))
+        else:
+            admitted = np.array([self._register(sizes) if self.comm.rank == 0 else 0], dtype=np.int64)
+            self.comm.broadcast(admitted, root=0)  # the leader alone knows when it registered
+            if not admitted[0]:
+                raise _GroupClosed(f"group {c.group_id} came after generation {self.generation} closed")
+            ids = [int(g) for g in self.kv.get(f"{sizes}/list").decode().split(",")]
+        keys = [f"{sizes}/{g}" for g in ids]
         try:
             self.kv.wait(keys, timeout=c.timeout)
         except NanodistError as error:
-            raise ConfigError(f"not every one of the {c.num_groups} groups showed up: {error.message}") from None
-        return [int(self.kv.get(k)) for k in keys]
+            raise _groups_missing(c.num_groups, error) from None
+        return ids, [int(self.kv.get(k)) for k in keys]
+
+    def _register(self, sizes: str) -> bool:
+        """Elastic, on a group leader: enter this group in the generation, unless the generation has
+        closed (its list may name this group's earlier incarnation, a group since restarted)."""
+        c = self.config
+        listed = f"{sizes}/list"
+        if self._exists(listed):
+            return False
+        if not self.group_ids:  # a group new to the job: it cannot lead, not knowing where training is
+            self.kv.set(f"{sizes}/new/{c.group_id}", "1")
+        self.kv.set(f"{sizes}/{c.group_id}", str(self.comm.size))
+        if self.kv.add(f"{sizes}/arrived", 1) == 1:
+            self._close_generation(sizes)
+        try:
+            self.kv.wait([listed], timeout=c.timeout + c.regroup_window)
+        except DeadlineExceeded as error:
+            raise _groups_missing(c.num_groups, error) from None
+        return c.group_id in [int(g) for g in self.kv.get(listed).decode().split(",")]
+
+    def _close_generation(self, sizes: str) -> None:
+        """Elastic, on the first group leader to arrive: decide which groups make this generation.
+
+        The first generation waits (up to --timeout) for all --num-groups; a later one closes when the
+        groups expected are in or --regroup-window passes without a new one (a group lost whole, such
+        as an MPI group that lost a rank). Groups that trained in the last generation come first, so
+        that rank 0 is a worker that knows where training is.
+        """
+        c = self.config
+        if not self.generation:
+            try:
+                self.kv.wait([f"{sizes}/{g}" for g in range(c.num_groups)], timeout=c.timeout)
+            except DeadlineExceeded as error:
+                raise _groups_missing(c.num_groups, error) from None
+        arrived_key, seen, stable_since = f"{sizes}/arrived", 1, time.monotonic()
+        while seen < self._expected_groups and time.monotonic() - stable_since < c.regroup_window:
+            time.sleep(0.1)
+            now = self.kv.add(arrived_key, 0)
+            if now != seen:
+                seen, stable_since = now, time.monotonic()
+        present = [g for g in range(c.num_groups) if self._exists(f"{sizes}/{g}")]
+        order = sorted(present, key=lambda g: (self.generation > 0 and self._exists(f"{sizes}/new/{g}"), g))
+        self.kv.set(f"{sizes}/list", ",".join(map(str, order)))
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.kv.get(key)
+        except NotFound:
+            return False
+        return True
+
+    def _wait_as_group(self, why: str) -> None:
+        """Elastic: this whole group (a restarted MPI group, say) came after its generation closed. Its
+        leader counts it in `<run>/joining-groups`, which rank 0 reads at every epoch boundary; every
+        rank waits for the next generation, and the group enters it."""
+        c = self.config
+        say(f"[{c.run_id}] {why}; waiting to join the next one")
+        if self.comm.rank == 0 and not self._group_waiting:
+            self.kv.add(f"{c.run_id}/joining-groups", 1)
+            self._group_waiting = True
+        self.comm.close()
+        self._await_next(f"{c.run_id}/group-size/gen-{self.generation + 1}/arrived", time.monotonic())
 
     def _connect_ps(self, security: ClientSecurity | None) -> ParameterServerClient:
         c = self.config
@@ -380,9 +498,14 @@ class Job:
         return client
 
     @property
+    def group_index(self) -> int:
+        """This worker's group's place among the groups of the generation (its --group-id in a fixed job)."""
+        return self.group_ids.index(self.config.group_id)
+
+    @property
     def pusher_id(self) -> int:
-        """This worker's worker_id at the servers: its rank in flat mode, else its group's."""
-        return self.rank if self.config.flat else self.config.group_id
+        """This worker's worker_id at the servers: its rank in flat mode, else its group's place."""
+        return self.rank if self.config.flat else self.group_index
 
     def reader(self) -> ParameterServerClient:
         """A parameter-server client on every rank (for reads such as embedding rows): the pushing

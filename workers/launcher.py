@@ -105,12 +105,10 @@ T = TypeVar("T")
 
 
 def worker_config(train: J, groups: list[tuple[str, int]], group_id: int, ps: list[str], barrier: str, lock: str) -> J:
-    """The settings of group `group_id`'s workers: `train`, placed in the cluster. An elastic group
-    counts its members as they come (--group-size 0), as its size changes with the generations."""
+    """The settings of group `group_id`'s workers: `train`, placed in the cluster. An elastic TCP group
+    counts its members as they come (--group-size 0), as its size changes with the generations; an
+    MPI group keeps its size (it leaves the job whole, and comes back whole when restarted)."""
     backend, size = groups[group_id]
-    if train.elastic and (len(groups) != 1 or backend != "tcp"):
-        spec = ",".join(f"{b}:{n}" for b, n in groups)
-        raise LaunchError(f"--elastic re-forms one TCP group: give --groups tcp:N, not {spec!r}")
     return replace(
         train,
         ps=tuple(ps),
@@ -119,7 +117,7 @@ def worker_config(train: J, groups: list[tuple[str, int]], group_id: int, ps: li
         backend=backend,
         group_id=group_id,
         num_groups=len(groups),
-        group_size=0 if train.elastic else size,
+        group_size=0 if train.elastic and backend == "tcp" else size,
     )
 
 
@@ -183,6 +181,7 @@ class Cluster:
 
     def restart(self, child: Child) -> None:
         """Start a child that exited again, with the same command and environment."""
+        _signal_group(child.process, signal.SIGKILL)  # what is left of it: an MPI group's other ranks
         child.process = self._start(child.argv, child.env)
         threading.Thread(target=self._stream, args=(child,), daemon=True).start()
 

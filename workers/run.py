@@ -74,6 +74,10 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
     launch_config = build(LaunchConfig, values)
     job = build(JobConfig, values, run_id=values.get("run_id") or time.strftime("run-%Y%m%d-%H%M%S"))
     groups = parse_groups(launch_config.groups)
+    if job.elastic and (len(groups) != 1 or groups[0][0] != "tcp"):
+        raise LaunchError(
+            f"--elastic with a PyTorch script re-forms one TCP group: give --groups tcp:N, not {launch_config.groups!r}"
+        )
     check_before_start(worker_config(job, groups, 0, ["127.0.0.1:0"], "", ""), launch_config)
     if not os.path.exists(args.script):
         raise LaunchError(f"{args.script}: no such file")

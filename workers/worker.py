@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 
 from nanodist.client import (
@@ -119,17 +120,39 @@ class Worker:
                 if self.push_scale != 1.0:
                     self.grads.data *= self.push_scale
         if self.ps is not None:
-            with self.timer("push"):
-                self.ps.push(self.grads.views, step=t)
-            with self.timer("pull"):
-                values = self._pull_watching_peers(t)
-                self.params.load(values)
+            try:
+                with self.timer("push"):
+                    self.ps.push(self.grads.views, step=t)
+                with self.timer("pull"):
+                    values = self._pull_watching_peers(t)
+                    self.params.load(values)
+            except BarrierBroken:
+                if c.elastic and not c.flat:
+                    self._tell_group(going_on=False)
+                raise
             self.state.clocks.append((t + 1, values.slowest_clock))
         if not c.flat:
             with self.timer("broadcast"):
+                if c.elastic:
+                    self._tell_group(going_on=True)
                 self.comm.broadcast(self.params.data, root=0)
         self.timer.steps += 1
         return loss
+
+    def _tell_group(self, going_on: bool) -> None:
+        """Elastic: the group leader tells its members, who wait for the parameters it pulls, whether
+        the step completed or the job lost a member; on a loss, every rank of the group leaves the
+        step at the same point (an MPI group cannot notice otherwise)."""
+        flag = np.array([going_on], dtype=np.int64)
+        try:
+            self.comm.broadcast(flag, root=0)
+        except CommError:
+            if self.is_leader:
+                return  # the loss is in this group: its members see their own failure
+            raise
+        if not flag[0]:
+            reason = "the group's leader saw the job lose a member"
+            raise BarrierBroken(reason, grpc.StatusCode.ABORTED, [])
 
     def _pull_watching_peers(self, t: int) -> Values:
         mode = self.config.mode
@@ -154,7 +177,7 @@ class Worker:
             except (CommError, BarrierBroken) as error:
                 if not self.config.elastic:
                     raise
-                self._rejoin(str(error), at)
+                self._rejoin(error, at)
         self.job.finished()
         self._finish()
 
@@ -191,9 +214,9 @@ class Worker:
             if c.elastic and at.epoch <= c.epochs:
                 self._admit_joiners(at)
 
-    def _rejoin(self, cause: str, at: Position) -> None:
+    def _rejoin(self, error: CommError | BarrierBroken, at: Position) -> None:
         """Elastic: form the next generation with the workers left, then continue from the servers' step."""
-        self.job.regroup_after_loss(cause)
+        self.job.regroup_after_loss(str(error), in_group=isinstance(error, CommError))
         self._resume(at)
 
     def _admit_joiners(self, at: Position) -> None:
@@ -207,18 +230,22 @@ class Worker:
         batches are re-sharded over the new membership."""
         self._adopt_job()
         self._check_data(self.rank, self.world)
+        c = self.config
         if self.rank == 0:
             with contextlib.suppress(NotFound):  # none before the first epoch's end
-                self.state.epochs = json.loads(self.kv.get(f"{self.config.run_id}/evaluations"))
-        state = np.zeros(3, dtype=np.int64)
-        if self.ps is not None:
-            values = self.ps.pull(list(self.params.views))
+                self.state.epochs = json.loads(self.kv.get(f"{c.run_id}/evaluations"))
+        values = self.ps.pull(list(self.params.views)) if self.ps is not None else None
+        if values is not None:
             self.params.load(values)
+        position = f"{c.run_id}/position/gen-{self.job.generation}"  # rank 0's, for every group
+        if self.rank == 0:
+            assert values is not None  # rank 0 leads the first group: it talks to the servers
             applied = min(values.versions.values())
-            state[:] = (applied, at.epoch, at.batch + applied - at.step)  # the servers may be a step ahead
-        self.comm.broadcast(state, root=0)
-        self.comm.broadcast(self.params.data, root=0)
-        at.step, at.epoch, at.batch = (int(v) for v in state)
+            self.kv.set(position, json.dumps([applied, at.epoch, at.batch + applied - at.step]))  # servers may be ahead
+        self.kv.wait([position], timeout=c.timeout)
+        if not c.flat:
+            self.comm.broadcast(self.params.data, root=0)
+        at.step, at.epoch, at.batch = json.loads(self.kv.get(position))
         say(f"[{self.name}] generation {self.job.generation}: resuming at step {at.step}, epoch {at.epoch}")
 
     def _adopt_job(self) -> None:

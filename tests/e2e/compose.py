@@ -8,7 +8,7 @@ import subprocess
 import time
 import uuid
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_host_port
 
 COMPOSE = ["docker-compose"]
 
@@ -24,11 +24,11 @@ class Cluster:
             **os.environ,
             "NANODIST_RUN_ID": self.run_id,
             "NANODIST_RUNS_HOST_DIR": str(self.runs),
-            "PS0_PORT": str(free_port()),
-            "PS1_PORT": str(free_port()),
-            "LOCK_PORT": str(free_port()),
-            "PS0_METRICS_PORT": str(free_port()),
-            "PS1_METRICS_PORT": str(free_port()),
+            "PS0_PORT": str(free_host_port()),
+            "PS1_PORT": str(free_host_port()),
+            "LOCK_PORT": str(free_host_port()),
+            "PS0_METRICS_PORT": str(free_host_port()),
+            "PS1_METRICS_PORT": str(free_host_port()),
             **settings,
         }
 

@@ -9,7 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_host_port
 
 STATE_LABELS = ("nanodist.ps-0", "nanodist.ps-1", "nanodist.lock")  # docker-stack.yml's placement constraints
 DONE = ("Complete", "Failed", "Rejected", "Shutdown", "Orphaned")
@@ -63,11 +63,11 @@ class Stack:
         self.env = {
             **os.environ,
             "NANODIST_RUN_ID": self.run_id,
-            "PS0_PORT": str(free_port()),
-            "PS1_PORT": str(free_port()),
-            "LOCK_PORT": str(free_port()),
-            "PS0_METRICS_PORT": str(free_port()),
-            "PS1_METRICS_PORT": str(free_port()),
+            "PS0_PORT": str(free_host_port()),
+            "PS1_PORT": str(free_host_port()),
+            "LOCK_PORT": str(free_host_port()),
+            "PS0_METRICS_PORT": str(free_host_port()),
+            "PS1_METRICS_PORT": str(free_host_port()),
             **settings,
         }
 

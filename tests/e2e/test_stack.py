@@ -20,6 +20,7 @@ from tests.e2e.conftest import build_images
 from tests.e2e.swarm import Stack, docker, init_swarm, leave_swarm, swarm_state
 
 WORKERS = ["worker", "mpi-group"]
+SERVERS = ["ps-0", "ps-1", "barrier", "lock"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def wait_for_line(stack: Stack, service: str, text: str, timeout: float) -> None
 
 def assert_all_complete(stack: Stack, tasks: list) -> None:
     failed = [t for t in tasks if not t.state.startswith("Complete")]
-    assert not failed, f"{failed}\n" + "\n".join(stack.logs(s)[-3000:] for s in WORKERS)
+    servers = {s: stack.tasks(s) for s in SERVERS} if failed else {}  # a worker waiting out a server names it
+    assert not failed, f"{failed}\n{servers}\n" + "\n".join(stack.logs(s)[-3000:] for s in WORKERS)
 
 
 @pytest.mark.timeout(900)

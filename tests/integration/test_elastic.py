@@ -63,9 +63,8 @@ def test_a_group_of_three_loses_a_worker_to_kill_9_and_finishes_with_two(start_s
     survivors = [w for w in workers if w is not victim]
     kill_once_training(victim)
     outputs = [w.communicate(timeout=240)[0] for w in survivors]
-    for worker, output in zip(survivors, outputs, strict=True):
-        assert worker.returncode == 0, output[-3000:]
     logged = "".join(outputs)
+    assert [w.returncode for w in survivors] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert logged.count("generation 1: 2 workers (was 3)") == 1, logged[-3000:]  # logged once, by the new rank 0
     assert f":{victim.pid})" in logged.split("generation 1: 2 workers (was 3)")[1].splitlines()[0]  # names who left
     metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())

@@ -7,6 +7,7 @@ import uuid
 
 from nanodist.client import LockClient
 from tests.conftest import nanodist_command
+from tests.integration.test_elastic import Output
 from tests.integration.test_lock import wait_until
 
 SESSION_TTL = 5.0  # the workers' barrier session lease
@@ -26,22 +27,22 @@ def test_a_worker_killed_mid_step_is_named_by_the_survivor_within_the_lease_ttl(
                 *("--run-id", run_id, "--runs-dir", str(tmp_path), "--epochs", "1000", "--timeout", "120"),
             ),
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
 
     survivor, victim = worker(0), worker(1)
+    output = Output(survivor)  # read from the start, so that its pipe never fills
     for line in victim.stdout:
         if " step " in line:  # training is under way: the kill lands between or inside steps
             break
     victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     victim.wait()
-    _, stderr = survivor.communicate(timeout=60)
-    elapsed = time.monotonic() - killed_at
-    print(f"survivor stopped {elapsed:.2f}s after the kill")
-    assert survivor.returncode == 1
-    assert f"{run_id}/rank-1" in stderr, stderr[-2000:]
+    # When the survivor names the lost worker, not when it has exited (which, under load, takes seconds more).
+    elapsed = output.first(f"{run_id}/rank-1", timeout=60) - killed_at
+    print(f"survivor named the lost worker {elapsed:.2f}s after the kill")
+    assert output.finish(timeout=60) == 1, output.text[-2000:]
     assert elapsed < SESSION_TTL + 1.0, f"the survivor needed {elapsed:.1f}s"
 
 

@@ -35,7 +35,7 @@ def broadcast_tensors(job: Job, tensors: list[torch.Tensor], root_rank: int) -> 
     root_group = next(g for g in range(len(sizes)) if root_rank < sum(sizes[: g + 1]))
     root_local = root_rank - sum(sizes[:root_group])
     arrays = [as_numpy(flat) for flat in packs.values()]
-    if job.config.group_id == root_group:
+    if job.group_index == root_group:
         for array in arrays:
             job.comm.broadcast(array, root=root_local)
         if len(sizes) > 1 and job.is_leader:

@@ -37,6 +37,7 @@ import nanodist.torch.runtime as runtime
 from nanodist.client import BarrierBroken
 from nanodist.torch.broadcast import broadcast_optimizer_state, broadcast_parameters
 from nanodist.workers.comm import CommError
+from nanodist.workers.config import ConfigError
 from nanodist.workers.job import Job
 
 T = TypeVar("T")
@@ -190,6 +191,8 @@ def run(train: Callable[..., T]) -> Callable[..., T]:
         job = runtime.job()
         if job is None:
             return train(state, *args, **kwargs)  # alone: nothing can change
+        if job.config.elastic and (job.config.num_groups != 1 or job.config.backend != "tcp"):
+            raise ConfigError("nd.elastic.run re-forms one TCP group: launch with --groups tcp:N (one group)")
         changed = False
         while True:
             try:
