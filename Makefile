@@ -175,9 +175,14 @@ up-torch: docker docker-torch
 # docker-stack.yml on a swarm of three docker-in-docker nodes made on this machine and removed after
 # (tests/e2e/test_multihost.py): training across the nodes, then a node killed mid-run. 2-4 minutes
 # once the images exist; the default test run skips it. Never touches this engine's own swarm.
-.PHONY: e2e-multihost
+.PHONY: e2e-multihost e2e-torch
 e2e-multihost: docker-base docker
 	NANODIST_MULTIHOST=1 $(BIN)/pytest -s -q tests/e2e/test_multihost.py
+
+# docker-compose.torch.yml's worker containers train examples/digits_cnn.py (tests/e2e/test_compose_torch.py);
+# the default test run skips it, as the torch image alone takes about 10 minutes to build here.
+e2e-torch: $(TORCH_STAMP)
+	NANODIST_E2E_TORCH=1 $(BIN)/pytest -s -q tests/e2e/test_compose_torch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -8,6 +8,12 @@ two more steps: the survivors' first completed step after the loss (one push
 may have been in flight at the kill). Target: the barrier's session TTL plus
 1 s; the anchor, in the same run, is the group's own step time.
 
+MPI group: an elastic job of an MPI group of 2 and a TCP group of --workers;
+one MPI rank is killed with kill -9, mpiexec ends the group, and the clock runs
+until the shard has applied the TCP group's next step. The group is lost
+whole, so the survivors learn it when the session TTL lapses, and the
+generation closes after --regroup-window (5 s) without the group's return.
+
 Shard restart: a shard in wal mode with a log of 0, 100 MB or 1 GB of pushes
 since its checkpoint is killed with kill -9 and started again at once (as a
 restart policy does); the clock runs from the kill to the first push it
@@ -32,7 +38,7 @@ from collections.abc import Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, nanodist, stop_all, table, wait_ready  # noqa: E402
+from common import free_port, nanodist, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 from nanodist.client.retry import RetryPolicy  # noqa: E402
@@ -55,8 +61,23 @@ def wait_for(what: str, probe: Callable[[], bool], timeout: float, every: float 
     return time.monotonic()
 
 
-def worker_loss(workers: int, how: signal.Signals) -> tuple[float, float]:
-    """Seconds from the loss to the survivors' next completed step, and the group's step time before it."""
+def mpi_ranks_of(run_id: str) -> list[int]:
+    """The pids of the MPI ranks of run `run_id` (not mpiexec's, nor its proxy's)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if run_id.encode() in argv and b"mpi" in argv and not any(b"mpiexec" in a for a in argv):
+            pids.append(int(pid))
+    return pids
+
+
+def worker_loss(workers: int, how: signal.Signals, mpi_group: bool = False) -> tuple[float, float]:
+    """Seconds from the loss to the survivors' next completed step, and the job's step time before it.
+    mpi_group: the job has an MPI group of 2 too, and one of its ranks is the one lost."""
     ps_port, barrier_port, lock_port = free_port(), free_port(), free_port()
     servers = [
         nanodist("serve", "ps", "--port", str(ps_port), "--mode", "bsp", "--num-workers", "1"),
@@ -67,22 +88,30 @@ def worker_loss(workers: int, how: signal.Signals) -> tuple[float, float]:
     try:
         for port in (ps_port, barrier_port, lock_port):
             wait_ready(f"127.0.0.1:{port}")
-        command = [
-            *("worker", "--backend", "tcp", "--group-size", "0", "--elastic", "--join-window", "2"),
+        run_id = f"recovery-{uuid.uuid4().hex[:8]}"
+        common = [
+            *("worker", "--elastic", "--join-window", "2", "--num-groups", "2" if mpi_group else "1"),
             *("--ps", f"127.0.0.1:{ps_port}", "--barrier", f"127.0.0.1:{barrier_port}"),
-            *("--lock", f"127.0.0.1:{lock_port}", "--run-id", f"recovery-{uuid.uuid4().hex[:8]}"),
+            *("--lock", f"127.0.0.1:{lock_port}", "--run-id", run_id),
             *("--runs-dir", tempfile.mkdtemp(prefix="nanodist-recovery-"), "--epochs", "100000"),
             *("--min-workers", "2", "--timeout", "60"),
         ]
-        group = [nanodist(*command) for _ in range(workers)]
+        tcp = ["--backend", "tcp", "--group-size", "0", "--group-id", "1" if mpi_group else "0"]
+        group = [nanodist(*common, *tcp) for _ in range(workers)]
+        if mpi_group:
+            mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+            mpi = ["--backend", "mpi", "--group-size", "2", "--group-id", "0"]
+            group.append(start([mpiexec, "-n", "2", sys.executable, "-m", "nanodist.workers.cli", *common, *mpi]))
         with ParameterServerClient([f"127.0.0.1:{ps_port}"]) as ps:
             wait_for("training to start", lambda: ps.stats()[0].num_keys > 0 and applied(ps) > 200, 120)
             began, before = time.monotonic(), applied(ps)
             time.sleep(1.0)
             step = (time.monotonic() - began) / max(1, applied(ps) - before)
-            victim = group[-1]
             at_loss = applied(ps)
-            victim.send_signal(how)
+            if mpi_group:
+                os.kill(mpi_ranks_of(run_id)[0], how)
+            else:
+                group[-1].send_signal(how)
             lost_at = time.monotonic()
             resumed = wait_for("the survivors' next step", lambda: applied(ps) >= at_loss + 2, 120)
         return resumed - lost_at, step
@@ -140,12 +169,17 @@ def main() -> None:
     args = parser.parse_args()
     target = SESSION_TTL + 1.0
     rows = []
-    for name, how in (("kill -9", signal.SIGKILL), ("frozen (SIGSTOP)", signal.SIGSTOP)):
-        runs = [worker_loss(args.workers, how) for _ in range(args.rounds)]
+    losses = {
+        "worker kill -9": (signal.SIGKILL, False),
+        "worker frozen (SIGSTOP)": (signal.SIGSTOP, False),
+        "MPI rank kill -9 (its group leaves)": (signal.SIGKILL, True),
+    }
+    for name, (how, mpi_group) in losses.items():
+        runs = [worker_loss(args.workers, how, mpi_group) for _ in range(args.rounds)]
         lost = statistics.median(r[0] for r in runs)
         step = statistics.median(r[1] for r in runs)
-        rows.append([f"worker {name}", f"{lost:.2f} s", f"{step * 1e3:.1f} ms step", f"{lost / target:.2f}"])
-        print(f"worker {name}: {[round(r[0], 2) for r in runs]} s", flush=True)
+        rows.append([name, f"{lost:.2f} s", f"{step * 1e3:.1f} ms step", f"{lost / target:.2f}"])
+        print(f"{name}: {[round(r[0], 2) for r in runs]} s", flush=True)
     workdir = tempfile.mkdtemp(prefix="nanodist-recovery-", dir=args.dir)
     for mib in args.log_mib:
         runs = [shard_restart(mib, workdir) for _ in range(args.rounds)]

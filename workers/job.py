@@ -10,7 +10,6 @@ wait notice a worker that died anywhere.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -231,27 +230,34 @@ class Job:
         decides and tells the others, so that all agree. Returns whether a new generation formed."""
         c = self.config
         self._boundaries += 1
-        decision = f"{c.run_id}/admit{self._generation_suffix}/{self._boundaries}"
-        counters = {g: self._joiners_key(g) for g in self.group_ids} | {-1: f"{c.run_id}/joining-groups"}
+        waiting = np.zeros(1 + c.num_groups, dtype=np.int64)  # groups that wait whole, then each group's joiners
         if self.rank == 0:
-            waiting = {g: 0 for g in counters}
             if not c.max_workers or self.world < c.max_workers:
-                waiting = {g: max(0, self.kv.add(key, 0)) for g, key in counters.items()}
-            self.kv.set(decision, json.dumps(waiting))
-        self.kv.wait([decision], timeout=c.timeout)
-        waiting = {int(g): n for g, n in json.loads(self.kv.get(decision)).items()}
-        if not any(waiting.values()):
+                waiting[0] = max(0, self.kv.add(f"{c.run_id}/joining-groups", 0))
+                for g in self.group_ids:
+                    waiting[1 + g] = max(0, self.kv.add(self._joiners_key(g), 0))
+            if len(self.group_ids) > 1:  # the other groups' leaders read it
+                self.kv.set(self._decision_key, ",".join(map(str, waiting)))
+        elif self.is_leader:
+            self.watching_peers(lambda slice_ms: self.kv.wait([self._decision_key], timeout=slice_ms / 1000))
+            waiting[:] = [int(n) for n in self.kv.get(self._decision_key).decode().split(",")]
+        self.comm.broadcast(waiting, root=0)  # fails at once if the leader is lost
+        if not waiting.any():
             return False
         world, size = self.world, self.group_sizes[self.group_index]
         self.regroup(
             "workers wait to join",
-            expected=size + waiting.get(c.group_id, 0),
-            expected_groups=len(self.group_ids) + waiting[-1],
+            expected=size + int(waiting[1 + c.group_id]),
+            expected_groups=len(self.group_ids) + int(waiting[0]),
         )
-        if self.rank == 0 and self.world <= world:
-            for key in counters.values():
-                self.kv.set(key, "0")  # counted joiners that never came (killed while waiting)
+        if self.rank == 0 and self.world <= world:  # counted joiners that never came (killed while waiting)
+            for key in [f"{c.run_id}/joining-groups", *(self._joiners_key(g) for g in range(c.num_groups))]:
+                self.kv.set(key, "0")
         return True
+
+    @property
+    def _decision_key(self) -> str:
+        return f"{self.config.run_id}/admit{self._generation_suffix}/{self._boundaries}"
 
     def _joiners_key(self, group_id: int) -> str:
         """The count of workers that wait to enter TCP group `group_id`."""

@@ -166,18 +166,22 @@ class Worker:
 
     def train(self) -> None:
         at = Position()
+        lost: CommError | BarrierBroken | None = None  # elastic: the loss the next generation follows
         if self.job.joined_late:
             self._resume(at)  # the group's leader hands over the parameters and where training is
         else:
             self.initialise()
         while True:
             try:
+                if lost is not None:
+                    self._rejoin(lost, at)  # another loss while it regroups starts it again
+                    lost = None
                 self._train(at)
                 break
             except (CommError, BarrierBroken) as error:
                 if not self.config.elastic:
                     raise
-                self._rejoin(error, at)
+                lost = error
         self.job.finished()
         self._finish()
 
@@ -242,7 +246,7 @@ class Worker:
             assert values is not None  # rank 0 leads the first group: it talks to the servers
             applied = min(values.versions.values())
             self.kv.set(position, json.dumps([applied, at.epoch, at.batch + applied - at.step]))  # servers may be ahead
-        self.kv.wait([position], timeout=c.timeout)
+        self.job.watching_peers(lambda slice_ms: self.kv.wait([position], timeout=slice_ms / 1000))
         if not c.flat:
             self.comm.broadcast(self.params.data, root=0)
         at.step, at.epoch, at.batch = json.loads(self.kv.get(position))

@@ -59,7 +59,7 @@ class Cluster:
         while any(self.state(c)["State"]["Running"] for c in containers):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers still running after {timeout:g}s")
-            time.sleep(0.3)
+            time.sleep(1)
 
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", "--timeout", "5")

@@ -24,7 +24,7 @@ def start(cluster, workers: int, epochs: int) -> tuple[Cluster, dict[int, str]]:
     deadline = time.monotonic() + 180
     while not all(" step " in c.logs(w) for w in containers):
         assert time.monotonic() < deadline, "training did not start:\n" + c.logs(containers[0])[-2000:]
-        time.sleep(0.3)
+        time.sleep(1)  # each look reads every container's whole log
     ranks = {int(re.search(rf"\] member (\d+) of {workers}\n", c.logs(w)).group(1)): w for w in containers}  # type: ignore[union-attr]
     return c, ranks
 
@@ -40,7 +40,7 @@ def wait_for(c: Cluster, containers: list[str], text: str, timeout: float = 120)
     deadline = time.monotonic() + timeout
     while not any(text in c.logs(w) for w in containers):
         assert time.monotonic() < deadline, f"no {text!r}:\n" + c.logs(containers[0])[-2000:]
-        time.sleep(0.2)
+        time.sleep(1)  # each look reads every container's whole log
 
 
 def test_workers_killed_mid_training_are_left_behind_a_restarted_one_rejoins_and_the_job_completes(cluster):

@@ -54,7 +54,7 @@ def wait_for_line(stack: Stack, service: str, text: str, timeout: float) -> None
     deadline = time.monotonic() + timeout
     while text not in stack.logs(service):
         assert time.monotonic() < deadline, f"no {text!r} in {service}'s log after {timeout:g}s"
-        time.sleep(0.5)
+        time.sleep(1)  # each look reads every task's whole log
 
 
 def assert_all_complete(stack: Stack, tasks: list) -> None:
