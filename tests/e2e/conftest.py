@@ -11,7 +11,6 @@ import pytest
 from tests.conftest import ROOT
 from tests.e2e.compose import Cluster
 
-
 BUILD_SECONDS = 1500  # the longest an image build may take: the torch image, cold, on 2 busy cores
 
 

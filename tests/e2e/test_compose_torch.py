@@ -13,13 +13,13 @@ import time
 
 import pytest
 
+from tests.e2e.compose import Cluster
+from tests.e2e.conftest import build_images
+
 pytestmark = pytest.mark.skipif(
     os.environ.get("NANODIST_E2E_TORCH") != "1",
     reason="the torch image takes ~10 min to build here; make e2e-torch runs this test",
 )
-
-from tests.e2e.compose import Cluster
-from tests.e2e.conftest import build_images
 
 TORCH_IMAGE = "nanodist:0.1.0-torch"
 
