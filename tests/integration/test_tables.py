@@ -18,6 +18,7 @@ from nanodist.client import (
 )
 from nanodist.row_init import UNIFORM, initial_rows
 from nanodist.v1 import parameter_server_pb2 as ps
+from tests.integration.test_lock import wait_until
 
 ROWS, DIM = 1000, 4
 UNIFORM_01 = ps.RowInitializer(kind=UNIFORM, scale=0.1, seed=7)
@@ -118,6 +119,8 @@ def test_a_table_survives_kill_9_under_wal_and_checkpoints_hold_only_its_rows(st
             client.push_rows({"big": SparseGradient(ids + step, np.ones((3, DIM), np.float32))}, step=step)
         wanted = np.concatenate([ids + s for s in range(6)])
         before = client.pull_rows({"big": wanted})["big"].copy()
+    # The checkpoint after push 3 is written in the background: the kill comes once it is on disk.
+    wait_until(lambda: any(state.glob("ckpt-*")), timeout=30)
     server.process.send_signal(signal.SIGKILL)
     server.process.wait()
     restarted = start_server("ps", *args, port=server.port)
