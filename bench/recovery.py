@@ -11,8 +11,8 @@ may have been in flight at the kill). Target: the barrier's session TTL plus
 MPI group: an elastic job of an MPI group of 2 and a TCP group of --workers;
 one MPI rank is killed with kill -9, mpiexec ends the group, and the clock runs
 until the shard has applied the TCP group's next step. The group is lost
-whole, so the survivors learn it when the session TTL lapses, and the
-generation closes after --regroup-window (5 s) without the group's return.
+whole, so the survivors learn it when the session TTL lapses; the barrier
+names the lapsed member, so the new generation closes without the group.
 
 Shard restart: a shard in wal mode with a log of 0, 100 MB or 1 GB of pushes
 since its checkpoint is killed with kill -9 and started again at once (as a

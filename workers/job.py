@@ -175,6 +175,8 @@ class Job:
         if c.elastic:
             if self.rank == 0:
                 self.kv.set(f"{c.run_id}/generation", str(self.generation))
+            if self.comm.rank == 0:
+                self.kv.set(self._backend_key(c.group_id), c.backend)  # see regroup_after_loss
             self._record_members()
 
     @property
@@ -216,13 +218,46 @@ class Job:
         seen in this worker's own group (a collective failed), so the group waits for one fewer.
         Raises CutOff if the others have gone on without this worker."""
         self.membership_problem()
+        lost = self._lapsed_group()  # read before the abort below names this rank as the cause
         self.abort(f"rank {self.rank} lost a member of the job: {cause}")
         self.comm.close()
         before()
-        size = self.group_sizes[self.group_index]
-        # One lost: the group closes as soon as the rest are back. Which group lost it is known only to
-        # that group's members; the others wait for all of theirs.
-        self.regroup(cause, expected=size - 1 if in_group or len(self.group_ids) == 1 else size)
+        here = self.group_index
+        size = self.group_sizes[here]
+        # One lost: the group closes as soon as the rest are back. A collective that failed says it was
+        # this group; otherwise the barrier names whose session lapsed, and with one group it is this one.
+        mine = in_group or len(self.group_ids) == 1 or lost == here
+        groups = len(self.group_ids)
+        if lost is not None and lost != here and self._backend_of(self.group_ids[lost]) == "mpi":
+            groups -= 1  # an MPI group leaves whole and comes back later: the others need not wait for it
+        self.regroup(cause, expected=size - 1 if mine else size, expected_groups=groups)
+
+    def _lapsed_group(self) -> int | None:
+        """The place, among this generation's groups, of the group whose member's session lapsed and
+        broke the job's barrier; None if no session lapsed (a member failed, or it is not known yet)."""
+        try:
+            (state,) = self.barrier.status(self.barrier_name, timeout=STATUS_TIMEOUT)
+        except NanodistError:
+            return None
+        prefix, suffix = f"{self.config.run_id}/rank-", self._generation_suffix
+        member = state.lapsed_member
+        if not (member.startswith(prefix) and member.endswith(suffix)):
+            return None
+        rank_text = member[len(prefix) : len(member) - len(suffix)]
+        if not rank_text.isdigit():
+            return None
+        bounds = np.cumsum(self.group_sizes)
+        place = int(np.searchsorted(bounds, int(rank_text), side="right"))
+        return place if place < len(self.group_ids) else None
+
+    def _backend_key(self, group_id: int) -> str:
+        return f"{self.config.run_id}/group-{group_id}/backend"
+
+    def _backend_of(self, group_id: int) -> str:
+        try:
+            return self.kv.get(self._backend_key(group_id)).decode()
+        except NanodistError:
+            return "tcp"
 
     def admit_joiners(self) -> bool:
         """Elastic, where every rank stands at the same point (an epoch boundary, a commit): if workers

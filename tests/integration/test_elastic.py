@@ -136,10 +136,14 @@ def test_a_worker_started_mid_training_joins_at_an_epoch_boundary_and_takes_a_sh
 
 def test_a_frozen_worker_is_left_behind_within_the_lease_ttl_and_stops_itself_when_it_wakes(start_server, tmp_path):
     """A frozen process keeps its sockets open: only the barrier's session lease can tell the others."""
-    run_id, workers = start_workers(start_server, tmp_path, 3, "--epochs", "10", "--min-workers", "2")
+    # A join window long enough that, under load, no worker starts late and enters a later generation.
+    run_id, workers = start_workers(
+        start_server, tmp_path, 3, "--epochs", "10", "--min-workers", "2", "--join-window", "10"
+    )
     outputs = [Output(w) for w in workers]
     for o in outputs:
         o.first(" step ")
+    assert all(" of 3\n" in o.text.split(" member ")[1] for o in outputs), [o.text[-2000:] for o in outputs]
     ranks = [int(o.text.split(" member ")[1].split()[0]) for o in outputs]
     frozen = outputs[ranks.index(1)]
     survivors = [o for o in outputs if o is not frozen]
