@@ -38,6 +38,8 @@ class Barrier:
     def describe_missing(self) -> str:
         absent = self.parties - len(self.arrived)
         names = self.missing()
+        if not self.parties:  # broken before anyone waited in this generation: only its members are known
+            return f"no one was waiting; its members: {', '.join(names) or 'none known'}"
         if names:
             return f"missing {absent} of {self.parties}: {', '.join(names)}"
         return f"missing {absent} of {self.parties} (members not yet known)"
