@@ -35,7 +35,7 @@ from nanodist.client import (
     Values,
 )
 from nanodist.client.health import wait_serving
-from nanodist.workers.comm import Communicator, from_env
+from nanodist.workers.comm import CommError, Communicator, from_env
 from nanodist.workers.config import ConfigError, JobConfig
 from nanodist.workers.progress import say
 
@@ -623,6 +623,21 @@ class Job:
                 "frozen or cut off for longer than its session's TTL, and the job goes on without it"
             )
         return state.broken_reason  # names the barrier, the member that broke it, and who is missing
+
+    def tell_group(self, going_on: bool) -> None:
+        """Elastic: the group leader tells its members, who wait for what it brings back from the servers,
+        whether the step completed or the job lost a member; on a loss every rank of the group leaves the
+        step at the same point (an MPI group cannot notice otherwise). Raises BarrierBroken on a member
+        told of a loss."""
+        flag = np.array([going_on], dtype=np.int64)
+        try:
+            self.comm.broadcast(flag, root=0)
+        except CommError:
+            if self.is_leader:
+                return  # the loss is in this group: its members see their own failure
+            raise
+        if not flag[0]:
+            raise BarrierBroken("the group's leader saw the job lose a member", grpc.StatusCode.ABORTED, [])
 
     def abort(self, reason: str) -> None:
         """Break the job's barrier so that every other worker stops at once, naming the cause."""

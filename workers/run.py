@@ -74,10 +74,6 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
     launch_config = build(LaunchConfig, values)
     job = build(JobConfig, values, run_id=values.get("run_id") or time.strftime("run-%Y%m%d-%H%M%S"))
     groups = parse_groups(launch_config.groups)
-    if job.elastic and (len(groups) != 1 or groups[0][0] != "tcp"):
-        raise LaunchError(
-            f"--elastic with a PyTorch script re-forms one TCP group: give --groups tcp:N, not {launch_config.groups!r}"
-        )
     check_before_start(worker_config(job, groups, 0, ["127.0.0.1:0"], "", ""), launch_config)
     if not os.path.exists(args.script):
         raise LaunchError(f"{args.script}: no such file")
@@ -91,12 +87,14 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
     first = 0
     for group_id, (backend, size) in enumerate(groups):
         env = to_environment(worker_config(job, groups, group_id, shards, barrier, lock))
-        if job.elastic:
+        if backend == "mpi":
+            # An elastic job's ranks change with its generations: the group is named by its place.
+            ranks = f"ranks {first}-{first + size - 1}" if size > 1 else f"rank {first}"
+            name = f"mpi group {group_id}" if job.elastic else ranks
+            cluster.spawn(name, [find_mpiexec(), "-n", str(size), *command], env=env)
+        elif job.elastic:
             for r in range(size):  # ranks come from the rendezvous, and change with the generations
                 cluster.spawn(f"worker {r}", command, env={**env, "NANODIST_LOCAL_RANK": str(r)})
-        elif backend == "mpi":
-            name = f"ranks {first}-{first + size - 1}" if size > 1 else f"rank {first}"
-            cluster.spawn(name, [find_mpiexec(), "-n", str(size), *command], env=env)
         else:
             for r in range(size):
                 # The group rank is given, not taken from the rendezvous counter, so that the prefix is the rank.

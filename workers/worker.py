@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import grpc
 import numpy as np
 
 from nanodist.client import (
@@ -128,31 +127,16 @@ class Worker:
                     self.params.load(values)
             except BarrierBroken:
                 if c.elastic and not c.flat:
-                    self._tell_group(going_on=False)
+                    self.job.tell_group(going_on=False)
                 raise
             self.state.clocks.append((t + 1, values.slowest_clock))
         if not c.flat:
             with self.timer("broadcast"):
                 if c.elastic:
-                    self._tell_group(going_on=True)
+                    self.job.tell_group(going_on=True)
                 self.comm.broadcast(self.params.data, root=0)
         self.timer.steps += 1
         return loss
-
-    def _tell_group(self, going_on: bool) -> None:
-        """Elastic: the group leader tells its members, who wait for the parameters it pulls, whether
-        the step completed or the job lost a member; on a loss, every rank of the group leaves the
-        step at the same point (an MPI group cannot notice otherwise)."""
-        flag = np.array([going_on], dtype=np.int64)
-        try:
-            self.comm.broadcast(flag, root=0)
-        except CommError:
-            if self.is_leader:
-                return  # the loss is in this group: its members see their own failure
-            raise
-        if not flag[0]:
-            reason = "the group's leader saw the job lose a member"
-            raise BarrierBroken(reason, grpc.StatusCode.ABORTED, [])
 
     def _pull_watching_peers(self, t: int) -> Values:
         mode = self.config.mode

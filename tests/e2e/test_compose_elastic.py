@@ -1,4 +1,5 @@
-"""docker-compose.elastic.yml: one elastic TCP group of worker containers that loses members and finishes."""
+"""docker-compose.elastic.yml: an elastic job of a TCP group of worker containers and an MPI group in
+one container, which loses members and finishes."""
 
 import json
 import os
@@ -13,21 +14,34 @@ from tests.e2e.compose import Cluster
 ELASTIC = ["-f", "docker-compose.yml", "-f", "docker-compose.elastic.yml"]
 
 
+MPI_RANKS = 2  # the mpi-group container's
+
+
 def start(cluster, workers: int, epochs: int) -> tuple[Cluster, dict[int, str]]:
     """The cluster with `workers` worker containers, once all train in its first generation; returns
-    rank -> container. A long join window lets every container in, however slowly it starts."""
+    rank -> container (the TCP group's ranks come first). A long join window lets every container in,
+    however slowly it starts."""
     c = cluster(NANODIST_EPOCHS=str(epochs), NANODIST_JOIN_WINDOW="10")
     c.files = ELASTIC
     up = c.compose("up", "-d", "--no-build", "--scale", f"worker={workers}")
     assert up.returncode == 0, up.stderr
     containers = c.containers("worker")
+    (mpi,) = c.containers("mpi-group")
     deadline = time.monotonic() + 180
-    while not all(" step " in c.logs(w) for w in containers):
+    while not all(" step " in c.logs(w) for w in [*containers, mpi]):
         assert time.monotonic() < deadline, "training did not start:\n" + c.logs(containers[0])[-2000:]
         time.sleep(1)  # each look reads every container's whole log
     ranks = {int(re.search(rf"\] member (\d+) of {workers}\n", c.logs(w)).group(1)): w for w in containers}  # type: ignore[union-attr]
     return c, ranks
 
+
+def mpi_rank_pid(container: str) -> int:
+    """The host pid of one of the MPI group's ranks (not mpiexec's, nor its proxy's)."""
+    top = subprocess.run(["docker", "top", container, "-eo", "pid,args"], capture_output=True, text=True, check=True)
+    rows = [line.split(None, 1) for line in top.stdout.splitlines()[1:]]
+    pids = [int(pid) for pid, args in rows if "nanodist worker" in args and "mpiexec" not in args]
+    assert pids, top.stdout
+    return pids[0]
 
 def finish(c: Cluster, containers: list[str]) -> dict:
     c.wait_exited(containers, timeout=300)
@@ -43,30 +57,33 @@ def wait_for(c: Cluster, containers: list[str], text: str, timeout: float = 120)
         time.sleep(1)  # each look reads every container's whole log
 
 
-def test_workers_killed_mid_training_are_left_behind_a_restarted_one_rejoins_and_the_job_completes(cluster):
-    c, ranks = start(cluster, 4, epochs=60)
-    everyone = list(ranks.values())
+def test_a_stopped_worker_is_left_behind_a_crashed_mpi_group_restarts_and_rejoins_and_the_job_completes(cluster):
+    c, ranks = start(cluster, 3, epochs=60)
+    (mpi,) = c.containers("mpi-group")
+    world = 3 + MPI_RANKS
     subprocess.run(["docker", "kill", ranks[1]], check=True, capture_output=True)  # a manual stop: no restart
-    wait_for(c, everyone, "generation 1: 3 workers (was 4); left: rank 1")
-    # A crash of another worker's process: its container restarts and the worker joins again.
-    crashed = ranks[3]
-    restarts = c.state(crashed)["RestartCount"]
-    os.kill(c.state(crashed)["State"]["Pid"], signal.SIGKILL)
-    wait_for(c, everyone, "generation 2: 2 workers (was 3)")
-    wait_for(c, everyone, "generation 3: 3 workers (was 2); left: none; joined: ")
-    assert c.state(crashed)["RestartCount"] == restarts + 1
-    metrics = finish(c, [w for w in everyone if w != ranks[1]])
-    assert metrics["world_size"] == 3 and metrics["final_test_accuracy"] >= 0.95
+    survivors = [ranks[0], ranks[2], mpi]
+    wait_for(c, survivors, f"generation 1: {world - 1} workers (was {world}); left: rank 1")
+    # One MPI rank crashes: mpiexec ends the group, the container fails and restarts, and the group,
+    # whole again, joins at the next epoch boundary.
+    restarts = c.state(mpi)["RestartCount"]
+    os.kill(mpi_rank_pid(mpi), signal.SIGKILL)
+    wait_for(c, survivors, f"generation 2: 2 workers (was {world - 1})")
+    wait_for(c, survivors, f"generation 3: {world - 1} workers (was 2); left: none; joined: ")
+    assert c.state(mpi)["RestartCount"] == restarts + 1
+    metrics = finish(c, survivors)
+    assert metrics["world_size"] == world - 1 and metrics["final_test_accuracy"] >= 0.95
     assert len(metrics["epochs"]) == 60
 
 
 def test_a_worker_cut_off_from_the_network_is_left_behind_within_the_lease_ttl(cluster):
     c, ranks = start(cluster, 3, epochs=30)
     victim = ranks[2]
+    (mpi,) = c.containers("mpi-group")
     (network,) = c.state(victim)["NetworkSettings"]["Networks"]
     subprocess.run(["docker", "network", "disconnect", network, victim], check=True, capture_output=True)
     cut_at = time.monotonic()
-    survivors = [ranks[0], ranks[1]]
+    survivors = [ranks[0], ranks[1], mpi]
     while not all("leaves generation 0" in c.logs(w) for w in survivors):
         assert time.monotonic() - cut_at < 60, c.logs(survivors[0])[-2000:]
         time.sleep(0.1)
@@ -80,7 +97,7 @@ def test_a_worker_cut_off_from_the_network_is_left_behind_within_the_lease_ttl(c
     assert c.state(victim)["RestartCount"] or c.state(victim)["State"]["ExitCode"] == 1, c.state(victim)["State"]
     assert "the job goes on without it" in c.logs(victim), c.logs(victim)[-3000:]
     metrics = finish(c, survivors)
-    assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95
+    assert metrics["world_size"] == 2 + MPI_RANKS and metrics["final_test_accuracy"] >= 0.95
     subprocess.run(["docker", "network", "connect", network, victim], check=True, capture_output=True)
     # The survivors: the session TTL and half a second of watching (plus the log's polling here). The cut-off
     # worker: the same, then closing what it holds.

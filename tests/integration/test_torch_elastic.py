@@ -92,3 +92,27 @@ def test_a_worker_started_mid_training_enters_at_a_commit_and_takes_a_share(star
         assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]), epoch
         assert len(parts[0] | parts[1] | parts[2]) >= 1797 - 2, epoch  # a tail shorter than the group
     assert all(sum(len(s.get(e, [])) for e in ("0", "1", "2")) > 0 for s in samples)  # each took a share
+
+
+def test_a_script_under_elastic_run_survives_losing_an_mpi_rank_and_the_restarted_group_rejoins(tmp_path):
+    """An MPI group cannot shrink: losing a rank, it leaves whole; the TCP group goes on through the servers'
+    averages alone, and the group, started again by `nanodist run --max-restarts`, enters at a commit."""
+    command = nanodist_command(
+        "run", "--runs-dir", str(tmp_path / "runs"), "--timeout", "30", "--elastic", "--groups", "mpi:2,tcp:2",
+        "--max-restarts", "1", "--join-window", "10", "--min-workers", "2", SCRIPT, str(tmp_path), "4", "0.08",
+    )  # fmt: skip
+    run = Output(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    run.first("epoch 0 batch 6:")
+    victim = int((tmp_path / "pid-0").read_text())  # rank 0 leads the MPI group, the first of the job
+    os.kill(victim, signal.SIGKILL)
+    assert run.finish() == 0, run.text[-4000:]
+    assert "mpi group 0 exited with status" in run.text and "starting it again (restart 1 of 1)" in run.text
+    (left,) = [line for line in run.text.splitlines() if "generation 1: 2 workers (was 4)" in line]
+    assert "left: rank 0 (" in left and f":{victim})" in left, left
+    (joined,) = [line for line in run.text.splitlines() if "generation 2: 4 workers (was 2)" in line]
+    assert "left: none; joined: " in joined, joined
+    params, _ = finished(tmp_path)
+    assert len(params) == 4  # the TCP pair and the restarted MPI pair
+    assert_equal_everywhere(params)
+    accuracy = float(run.text.split("accuracy ")[-1].split()[0])
+    assert accuracy >= 0.9, run.text[-2000:]

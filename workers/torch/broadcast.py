@@ -23,13 +23,15 @@ def _transport_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float64
 
 
-def broadcast_tensors(job: Job, tensors: list[torch.Tensor], root_rank: int) -> None:
-    """Overwrite every rank's `tensors` (same shapes and dtypes everywhere) with root_rank's, in place."""
+def broadcast_tensors(job: Job, tensors: list[torch.Tensor], root_rank: int, name: str | None = None) -> None:
+    """Overwrite every rank's `tensors` (same shapes and dtypes everywhere) with root_rank's, in place.
+    `name`: the call's keys, when the ranks may have made different numbers of calls before (a worker
+    that joined late)."""
     if not 0 <= root_rank < job.world:
         raise ValueError(f"root_rank {root_rank} is outside [0, {job.world})")
     if job.world == 1 or not tensors:
         return
-    name = f"{job.config.run_id}/torch/broadcast/{next(_calls)}"
+    name = name or f"{job.config.run_id}/torch/broadcast/{next(_calls)}"
     packs = _pack(tensors)
     sizes = job.group_sizes
     root_group = next(g for g in range(len(sizes)) if root_rank < sum(sizes[: g + 1]))
@@ -75,10 +77,13 @@ def _unpack(tensors: list[torch.Tensor], packs: dict[torch.dtype, torch.Tensor])
 
 
 def broadcast_parameters(
-    job: Job, params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], root_rank: int
+    job: Job,
+    params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    root_rank: int,
+    name: str | None = None,
 ) -> None:
     items = sorted(params.items() if isinstance(params, Mapping) else params, key=lambda kv: kv[0])
-    broadcast_tensors(job, [t for _, t in items if isinstance(t, torch.Tensor)], root_rank)
+    broadcast_tensors(job, [t for _, t in items if isinstance(t, torch.Tensor)], root_rank, name)
 
 
 def broadcast_optimizer_state(
@@ -97,7 +102,7 @@ def broadcast_optimizer_state(
         job.kv.wait([name], timeout=job.config.timeout)
         skeleton = json.loads(job.kv.get(name))
         tensors = _allocate(skeleton)
-    broadcast_tensors(job, tensors, root_rank)
+    broadcast_tensors(job, tensors, root_rank, f"{name}/tensors")
     if job.rank != root_rank:
         optimizer.load_state_dict(_join_state(skeleton, tensors))
 

@@ -37,7 +37,6 @@ import nanodist.torch.runtime as runtime
 from nanodist.client import BarrierBroken
 from nanodist.torch.broadcast import broadcast_optimizer_state, broadcast_parameters
 from nanodist.workers.comm import CommError
-from nanodist.workers.config import ConfigError
 from nanodist.workers.job import Job
 
 T = TypeVar("T")
@@ -141,9 +140,9 @@ class TorchState:
         job = runtime.job()
         if job is None or job.world == 1:
             return
-        if self.model is not None:
-            broadcast_parameters(job, self.model.state_dict(), root_rank=0)
         key = f"{job.config.run_id}/torch/elastic/gen-{job.generation}"
+        if self.model is not None:
+            broadcast_parameters(job, self.model.state_dict(), root_rank=0, name=f"{key}/model")
         if self.optimizer is not None:
             broadcast_optimizer_state(job, self.optimizer, root_rank=0, name=f"{key}/optimizer")
         if job.rank == 0:
@@ -191,8 +190,6 @@ def run(train: Callable[..., T]) -> Callable[..., T]:
         job = runtime.job()
         if job is None:
             return train(state, *args, **kwargs)  # alone: nothing can change
-        if job.config.elastic and (job.config.num_groups != 1 or job.config.backend != "tcp"):
-            raise ConfigError("nd.elastic.run re-forms one TCP group: launch with --groups tcp:N (one group)")
         changed = False
         while True:
             try:
@@ -209,7 +206,9 @@ def run(train: Callable[..., T]) -> Callable[..., T]:
                 if not job.config.elastic:
                     raise
                 state.restore()
-                job.regroup_after_loss(str(error), before=runtime.adopt_generation)
+                job.regroup_after_loss(
+                    str(error), before=runtime.adopt_generation, in_group=isinstance(error, CommError)
+                )
                 runtime.adopt_generation()
             changed = True
 

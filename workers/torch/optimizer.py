@@ -109,6 +109,7 @@ class _Synchronizer:
         """Elastic: continue in the job's new generation (see Reducer.adopt_generation)."""
         self.grads.adopt_generation()
         self.buffers.adopt_generation()
+        self._create_keys(None)  # the new generation's (elastic jobs refuse server_optimizer=)
 
     def close(self) -> None:
         self.grads.close()

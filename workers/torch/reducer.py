@@ -99,9 +99,8 @@ class Reducer:
         # Each bucket travels in pieces, so that one piece's trip to the servers overlaps the next
         # piece's allreduce and the previous piece's broadcast.
         self.pieces = [_pieces(b.buffer.numel(), PIECE_BYTES // b.buffer.element_size()) for b in buckets]
-        self.keys = [
-            [f"{key_prefix}/{b.index}.{i}" for i in range(len(p))] for b, p in zip(buckets, self.pieces, strict=True)
-        ]
+        self.key_prefix = key_prefix
+        self.keys = self._keys()
         self.route = Route.of(job, server_side=target is Target.PARAM)
         self.target = target
         self.mode = mode
@@ -130,6 +129,15 @@ class Reducer:
             s.param.register_post_accumulate_grad_hook(self._on_grad) for b in buckets for s in b.slots if hooked
         ]
         self._reset()
+
+    def _keys(self) -> list[list[str]]:
+        """The servers' key of each piece of each bucket. An elastic job's keys belong to a generation:
+        a new one starts its steps from 0 on fresh keys, whatever the old one left half done."""
+        suffix = f"/gen-{self.job.generation}" if self.job.config.elastic and self.job.generation else ""
+        return [
+            [f"{self.key_prefix}{suffix}/{b.index}.{i}" for i in range(len(p))]
+            for b, p in zip(self.buckets, self.pieces, strict=True)
+        ]
 
     @staticmethod
     def _buffer(bucket: Bucket, dtype: torch.dtype) -> torch.Tensor:
@@ -204,12 +212,29 @@ class Reducer:
 
     def _finish(self, bucket: Bucket, stage1: Future[list[Future[None]]]) -> None:
         """Communication thread, in bucket order: as each piece comes back from the servers, share it in
-        the group."""
+        the group. In an elastic job the leader first tells its group whether the piece came back, so
+        that on a loss every rank of the group leaves the step at the same piece (an MPI group's members
+        would otherwise wait in the broadcast for ever); the step's later pieces are then skipped."""
         trips = stage1.result()
         wire = self.group_wire[bucket.index]
+        elastic = self.job.config.elastic and self.route.group_broadcast
         for piece, (a, b) in enumerate(self.pieces[bucket.index]):
-            if trips:
-                trips[piece].result()
+            if self._lost:
+                raise self._lost
+            try:
+                if trips:
+                    trips[piece].result()
+            except Exception as error:
+                if elastic:
+                    self._lost = error
+                    self.job.tell_group(going_on=False)
+                raise
+            if elastic:
+                try:
+                    self.job.tell_group(going_on=True)
+                except Exception as error:
+                    self._lost = error
+                    raise
             if self.route.group_broadcast:
                 self.job.comm.broadcast(as_numpy(wire[a:b]), root=0)
         if wire is not bucket.buffer:
@@ -276,9 +301,12 @@ class Reducer:
                         trip.result()
         self._comm.submit(lambda: None).result()  # one thread, in order: whatever was queued has run
         self.route = Route.of(self.job, server_side=self.target is Target.PARAM)
+        self.keys = self._keys()
+        self.step = 0
         self._reset()
 
     def _reset(self) -> None:
+        self._lost: Exception | None = None  # elastic: why this step's exchange stopped (see _finish)
         self._stage1 = []
         self._next = 0
         self._passes.clear()
