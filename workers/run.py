@@ -9,7 +9,8 @@ their environment (NANODIST_*; nd.init() reads it) on top of the caller's.
 Output is forwarded line by line, prefixed with the rank. On Ctrl-C, or when
 the first worker fails, everything is stopped and the exit status is
 non-zero, naming the rank; with --elastic, the script's nd.elastic.run goes on
-without a worker that fails (see nanodist.workers.launcher).
+without a worker that fails, or an MPI group that lost a rank, and
+--max-restarts starts it again (see nanodist.workers.launcher).
 """
 
 from __future__ import annotations
