@@ -43,6 +43,7 @@ def mpi_rank_pid(container: str) -> int:
     assert pids, top.stdout
     return pids[0]
 
+
 def finish(c: Cluster, containers: list[str]) -> dict:
     c.wait_exited(containers, timeout=300)
     for container in containers:

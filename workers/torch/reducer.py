@@ -123,6 +123,7 @@ class Reducer:
         # Two pieces in flight to the servers keep two shards busy.
         self._servers = ThreadPoolExecutor(2, thread_name_prefix="nanodist-ps")
         self._stage1: list[Future[list[Future[None]]]] = []
+        self._lost: Exception | None = None
         self.step = 0
         hooked = target is not Target.VALUE  # values have no gradients: synchronize() gathers them
         self._hooks = [
@@ -306,7 +307,7 @@ class Reducer:
         self._reset()
 
     def _reset(self) -> None:
-        self._lost: Exception | None = None  # elastic: why this step's exchange stopped (see _finish)
+        self._lost = None  # elastic: why this step's exchange stopped (see _finish)
         self._stage1 = []
         self._next = 0
         self._passes.clear()
