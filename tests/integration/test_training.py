@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, nanodist_command
+from tests.conftest import nanodist_command
 from tests.integration.reference import assert_matches_single_process
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
