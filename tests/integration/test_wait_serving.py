@@ -25,14 +25,15 @@ def test_a_worker_started_before_its_services_waits_for_them_and_trains(start_se
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(2)  # the worker is waiting by now; the services come up in an order of their own
-    assert worker.poll() is None
+    assert worker.stdout is not None
+    first = worker.stdout.readline()  # it waits before any service exists (however slowly it started)
+    assert f"waiting for the services: {address['lock']} unreachable" in first, first
+    # The services come up in an order of their own.
     start_server("ps", port=ports["ps"])
     start_server("lock", port=ports["lock"])
     start_server("barrier", port=ports["barrier"])
     output, _ = worker.communicate(timeout=120)
-    assert worker.returncode == 0, output
-    assert f"waiting for the services: {address['lock']} unreachable" in output, output
+    assert worker.returncode == 0, first + output
     assert "every service is serving after" in output
     assert json.loads((tmp_path / "late" / "metrics.json").read_text())["world_size"] == 1
 
