@@ -78,7 +78,7 @@ def test_a_stopped_worker_is_left_behind_a_crashed_mpi_group_restarts_and_rejoin
 
 
 def test_a_worker_cut_off_from_the_network_is_left_behind_within_the_lease_ttl(cluster):
-    c, ranks = start(cluster, 3, epochs=30)
+    c, ranks = start(cluster, 3, epochs=20)
     victim = ranks[2]
     (mpi,) = c.containers("mpi-group")
     (network,) = c.state(victim)["NetworkSettings"]["Networks"]
