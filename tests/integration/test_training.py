@@ -71,6 +71,8 @@ def test_ctrl_c_stops_every_process_and_exits_non_zero(tmp_path):
         nanodist_command("up", "--run-id", run_id, "--runs-dir", str(tmp_path), "--epochs", "1000"),
         stdout=subprocess.PIPE,
         text=True,
+        # As from a terminal: a shell's background job (CI started with `&`, say) inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in process.stdout:
         if "epoch 1/1000 step" in line:
