@@ -136,9 +136,10 @@ def test_a_worker_started_mid_training_joins_at_an_epoch_boundary_and_takes_a_sh
 
 def test_a_frozen_worker_is_left_behind_within_the_lease_ttl_and_stops_itself_when_it_wakes(start_server, tmp_path):
     """A frozen process keeps its sockets open: only the barrier's session lease can tell the others."""
-    # A join window long enough that, under load, no worker starts late and enters a later generation.
+    # A join window long enough that, under load, no worker starts late and enters a later generation;
+    # the group closes as soon as the third is in.
     run_id, workers = start_workers(
-        start_server, tmp_path, 3, "--epochs", "10", "--min-workers", "2", "--join-window", "10"
+        start_server, tmp_path, 3, "--epochs", "10", "--min-workers", "2", "--join-window", "10", "--max-workers", "3"
     )
     outputs = [Output(w) for w in workers]
     for o in outputs:

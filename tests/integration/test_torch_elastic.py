@@ -39,7 +39,8 @@ def assert_equal_everywhere(params: list[dict[str, np.ndarray]]) -> None:
 def test_a_script_under_elastic_run_survives_losing_a_worker(tmp_path):
     command = nanodist_command(
         "run", "--runs-dir", str(tmp_path / "runs"), "--timeout", "30", "--elastic", "--groups", "tcp:3",
-        "--join-window", "10",  # all three in the first generation, however slowly they start
+        # All three in the first generation, however slowly they start; it closes once the third is in.
+        "--join-window", "10", "--max-workers", "3",
         "--min-workers", "2", SCRIPT, str(tmp_path), "2",
     )  # fmt: skip
     run = Output(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
