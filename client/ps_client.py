@@ -213,16 +213,21 @@ class ParameterServerClient(Closing):
         clock: int = 0,
         rows: Mapping[str, np.ndarray] | None = None,
         timeout_ms: int = 0,
+        out: Mapping[str, np.ndarray] | None = None,
     ) -> Values:
         """Pull values (read-only arrays) and their versions.
 
         min_version (BSP) and clock (SSP) make the server wait, up to
         timeout_ms, until the values are fresh enough. `rows` selects rows of
         2-D keys; those come back as arrays of shape [len(rows), columns].
-        A key updated while it streamed raises Aborted: pull again.
+        `out` gives contiguous arrays of the keys' shapes and dtypes for the
+        values to land in (large values stream straight into them), and
+        those arrays are returned. A key updated while it streamed raises
+        Aborted: pull again.
         """
         keys = list(keys)
         rows = rows or {}
+        out = {k: a for k, a in (out or {}).items() if k not in rows}
         self._discover(k for k in keys if k not in rows)
         wire_keys: list[str] = []
         wholes: dict[str, np.ndarray] = {}  # split keys, assembled in place by the streamed parts
@@ -231,10 +236,12 @@ class ParameterServerClient(Closing):
             split = self._splits.get(key)
             if split is None:
                 wire_keys.append(key)
+                if key in out:
+                    targets[key] = out[key]
                 continue
             if key in rows:
                 raise ValueError(f"rows: {key!r} is split across shards; pull it whole, not by rows")
-            wholes[key], slices = self._splits.buffer(key)
+            wholes[key], slices = self._splits.buffer(key, out.get(key))
             targets.update(slices)
             wire_keys += slices
         requests: dict[int, ps.PullRequest] = {}
@@ -272,6 +279,11 @@ class ParameterServerClient(Closing):
                     self._nbytes[entry.key] = entry.dense.nbytes
         for key, whole in wholes.items():
             self._splits.join(key, values, whole)
+        for key, target in out.items():
+            if key in values:
+                if not np.shares_memory(values[key], target):  # it came unstreamed
+                    np.copyto(target, values[key])
+                values[key] = target
         return Values(((k, values[k]) for k in keys), values.versions, min(clocks, default=0))
 
     # --- embedding tables (see nanodist.client.tables) --------------------

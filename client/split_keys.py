@@ -90,10 +90,14 @@ class SplitKeys:
                 out.append((part.key, SparseGradient(rows[mask] - part.first, grad.values[mask])))
         return out
 
-    def buffer(self, key: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """An empty whole array for a split key, and each part's slice of it (streamed parts land there)."""
+    def buffer(self, key: str, into: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The whole array for a split key (`into` if it fits, else an empty one), and each part's slice
+        of it (streamed parts land there)."""
         split = self.splits[key]
-        whole = np.empty(split.shape, dtype=split.dtype)
+        if into is not None and into.shape == split.shape and into.dtype == split.dtype and into.flags.c_contiguous:
+            whole = into
+        else:
+            whole = np.empty(split.shape, dtype=split.dtype)
         return whole, {part.key: whole[part.first : part.end] for part in split.parts}
 
     def join(self, key: str, values: Values, whole: np.ndarray) -> None:

@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -570,11 +570,13 @@ class Job:
             self._collectives = ThreadPoolExecutor(1, thread_name_prefix="nanodist-comm")
         return self._collectives
 
-    def pull_watching_peers(self, keys: list[str], *, min_version: int = 0, clock: int = 0) -> Values:
-        """Pull, waiting for the step (BSP) or the slowest worker (SSP); see watching_peers."""
+    def pull_watching_peers(
+        self, keys: list[str], *, min_version: int = 0, clock: int = 0, out: Mapping[str, np.ndarray] | None = None
+    ) -> Values:
+        """Pull (into `out`'s arrays), waiting for the step (BSP) or the slowest worker (SSP); see watching_peers."""
         ps = self.client()
         return self.watching_peers(
-            lambda slice_ms: ps.pull(keys, min_version=min_version, clock=clock, timeout_ms=slice_ms)
+            lambda slice_ms: ps.pull(keys, min_version=min_version, clock=clock, timeout_ms=slice_ms, out=out)
         )
 
     def watching_peers(self, wait: Callable[[int], T]) -> T:

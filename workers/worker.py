@@ -141,7 +141,10 @@ class Worker:
     def _pull_watching_peers(self, t: int) -> Values:
         mode = self.config.mode
         return self.job.pull_watching_peers(
-            list(self.params.views), min_version=t + 1 if mode == "bsp" else 0, clock=t + 1 if mode == "ssp" else 0
+            list(self.params.views),
+            min_version=t + 1 if mode == "bsp" else 0,
+            clock=t + 1 if mode == "ssp" else 0,
+            out=self.params.views,
         )
 
     def abort(self, reason: str) -> None:

@@ -96,7 +96,10 @@ class Optimizer:
             s = [state[start:end] for state in states]
             t = self._scratch[: end - start]
             if c.kind == ps.Optimizer.AVERAGE:
-                np.multiply(g, scale, out=p)
+                if scale == 1.0:
+                    np.copyto(p, g)  # a copy, not float16 arithmetic (which numpy does without SIMD)
+                else:
+                    np.multiply(g, scale, out=p)
             elif c.kind == ps.Optimizer.SGD:
                 np.multiply(g, c.learning_rate * scale, out=t)
                 np.subtract(p, t, out=p)

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import ml_dtypes
 import numpy as np
 
 from nanodist.services.common.errors import ConfigurationError, exhausted, failed_precondition, invalid, not_found
@@ -77,6 +78,7 @@ class Slot:
     generation: int = 0
     pushers: int = 0
     spare: list[np.ndarray] = field(default_factory=list)  # PushStream assembly buffers, reused
+    spare_total: np.ndarray | None = None  # BSP: the last step's accumulator, reused by the next
     table: RowTable | None = None
 
     @property
@@ -354,8 +356,9 @@ class Store:
 
     def _accumulate(self, slot: Slot, entry: Entry, worker_id: int, step: int) -> bool:
         pending = slot.pending.get(step)
+        first_dense = pending is None and slot.table is None and entry.rows is None
         if pending is None:
-            pending = slot.pending[step] = Pending(total=np.zeros_like(slot.value))
+            pending = slot.pending[step] = Pending(total=_accumulator(slot, zeroed=not first_dense))
         if slot.table is not None:
             assert entry.rows is not None and entry.values is not None  # check_push refused dense table pushes
             pending.rows = entry.rows if pending.rows is None else np.concatenate([pending.rows, entry.rows])
@@ -368,7 +371,10 @@ class Store:
             pending.touched[entry.rows] = True
         else:
             assert entry.dense is not None  # check_push refused an entry with no gradient
-            np.add(pending.total, entry.dense, out=pending.total)
+            if first_dense:
+                np.copyto(pending.total, entry.dense)  # the step's first push: no zeroing pass
+            else:
+                np.add(pending.total, entry.dense, out=pending.total)
             pending.dense = True
         pending.workers.add(worker_id)
         pushers = slot.pushers or self.num_workers
@@ -380,9 +386,13 @@ class Store:
             self._apply_rows(slot, *_summed(_no_rows() if pending.rows is None else pending.rows, pending.total), scale)
         elif not pending.dense and pending.touched is not None:
             rows = np.flatnonzero(pending.touched)
-            slot.optimizer.apply_rows(slot.value, rows, pending.total[rows], scale)
+            slot.optimizer.apply_rows(slot.value, rows, pending.total[rows].astype(slot.value.dtype), scale)
+        elif pending.total.dtype != slot.value.dtype:
+            slot.optimizer.apply_dense(slot.value, _narrowed(slot, pending.total, scale), 1.0)
         else:
             slot.optimizer.apply_dense(slot.value, pending.total, scale)
+        if slot.table is None:
+            slot.spare_total = pending.total
         slot.version += 1
         slot.applied_step = step
         return True
@@ -405,6 +415,30 @@ def _pushed_again(membership: Membership, slot: Slot) -> bool:
     """Elastic: the survivors of a loss push again the step they were in; where the servers had completed
     it (a leader may die between two shards), the push changes nothing, so the step stays applied once."""
     return membership.generation > 0 and membership.generation >= slot.generation
+
+
+def _accumulator(slot: Slot, zeroed: bool) -> np.ndarray:
+    """A BSP step's sum: the slot's last one if it has it (a fresh one faults in every page). Half-precision
+    keys sum in float32, which is both exact enough and fast: numpy's float16 arithmetic has no SIMD."""
+    if slot.table is not None:
+        return np.zeros_like(slot.value)  # a table's rows are appended, not summed in place
+    total, slot.spare_total = slot.spare_total, None
+    if total is None:
+        half = slot.value.dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+        total = np.empty(slot.value.shape, dtype=np.float32 if half else slot.value.dtype)
+    if zeroed:
+        total.fill(0)
+    return total
+
+
+def _narrowed(slot: Slot, total: np.ndarray, scale: float) -> np.ndarray:
+    """A float32 sum as the key's own dtype, already scaled (optimizers work on same-dtype arrays)."""
+    np.multiply(total, scale, out=total)
+    narrow = slot.spare.pop() if slot.spare else np.empty(slot.value.size, dtype=slot.value.dtype)
+    np.copyto(narrow, total.reshape(-1), casting="same_kind")
+    if len(slot.spare) < 2:
+        slot.spare.append(narrow)  # the optimizer is done with it before the next push arrives
+    return narrow.reshape(slot.value.shape)
 
 
 def _no_rows() -> np.ndarray:

@@ -57,3 +57,18 @@ def test_a_key_keeps_the_layout_it_was_created_with(shards):
         splitter.push({"w": value})
         names = [k.key for k in splitter.list_keys()]
     assert names == ["w"]
+
+
+def test_pull_lands_split_streamed_and_small_keys_in_the_callers_arrays(shards):
+    values = {
+        "split": np.arange(6 << 20, dtype=np.float32).reshape(-1, 1024),  # 24 MiB: split over both shards
+        "streamed": np.arange(1 << 20, dtype=np.float32),  # 4 MiB: one shard, streamed in 2 MiB slices
+        "small": np.arange(10, dtype=np.float32),  # one message
+    }
+    with ParameterServerClient(shards) as client:
+        client.init(values, sgd(1.0))
+        out = {key: np.full_like(value, -1) for key, value in values.items()}
+        pulled = client.pull(list(values), out=out)
+    for key, value in values.items():
+        assert pulled[key] is out[key], f"{key} did not come back in the caller's array"
+        np.testing.assert_array_equal(out[key], value)

@@ -1,3 +1,4 @@
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -5,6 +6,7 @@ from nanodist.services.common.errors import ServiceError
 from nanodist.services.parameter_server import checkpoint
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.store import Mode, Store
+from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.wire.codec import Entry, Membership
 
 SGD1 = OptimizerConfig(learning_rate=1.0)
@@ -42,6 +44,27 @@ def test_bsp_applies_the_mean_once_all_workers_pushed_the_step():
     assert result.applied and result.versions == [1]
     assert s.slots["w"].value.tolist() == [-2, -2]
     assert s.slots["w"].pending == {}
+
+
+def test_bsp_steps_in_turn_reuse_one_sum_and_stay_exact():
+    s = store(Mode.BSP, workers=2)
+    for step, (a, b) in enumerate([((2, 4), (0, 0)), ((1, 1), (3, 3)), ((0, 0), (0, 0))]):
+        s.push(grad(*a), 0, step)
+        s.push(grad(*b), 1, step)
+    assert s.slots["w"].value.tolist() == [-3, -4]  # -(1+2+0), -(2+2+0): no sum carried into the next step
+
+
+@pytest.mark.parametrize("half", [np.float16, ml_dtypes.bfloat16])
+def test_bsp_sums_half_precision_pushes_in_float32(half: type) -> None:
+    s = Store(Mode.BSP, 3, 0)
+    s.init("avg", np.zeros(2, dtype=half), OptimizerConfig(kind=ps.Optimizer.AVERAGE))
+    # Three times 30000 overflows float16; 256 + 1 + 1 rounds back to 256 in bfloat16's 8 bits, twice.
+    pushes = [np.array(row, dtype=half) for row in ([30000, 256], [30000, 1], [30000, 1])]
+    for worker, pushed in enumerate(pushes):
+        s.push([Entry("avg", dense=pushed)], worker, 0)
+    value = s.slots["avg"].value
+    assert value.dtype == np.dtype(half)
+    assert value.astype(np.float32).tolist() == np.array([30000, 86], dtype=half).astype(np.float32).tolist()
 
 
 def test_bsp_rejects_a_second_push_of_the_same_step_by_a_worker():
