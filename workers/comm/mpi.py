@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 CHUNK_BYTES = 2 << 20
+ABORT_GRACE_S = 0.5
 _OPCODES = {"allreduce": 1, "broadcast": 2, "allgather": 3}
 
 
@@ -98,7 +99,10 @@ class MPICommunicator(Communicator):
         return out
 
     def abort(self) -> None:
-        # A rank that merely exits leaves the others blocked in their next collective.
+        # A rank that merely exits leaves the others blocked in their next collective. mpiexec forwards
+        # the ranks' output asynchronously and drops what it holds when the job aborts, so give it a
+        # moment: the error printed just before is the only account of why the job stopped.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(1)
 
     def barrier(self) -> None:
