@@ -8,11 +8,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from nanodist.ports import read_port_file
 
 # Allocator settings measured to help large messages (see docs/benchmarks.md):
 # keep big buffers out of fresh mmap pages and stop glibc trimming them away.
@@ -36,6 +39,24 @@ def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
 
 def nanodist(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return start([sys.executable, "-m", "nanodist.workers.cli", *args], env)
+
+
+def serve(role: str, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`nanodist serve ROLE ARGS...` on a port it binds itself; the process and its address, once it serves.
+
+    free_port() races (its port is free only until the socket closes), so a server's port comes from
+    its --port-file instead. The server writes the file after it reports SERVING.
+    """
+    with tempfile.TemporaryDirectory(prefix="nanodist-bench-") as scratch:
+        port_file = os.path.join(scratch, "port")
+        process = nanodist("serve", role, "--port", "0", "--port-file", port_file, *args, env=env)
+        try:
+            port = read_port_file(port_file, process.poll, timeout=30.0, name=f"nanodist serve {role}")
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    return process, f"127.0.0.1:{port}"
 
 
 def wait_ready(address: str, timeout: float = 30.0) -> None:

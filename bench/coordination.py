@@ -21,7 +21,7 @@ import time
 import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, median_us, nanodist, start, stop_all, table, wait_ready  # noqa: E402
+from common import free_port, median_us, serve, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import KVStore, LockClient  # noqa: E402
 from nanodist.v1 import barrier_pb2, barrier_pb2_grpc  # noqa: E402
@@ -158,15 +158,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
 
-    echo_port, barrier_port, lock_port = free_port(), free_port(), free_port()
-    servers = [
-        start([sys.executable, os.path.join(HERE, "raw_echo_server.py"), str(echo_port)]),
-        nanodist("serve", "barrier", "--port", str(barrier_port)),
-        nanodist("serve", "lock", "--port", str(lock_port)),
-    ]
+    echo_port = free_port()
+    servers = [start([sys.executable, os.path.join(HERE, "raw_echo_server.py"), str(echo_port)])]
     try:
-        for port in (echo_port, barrier_port, lock_port):
-            wait_ready(f"127.0.0.1:{port}")
+        barrier_server, barrier_address = serve("barrier")
+        servers.append(barrier_server)
+        lock_server, lock_address = serve("lock")
+        servers.append(lock_server)
+        wait_ready(f"127.0.0.1:{echo_port}")
         channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
         echo = channel.unary_unary("/raw.Raw/Echo")
         payload = b"x" * 100
@@ -175,10 +174,10 @@ def main() -> None:
         rows: list[list[object]] = [["gRPC Python echo, 100 B (the unit)", echo_us, "1.00"]]
         for members in (2, 8, 32):
             rounds = args.rounds if members < 32 else args.rounds // 2
-            us = asyncio.run(barrier_rounds(f"127.0.0.1:{barrier_port}", members, rounds))
+            us = asyncio.run(barrier_rounds(barrier_address, members, rounds))
             rows.append([f"nanodist barrier round, {members} members", us, ratio(us, echo_us)])
             print(f"  barrier {members} done", file=sys.stderr)
-        released = asyncio.run(release_thousand(f"127.0.0.1:{barrier_port}"))
+        released = asyncio.run(release_thousand(barrier_address))
         rows.append(["1,000 waiters released (last arrival to all returned)", released * 1e6, "-"])
         for name, value in (
             ("mpi4py Barrier, 2 ranks", mpi_barrier_us()),
@@ -186,7 +185,7 @@ def main() -> None:
         ):
             rows.append([name, value, ratio(value, echo_us)])
 
-        locks = LockClient(f"127.0.0.1:{lock_port}", "bench")
+        locks = LockClient(lock_address, "bench")
 
         def acquire_release() -> None:
             locks.release(locks.acquire("bench-lock", ttl=10))
@@ -196,7 +195,7 @@ def main() -> None:
         redis_us = redis_lock_us(args.calls)
         rows.append(["redis-py SET NX PX + DEL", redis_us, ratio(redis_us, echo_us)])
 
-        store = KVStore(f"127.0.0.1:{lock_port}")
+        store = KVStore(lock_address)
         add_us = median_us(lambda: store.add("bench-counter", 1), args.calls)
         rows.append(["nanodist KV Add", add_us, ratio(add_us, echo_us)])
         tcp_add = torch_anchor("tcpstore-add")

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, nanodist, start, stop_all, table, wait_ready  # noqa: E402
+from common import free_port, serve, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 
@@ -93,40 +93,37 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where checkpoints and the log go (default: the temp dir)")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="nanodist-durability-", dir=args.dir)
-    ports = {name: free_port() for name in ["raw", *MODES]}
+    raw_port = free_port()
     raw_server = os.path.join(os.path.dirname(__file__), "raw_echo_server.py")
-    servers = [start([sys.executable, raw_server, str(ports["raw"])])]
-    for mode in MODES:
-        extra = (
-            [] if mode == "none" else ["--checkpoint-dir", os.path.join(workdir, mode), "--checkpoint-interval", "5"]
-        )
-        servers.append(nanodist("serve", "ps", "--port", str(ports[mode]), "--durability", mode, *extra))
+    servers = [start([sys.executable, raw_server, str(raw_port)])]
+    addresses = {"raw": f"127.0.0.1:{raw_port}"}
     rows = []
     try:
-        for port in ports.values():
-            wait_ready(f"127.0.0.1:{port}")
+        for mode in MODES:
+            extra = ["--checkpoint-dir", os.path.join(workdir, mode), "--checkpoint-interval", "5"]
+            server, addresses[mode] = serve("ps", "--durability", mode, *(extra if mode != "none" else []))
+            servers.append(server)
+        wait_ready(addresses["raw"])
         for kib in args.kib:
-            for name, port in ports.items():
+            for name, address in addresses.items():
                 if name != "raw":
-                    with ParameterServerClient([f"127.0.0.1:{port}"]) as client:
+                    with ParameterServerClient([address]) as client:
                         client.init({f"w{kib}": np.zeros((kib << 10) // 4, np.float32)}, sgd(1e-9))
-            rates: dict[str, list[float]] = {name: [] for name in ports}
+            rates: dict[str, list[float]] = {name: [] for name in addresses}
             disk = []
             for round_ in range(args.rounds):
-                for name, port in ports.items():
-                    rates[name].append(
-                        pushes_per_second(f"127.0.0.1:{port}", name == "raw", args.clients, kib, args.seconds)
-                    )
+                for name, address in addresses.items():
+                    rates[name].append(pushes_per_second(address, name == "raw", args.clients, kib, args.seconds))
                 disk.append(disk_mib_per_second(workdir, kib, args.clients))
                 print(f"  {kib} KiB: round {round_ + 1}/{args.rounds} done", file=sys.stderr)
             median = {name: statistics.median(r) for name, r in rates.items()}
             mib = {name: rate * kib / 1024 for name, rate in median.items()}
             mib["disk"] = statistics.median(disk)
-            for name in [*ports, "disk"]:
+            for name in [*addresses, "disk"]:
                 rows.append(
                     [kib, name, mib[name] * 1024 / kib, mib[name], mib[name] / mib["none"], mib[name] / mib["raw"]]
                 )
-        with ParameterServerClient([f"127.0.0.1:{ports['wal']}"]) as client:
+        with ParameterServerClient([addresses["wal"]]) as client:
             (stats,) = client.stats()
         group_commit = stats.wal_records / max(1, stats.wal_fsyncs)
     finally:

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MALLOC_ENV, free_port, nanodist, start, stop_all, table, wait_ready  # noqa: E402
+from common import MALLOC_ENV, free_port, serve, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 
@@ -79,18 +79,16 @@ def main() -> None:
         # glibc reads these at start-up, so the client side needs a fresh process too.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
-    raw_port, ps_port = free_port(), free_port()
+    raw_port = free_port()
     raw_server = os.path.join(os.path.dirname(__file__), "raw_echo_server.py")
-    servers = [
-        start([sys.executable, raw_server, str(raw_port)], env),
-        nanodist("serve", "ps", "--port", str(ps_port), "--mode", "asp", env=env),
-    ]
+    servers = [start([sys.executable, raw_server, str(raw_port)], env)]
     try:
+        ps, ps_address = serve("ps", "--mode", "asp", env=env)
+        servers.append(ps)
         wait_ready(f"127.0.0.1:{raw_port}")
-        wait_ready(f"127.0.0.1:{ps_port}")
         options = [("grpc.max_send_message_length", MAX), ("grpc.max_receive_message_length", MAX)]
         channel = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=options)
-        client = ParameterServerClient([f"127.0.0.1:{ps_port}"])
+        client = ParameterServerClient([ps_address])
         rows = []
         for mb in args.sizes_mb:
             rounds = args.rounds if mb <= 64 else max(3, args.rounds // 3)

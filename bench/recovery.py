@@ -38,7 +38,7 @@ from collections.abc import Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, nanodist, start, stop_all, table, wait_ready  # noqa: E402
+from common import nanodist, serve, start, stop_all, table  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 from nanodist.client.retry import RetryPolicy  # noqa: E402
@@ -78,21 +78,20 @@ def mpi_ranks_of(run_id: str) -> list[int]:
 def worker_loss(workers: int, how: signal.Signals, mpi_group: bool = False) -> tuple[float, float]:
     """Seconds from the loss to the survivors' next completed step, and the job's step time before it.
     mpi_group: the job has an MPI group of 2 too, and one of its ranks is the one lost."""
-    ps_port, barrier_port, lock_port = free_port(), free_port(), free_port()
-    servers = [
-        nanodist("serve", "ps", "--port", str(ps_port), "--mode", "bsp", "--num-workers", "1"),
-        nanodist("serve", "barrier", "--port", str(barrier_port)),
-        nanodist("serve", "lock", "--port", str(lock_port)),
-    ]
+    servers: list[subprocess.Popen[bytes]] = []
     group: list[subprocess.Popen[bytes]] = []
     try:
-        for port in (ps_port, barrier_port, lock_port):
-            wait_ready(f"127.0.0.1:{port}")
+        addresses = []
+        for role, *flags in (("ps", "--mode", "bsp", "--num-workers", "1"), ("barrier",), ("lock",)):
+            server, address = serve(role, *flags)
+            servers.append(server)
+            addresses.append(address)
+        ps_address, barrier_address, lock_address = addresses
         run_id = f"recovery-{uuid.uuid4().hex[:8]}"
         common = [
             *("worker", "--elastic", "--join-window", "2", "--num-groups", "2" if mpi_group else "1"),
-            *("--ps", f"127.0.0.1:{ps_port}", "--barrier", f"127.0.0.1:{barrier_port}"),
-            *("--lock", f"127.0.0.1:{lock_port}", "--run-id", run_id),
+            *("--ps", ps_address, "--barrier", barrier_address),
+            *("--lock", lock_address, "--run-id", run_id),
             *("--runs-dir", tempfile.mkdtemp(prefix="nanodist-recovery-"), "--epochs", "100000"),
             *("--min-workers", "2", "--timeout", "60"),
         ]
@@ -102,7 +101,7 @@ def worker_loss(workers: int, how: signal.Signals, mpi_group: bool = False) -> t
             mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
             mpi = ["--backend", "mpi", "--group-size", "2", "--group-id", "0"]
             group.append(start([mpiexec, "-n", "2", sys.executable, "-m", "nanodist.workers.cli", *common, *mpi]))
-        with ParameterServerClient([f"127.0.0.1:{ps_port}"]) as ps:
+        with ParameterServerClient([ps_address]) as ps:
             wait_for("training to start", lambda: ps.stats()[0].num_keys > 0 and applied(ps) > 200, 120)
             began, before = time.monotonic(), applied(ps)
             time.sleep(1.0)
@@ -122,12 +121,11 @@ def worker_loss(workers: int, how: signal.Signals, mpi_group: bool = False) -> t
         stop_all(servers)
 
 
-def until_acknowledged(
-    start: Callable[[], object], request: Callable[[ParameterServerClient], object], address: str
-) -> float:
-    """Start the shard, then send `request` until it is acknowledged; seconds from the start to that."""
+def until_acknowledged(start: Callable[[], str], request: Callable[[ParameterServerClient], object]) -> float:
+    """Start the shard, then send `request` to the address start() returns until it is acknowledged;
+    seconds from the start to that."""
     began = time.monotonic()
-    start()
+    address = start()
     with ParameterServerClient([address], retry=RetryPolicy(total_seconds=120)) as ps:
         request(ps)
     return time.monotonic() - began
@@ -136,25 +134,30 @@ def until_acknowledged(
 def shard_restart(log_mib: int, workdir: str) -> tuple[float, float]:
     """Seconds from kill -9 of a shard with `log_mib` MiB of log to its first acknowledged push after its
     restart, and from a fresh shard's start to its first acknowledged request (the anchor)."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     state = tempfile.mkdtemp(prefix=f"shard-{log_mib}-", dir=workdir)
-    args = ("serve", "ps", "--port", str(port), "--durability", "wal", "--checkpoint-dir", state)
+    args = ("--durability", "wal", "--checkpoint-dir", state)
     args += ("--checkpoint-interval", "0", "--max-log-bytes", str(4 << 30))  # the whole log is replayed
     processes: list[subprocess.Popen[bytes]] = []
     gradient = np.full((PUSH_MIB << 20) // 4, 1e-3, np.float32)
+    address = ""
 
-    def start() -> None:
-        processes.append(nanodist(*args))
+    def start() -> str:
+        nonlocal address
+        if address:  # a restart binds the port the shard had, as a restart policy's would
+            processes.append(nanodist("serve", "ps", "--port", address.rsplit(":", 1)[1], *args))
+        else:
+            process, address = serve("ps", *args)
+            processes.append(process)
+        return address
 
     try:
-        fresh = until_acknowledged(start, lambda ps: ps.init({"w": np.zeros_like(gradient)}, sgd(1e-6)), address)
+        fresh = until_acknowledged(start, lambda ps: ps.init({"w": np.zeros_like(gradient)}, sgd(1e-6)))
         with ParameterServerClient([address]) as ps:
             for _ in range(log_mib // PUSH_MIB):
                 ps.push({"w": gradient})
         processes[-1].send_signal(signal.SIGKILL)
         processes[-1].wait()
-        restarted = until_acknowledged(start, lambda ps: ps.push({"w": gradient}), address)
+        restarted = until_acknowledged(start, lambda ps: ps.push({"w": gradient}))
         return restarted, fresh
     finally:
         stop_all(processes)

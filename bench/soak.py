@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, nanodist, start, stop_all, table, wait_ready  # noqa: E402
+from common import free_port, serve, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import BarrierClient, LockClient, ParameterServerClient, sgd  # noqa: E402
 from nanodist.workers.progress import Progress  # noqa: E402
@@ -137,38 +137,25 @@ def main() -> None:
     parser.add_argument("--durability", default="none", choices=["none", "checkpoint", "wal"])
     args = parser.parse_args()
 
-    ports = {name: free_port() for name in ("ps0", "ps1", "barrier", "lock", "raw")}
+    raw_port = free_port()
     state = f"/tmp/nanodist-soak-{os.getpid()}"
     servers = {
-        name: nanodist(
-            "serve",
-            "ps",
-            "--port",
-            str(ports[name]),
-            "--durability",
-            args.durability,
-            *(["--checkpoint-dir", f"{state}/{name}"] if args.durability != "none" else []),
-        )
-        for name in ("ps0", "ps1")
+        "raw": start([sys.executable, os.path.join(os.path.dirname(__file__), "raw_echo_server.py"), str(raw_port)])
     }
-    servers["barrier"] = nanodist("serve", "barrier", "--port", str(ports["barrier"]))
-    servers["lock"] = nanodist("serve", "lock", "--port", str(ports["lock"]))
-    servers["raw"] = start(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "raw_echo_server.py"), str(ports["raw"])]
-    )
+    bound: dict[str, str] = {}
     try:
-        for port in ports.values():
-            wait_ready(f"127.0.0.1:{port}")
-        addresses = {
-            "ps": [f"127.0.0.1:{ports['ps0']}", f"127.0.0.1:{ports['ps1']}"],
-            "barrier": [f"127.0.0.1:{ports['barrier']}"],
-            "lock": [f"127.0.0.1:{ports['lock']}"],
-        }
+        for name in ("ps0", "ps1"):
+            durability = ["--checkpoint-dir", f"{state}/{name}"] if args.durability != "none" else []
+            servers[name], bound[name] = serve("ps", "--durability", args.durability, *durability)
+        for role in ("barrier", "lock"):
+            servers[role], bound[role] = serve(role)
+        wait_ready(f"127.0.0.1:{raw_port}")
+        addresses = {"ps": [bound["ps0"], bound["ps1"]], "barrier": [bound["barrier"]], "lock": [bound["lock"]]}
         keys = [f"soak/{k}" for k in range(args.keys)]
         with ParameterServerClient(addresses["ps"]) as client:
             client.init({k: np.zeros(args.elements, np.float32) for k in keys}, sgd(1.0))
         clients = args.processes * args.threads
-        anchor = echo_rate(f"127.0.0.1:{ports['raw']}", clients, args.elements, 5.0)
+        anchor = echo_rate(f"127.0.0.1:{raw_port}", clients, args.elements, 5.0)
         out: mp.Queue = mp.Queue()
         began = time.time()
         procs = [mp.Process(target=client_process, args=(i, addresses, args, out)) for i in range(args.processes)]

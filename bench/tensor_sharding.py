@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, nanodist, start, stop_all, table, wait_ready  # noqa: E402
+from common import free_port, serve, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 
@@ -29,19 +29,21 @@ def main() -> None:
     parser.add_argument("--mb", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    ports = [free_port() for _ in range(3)]
+    raw_port = free_port()
     raw_server = os.path.join(os.path.dirname(__file__), "raw_echo_server.py")
-    servers = [nanodist("serve", "ps", "--port", str(p)) for p in ports[:2]]
-    servers.append(start([sys.executable, raw_server, str(ports[2])]))
+    servers = [start([sys.executable, raw_server, str(raw_port)])]
     rows = []
     try:
-        for port in ports:
-            wait_ready(f"127.0.0.1:{port}")
-        addresses = [f"127.0.0.1:{p}" for p in ports[:2]]
+        addresses = []
+        for _ in range(2):
+            shard, address = serve("ps")
+            servers.append(shard)
+            addresses.append(address)
+        wait_ready(f"127.0.0.1:{raw_port}")
         split = ParameterServerClient(addresses)
         whole = ParameterServerClient(addresses, split_bytes=0)
         options = [("grpc.max_send_message_length", MAX), ("grpc.max_receive_message_length", MAX)]
-        channel = grpc.insecure_channel(f"127.0.0.1:{ports[2]}", options=options)
+        channel = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=options)
         raw_push, raw_pull = channel.unary_unary("/raw.Raw/Push"), channel.unary_unary("/raw.Raw/Pull")
         for mb in args.mb:
             side = int(np.sqrt((mb << 20) // 4))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,10 +17,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, nanodist, stop_all, table  # noqa: E402
+from common import serve, stop_all, table  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
-from nanodist.client.health import check  # noqa: E402
 from nanodist.client.rpc import ClientSecurity  # noqa: E402
 from nanodist.services.common import devcerts  # noqa: E402
 
@@ -47,23 +47,13 @@ def main() -> None:
                 ),
             ),
         }
-        ports = {name: free_port() for name in variants}
-        servers = [nanodist("serve", "ps", "--port", str(ports[n]), *flags) for n, (flags, _) in variants.items()]
+        servers: list[subprocess.Popen[bytes]] = []
+        addresses: dict[str, str] = {}
         try:
-            for name, (_, security) in variants.items():
-                address = f"127.0.0.1:{ports[name]}"
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        check(address, security=security)
-                        break
-                    except Exception:  # noqa: BLE001 - not up yet
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.1)
-            clients = {
-                n: ParameterServerClient([f"127.0.0.1:{ports[n]}"], security=s) for n, (_, s) in variants.items()
-            }
+            for name, (flags, _) in variants.items():
+                server, addresses[name] = serve("ps", *flags)
+                servers.append(server)
+            clients = {n: ParameterServerClient([addresses[n]], security=s) for n, (_, s) in variants.items()}
             value = np.ones((args.mb << 20) // 4, np.float32)
             for client in clients.values():
                 client.init({"w": value}, sgd(1e-9))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanodist.client.rpc import ClientSecurity, open_channel
+from nanodist.ports import read_port_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +30,7 @@ def free_port() -> int:
 
 
 _handed_out: set[int] = set()
+_started = itertools.count()
 
 
 def free_host_port() -> int:
@@ -114,10 +117,16 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
         env: dict[str, str] | None = None,
         security: ClientSecurity | None = None,
     ) -> Server:
-        port = port or free_port()
-        command = nanodist_command("serve", role, "--port", str(port), *args)
-        log = open(tmp_path / f"{role}-{port}.log", "ab")  # noqa: SIM115
+        # Without a port, the server binds one itself and writes it to a file: no other process holds it.
+        port_file = tmp_path / f"{role}-{next(_started)}.port"
+        bound = ["--port", str(port)] if port else ["--port", "0", "--port-file", str(port_file)]
+        command = nanodist_command("serve", role, *bound, *args)
+        log_path = tmp_path / f"{role}-{port or port_file.stem}.log"
+        log = open(log_path, "ab")  # noqa: SIM115
         process = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, **(env or {})})
+        if not port:
+            port = read_port_file(str(port_file), process.poll, 30, f"nanodist serve {role}")
+            log_path.rename(tmp_path / f"{role}-{port}.log")  # the name tests read, and a restart appends to
         server = Server(process, port, list(args))
         servers.append(server)
         wait_healthy(server.address, process, security=security)

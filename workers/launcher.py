@@ -18,9 +18,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nanodist.ports import PortFileTimeout, read_port_file
 from nanodist.workers.config import ConfigError, JobConfig, TrainConfig
 from nanodist.workers.settings import SettingError, add_flags, build, declared, from_file, setting, to_argv
 
@@ -137,12 +138,6 @@ def parse_groups(spec: str) -> list[tuple[str, int]]:
     return groups
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Child:
     name: str
@@ -164,6 +159,22 @@ class Cluster:
         self.output_lock = threading.Lock()
         self.watch_for = watch_for
         self.first_failure: str | None = None
+        self._scratch: str | None = None  # the servers' port files
+
+    def serve(self, name: str, role: str, args: list[str], timeout: float) -> str:
+        """Start `nanodist serve ROLE` on a port it binds itself (so that no other process holds it);
+        return its address once it is healthy."""
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="nanodist-ports-")
+        port_file = os.path.join(self._scratch, f"{name}.port")
+        child = self.spawn(name, _nanodist("serve", role, "--port", "0", "--port-file", port_file, *args), server=True)
+        try:
+            port = read_port_file(port_file, child.process.poll, timeout, name)
+        except PortFileTimeout as error:
+            raise LaunchError(str(error)) from None
+        address = f"127.0.0.1:{port}"
+        self.wait_healthy(child, address, timeout)
+        return address
 
     def spawn(self, name: str, argv: list[str], server: bool = False, env: dict[str, str] | None = None) -> Child:
         """Start `argv` with the caller's environment plus `env`."""
@@ -269,6 +280,8 @@ class Cluster:
                 pass
             _signal_group(child.process, signal.SIGKILL)  # any rank mpiexec left behind
             child.process.wait()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def _signal_group(process: subprocess.Popen[str], sig: int) -> None:
@@ -303,20 +316,14 @@ def find_mpiexec() -> str:
 def start_services(
     cluster: Cluster, launch: LaunchConfig, job: JobConfig, groups: list[tuple[str, int]]
 ) -> tuple[list[str], str, str]:
-    """Start the shards, the barrier and the lock service on free ports; return their addresses once
-    every one is healthy. The shards' BSP step counts one push per group, or per worker in flat mode."""
-    ports = {"barrier": free_port(), "lock": free_port()}
-    shards = [f"127.0.0.1:{free_port()}" for _ in range(launch.shards)]
+    """Start the shards, the barrier and the lock service, each on a port of its own; return their
+    addresses once every one is healthy. The shards' BSP step counts one push per group, or per worker
+    in flat mode."""
     pushers = sum(size for _, size in groups) if job.flat else len(groups)
-    for i, address in enumerate(shards):
-        port = address.rpartition(":")[2]
-        ps = ["--port", port, "--mode", job.mode, "--num-workers", str(pushers), "--staleness", str(job.staleness)]
-        child = cluster.spawn(f"ps-{i}", _nanodist("serve", "ps", *ps), server=True)
-        cluster.wait_healthy(child, address, launch.startup_timeout)
-    for role in ("barrier", "lock"):
-        child = cluster.spawn(role, _nanodist("serve", role, "--port", str(ports[role])), server=True)
-        cluster.wait_healthy(child, f"127.0.0.1:{ports[role]}", launch.startup_timeout)
-    return shards, f"127.0.0.1:{ports['barrier']}", f"127.0.0.1:{ports['lock']}"
+    ps = ["--mode", job.mode, "--num-workers", str(pushers), "--staleness", str(job.staleness)]
+    shards = [cluster.serve(f"ps-{i}", "ps", ps, launch.startup_timeout) for i in range(launch.shards)]
+    barrier, lock = (cluster.serve(role, role, [], launch.startup_timeout) for role in ("barrier", "lock"))
+    return shards, barrier, lock
 
 
 def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[str, Any]:

@@ -19,6 +19,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB; gRPC's hard ceiling is 2 GiB - 1
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0
+    port_file: str = ""  # where the bound port is written once the server serves (for --port 0)
     metrics_port: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_format: str = "text"
@@ -38,6 +39,12 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
         type=int,
         default=env_default("port", default_port),
         help=f"gRPC port (default {default_port}; 0 picks a free one; env NANODIST_PORT)",
+    )
+    parser.add_argument(
+        "--port-file",
+        default=env_default("port_file", ""),
+        help="write the port the server bound to this file once it serves; with --port 0, how a launcher "
+        "learns a port no other process holds (env NANODIST_PORT_FILE)",
     )
     parser.add_argument(
         "--metrics-port",
@@ -71,6 +78,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
+        port_file=args.port_file,
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
         log_format=args.log_format,

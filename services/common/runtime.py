@@ -13,7 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from nanodist.ports import write_port_file
 from nanodist.services.common.config import ServerConfig
+from nanodist.services.common.errors import ConfigurationError
 from nanodist.services.common.security import (
     SecurityConfig,
     TokenAuthInterceptor,
@@ -32,29 +34,51 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+# gRPC turns SO_REUSEPORT on by default: a second server on a port then binds too, and the kernel
+# splits connections between the two. A port held by another process must be an error instead.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+def bind(server: grpc.aio.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind the server's port and return it (the one the kernel picked for --port 0).
+
+    Raises ConfigurationError naming the port when another process holds it."""
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise ConfigurationError(
+            f"--port {config.port}: cannot bind {address}: another process holds it, or the host is not local"
+        )
+    return port
+
+
 async def serve(
     role: str,
     config: ServerConfig,
     register: Callable[[grpc.aio.Server], list[str]],
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    on_stopping: Callable[[], None] | None = None,
 ) -> None:
     """Run a service until SIGTERM or SIGINT, then drain calls and run `on_shutdown`.
 
     `register` adds the service's handlers and returns their full names, which
-    health and reflection then advertise.
+    health and reflection then advertise. `on_stopping` runs as shutdown begins, before
+    in-flight calls drain: a service answers its long waits there rather than have them cancelled.
     """
     security = config.security or SecurityConfig()
     interceptors = [TokenAuthInterceptor(load_tokens(security.auth_token_file))] if security.auth_token_file else []
-    server = grpc.aio.server(interceptors=interceptors, options=channel_options(config.max_message_bytes))
+    options = channel_options(config.max_message_bytes) + SERVER_OPTIONS
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if security.reflection_enabled:
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
 
-    credentials = server_credentials(security)
-    address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    port = bind(server, config, server_credentials(security))
     warn_if_exposed(config.host, security)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
@@ -68,6 +92,8 @@ async def serve(
         port,
         config.metrics_port or "off",
     )
+    if config.port_file:
+        write_port_file(config.port_file, port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,6 +104,8 @@ async def serve(
     log.info("%s shutting down", role)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if on_stopping is not None:
+        on_stopping()
     await server.stop(config.grace_seconds)
     if on_shutdown is not None:
         await on_shutdown()

@@ -117,6 +117,6 @@ def run(args: argparse.Namespace) -> None:
                 return [SERVICE]
 
             role = f"parameter server ({args.mode}, durability {durability.value})"
-            await serve(role, config, register, persistence.close)
+            await serve(role, config, register, persistence.close, service.changed.close)
 
         asyncio.run(main())

@@ -37,12 +37,44 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 log = logging.getLogger("nanodist.ps")
 
 
+class Changes:
+    """Wakes the pulls that wait for the store to change, and answers them UNAVAILABLE on shutdown.
+
+    An Event replaced at every change rather than an asyncio.Condition: a Condition's wait cancelled
+    inside asyncio.wait_for (as server shutdown cancels a waiting pull) can leave its lock released and
+    fail with "Lock is not acquired". The store runs single-threaded on the loop, so no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.closing = False
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def close(self) -> None:
+        """Shutdown begins: every waiting pull answers now, before the server stops taking calls."""
+        self.closing = True
+        self.notify()
+
+    async def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        """Return once ready() holds; TimeoutError after `timeout` s; UNAVAILABLE if the shard shuts down."""
+        async with asyncio.timeout(timeout):
+            while not ready():
+                if self.closing:
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE, "the parameter server is shutting down; retry once it is back"
+                    )
+                await self._event.wait()
+
+
 class ParameterServerService:
     def __init__(self, store: Store, max_message_bytes: int, persistence: Persistence | None = None) -> None:
         self.store = store
         self.max_message_bytes = max_message_bytes
         self.persistence = persistence or Persistence(store, Durability.NONE, None)
-        self.changed = asyncio.Condition()
+        self.changed = Changes()
         self.assembling = 0
 
     # --- Init -----------------------------------------------------------
@@ -116,8 +148,7 @@ class ParameterServerService:
                 message.membership,
             )
         durable = self.persistence.log_push(data or b"")
-        async with self.changed:
-            self.changed.notify_all()
+        self.changed.notify()
         if durable is not None:
             await durable
         return response
@@ -167,11 +198,7 @@ class ParameterServerService:
         if remaining is not None:
             timeout = min(timeout, remaining)
         try:
-            async with self.changed:
-                await asyncio.wait_for(
-                    self.changed.wait_for(lambda: self.store.ready(slots, request.min_version, request.clock)),
-                    timeout,
-                )
+            await self.changed.wait_until(lambda: self.store.ready(slots, request.min_version, request.clock), timeout)
         except TimeoutError:
             behind = [
                 f"{e.key}@{s.version}"

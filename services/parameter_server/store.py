@@ -10,12 +10,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-import ml_dtypes
 import numpy as np
 
 from nanodist.services.common.errors import ConfigurationError, exhausted, failed_precondition, invalid, not_found
 from nanodist.services.parameter_server.optimizers import CHUNK_ELEMENTS, Optimizer, OptimizerConfig
 from nanodist.services.parameter_server.row_table import RowTable, TableShape
+from nanodist.services.parameter_server.step_sums import narrowed, no_rows, step_total, summed_rows
 from nanodist.wire.codec import NOT_ELASTIC, Entry, Membership
 
 MAX_PENDING_STEPS = 64  # BSP steps of one key that may wait for pushes at once; each holds a full-size sum
@@ -339,7 +339,7 @@ class Store:
     def _apply(self, slot: Slot, entry: Entry, scale: float) -> None:
         if entry.rows is not None:
             assert entry.values is not None  # check_push refused sparse rows without values
-            self._apply_rows(slot, *_summed(entry.rows, entry.values), scale)
+            self._apply_rows(slot, *summed_rows(entry.rows, entry.values), scale)
         else:
             assert entry.dense is not None  # check_push refused an entry with no gradient
             slot.optimizer.apply_dense(slot.value, entry.dense, scale)
@@ -358,7 +358,7 @@ class Store:
         pending = slot.pending.get(step)
         first_dense = pending is None and slot.table is None and entry.rows is None
         if pending is None:
-            pending = slot.pending[step] = Pending(total=_accumulator(slot, zeroed=not first_dense))
+            pending = slot.pending[step] = Pending(total=self._step_total(slot, zeroed=not first_dense))
         if slot.table is not None:
             assert entry.rows is not None and entry.values is not None  # check_push refused dense table pushes
             pending.rows = entry.rows if pending.rows is None else np.concatenate([pending.rows, entry.rows])
@@ -383,12 +383,14 @@ class Store:
         del slot.pending[step]
         scale = 1.0 / pushers
         if slot.table is not None:
-            self._apply_rows(slot, *_summed(_no_rows() if pending.rows is None else pending.rows, pending.total), scale)
+            self._apply_rows(
+                slot, *summed_rows(no_rows() if pending.rows is None else pending.rows, pending.total), scale
+            )
         elif not pending.dense and pending.touched is not None:
             rows = np.flatnonzero(pending.touched)
             slot.optimizer.apply_rows(slot.value, rows, pending.total[rows].astype(slot.value.dtype), scale)
         elif pending.total.dtype != slot.value.dtype:
-            slot.optimizer.apply_dense(slot.value, _narrowed(slot, pending.total, scale), 1.0)
+            slot.optimizer.apply_dense(slot.value, narrowed(slot.value, slot.spare, pending.total, scale), 1.0)
         else:
             slot.optimizer.apply_dense(slot.value, pending.total, scale)
         if slot.table is None:
@@ -396,6 +398,13 @@ class Store:
         slot.version += 1
         slot.applied_step = step
         return True
+
+    @staticmethod
+    def _step_total(slot: Slot, zeroed: bool) -> np.ndarray:
+        if slot.table is not None:
+            return np.zeros_like(slot.value)  # a table's rows are appended, not summed in place
+        last, slot.spare_total = slot.spare_total, None
+        return step_total(slot.value, last, zeroed)
 
     # --- pull -----------------------------------------------------------
 
@@ -415,41 +424,3 @@ def _pushed_again(membership: Membership, slot: Slot) -> bool:
     """Elastic: the survivors of a loss push again the step they were in; where the servers had completed
     it (a leader may die between two shards), the push changes nothing, so the step stays applied once."""
     return membership.generation > 0 and membership.generation >= slot.generation
-
-
-def _accumulator(slot: Slot, zeroed: bool) -> np.ndarray:
-    """A BSP step's sum: the slot's last one if it has it (a fresh one faults in every page). Half-precision
-    keys sum in float32, which is both exact enough and fast: numpy's float16 arithmetic has no SIMD."""
-    if slot.table is not None:
-        return np.zeros_like(slot.value)  # a table's rows are appended, not summed in place
-    total, slot.spare_total = slot.spare_total, None
-    if total is None:
-        half = slot.value.dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
-        total = np.empty(slot.value.shape, dtype=np.float32 if half else slot.value.dtype)
-    if zeroed:
-        total.fill(0)
-    return total
-
-
-def _narrowed(slot: Slot, total: np.ndarray, scale: float) -> np.ndarray:
-    """A float32 sum as the key's own dtype, already scaled (optimizers work on same-dtype arrays)."""
-    np.multiply(total, scale, out=total)
-    narrow = slot.spare.pop() if slot.spare else np.empty(slot.value.size, dtype=slot.value.dtype)
-    np.copyto(narrow, total.reshape(-1), casting="same_kind")
-    if len(slot.spare) < 2:
-        slot.spare.append(narrow)  # the optimizer is done with it before the next push arrives
-    return narrow.reshape(slot.value.shape)
-
-
-def _no_rows() -> np.ndarray:
-    return np.empty(0, dtype=np.int64)
-
-
-def _summed(rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique rows and their gradients, duplicates summed (a batch may touch a row many times)."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    if len(unique) == len(rows):
-        return rows, values
-    summed = np.zeros((len(unique), values.shape[1]), dtype=values.dtype)
-    np.add.at(summed, inverse, values)
-    return unique, summed

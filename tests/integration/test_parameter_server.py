@@ -285,3 +285,37 @@ def test_a_new_client_streams_a_key_larger_than_one_message(start_server):
     with ParameterServerClient([server.address], max_message_bytes=8 << 20) as reader:
         values = reader.pull(["a", "b"])  # sizes unknown to this client: it must ask, then stream
         np.testing.assert_array_equal(np.concatenate([values["a"], values["b"]]), value)
+
+
+def test_a_pull_waiting_for_its_bsp_step_gets_unavailable_when_the_shard_shuts_down(start_server, tmp_path):
+    """The waiting pull is answered before the server stops taking calls (it was cancelled, failing with
+    UNKNOWN "Lock is not acquired"); UNAVAILABLE is what clients retry on, against the restarted shard."""
+    server = start_server("ps", "--mode", "bsp", "--num-workers", "2")
+    with ParameterServerClient([server.address]) as client:
+        client.init({"w": np.zeros(4, np.float32)}, sgd(1.0))
+    request = ps.PullRequest(entries=[ps.PullEntry(key="w")], min_version=1, timeout_ms=60_000)
+    with grpc.insecure_channel(server.address) as channel:
+        pull = channel.unary_unary(
+            "/nanodist.v1.ParameterServer/Pull",
+            request_serializer=ps.PullRequest.SerializeToString,
+            response_deserializer=ps.PullResponse.FromString,
+        ).future(request, timeout=60)
+        with pytest.raises(grpc.FutureTimeoutError):
+            pull.result(timeout=1)  # it waits for a step that no one pushes
+        assert server.stop() == 0
+        with pytest.raises(grpc.RpcError) as failed:
+            pull.result(timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    assert "shutting down" in failed.value.details()
+    log = (tmp_path / f"ps-{server.port}.log").read_text()
+    assert "Unexpected" not in log and "Lock is not acquired" not in log, log
+
+
+def test_a_second_server_on_a_held_port_exits_naming_the_port(start_server):
+    first = start_server("ps")
+    second = subprocess.run(
+        nanodist_command("serve", "ps", "--port", str(first.port)), capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode != 0
+    assert f"--port {first.port}: cannot bind 127.0.0.1:{first.port}" in second.stderr, second.stderr
+    assert health_status(first.address) == health_pb2.HealthCheckResponse.SERVING  # the first serves on, alone

@@ -108,10 +108,14 @@ def test_a_script_under_elastic_run_survives_losing_an_mpi_rank_and_the_restarte
     os.kill(victim, signal.SIGKILL)
     assert run.finish() == 0, run.text[-4000:]
     assert "mpi group 0 exited with status" in run.text and "starting it again (restart 1 of 1)" in run.text
-    (left,) = [line for line in run.text.splitlines() if "generation 1: 2 workers (was 4)" in line]
-    assert "left: rank 0 (" in left and f":{victim})" in left, left
-    (joined,) = [line for line in run.text.splitlines() if "generation 2: 4 workers (was 2)" in line]
-    assert "left: none; joined: " in joined, joined
+    # The survivors' regroup and the group's restart race: the restarted group may enter the generation
+    # that the loss starts (4 workers again) or a later one (2, then 4). Either way the loss is logged once,
+    # naming the killed rank, the restarted ranks are logged as joining, and the job ends with 4 workers.
+    changes = [line for line in run.text.splitlines() if re.search(r"generation \d+: \d+ workers \(was \d+\)", line)]
+    (left,) = [line for line in changes if f":{victim})" in line.split("joined:")[0]]
+    assert "left: rank 0 (" in left, changes
+    assert any("joined: none" not in line for line in changes), changes
+    assert re.search(r"generation \d+: 4 workers", changes[-1]), changes
     params, _ = finished(tmp_path)
     assert len(params) == 4  # the TCP pair and the restarted MPI pair
     assert_equal_everywhere(params)
