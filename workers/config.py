@@ -48,14 +48,15 @@ class JobConfig(Endpoints):
     join_window: float = setting(
         5.0,
         flag="--join-window",
-        help="with --group-size 0: the group closes after this many seconds without a new member",
+        help="a TCP group whose size is not fixed (nanodist worker --group-size 0; every group of nanodist run "
+        "--elastic) closes after this many seconds without a new member",
     )
     timeout: float = setting(60.0, flag="--timeout", help="longest wait for any peer, server or barrier, in seconds")
     elastic: bool = setting(
         False,
         flag="--elastic",
         help="keep training when a worker is lost: the others form a new generation without it "
-        "(a TCP group of --group-size 0 re-forms; an MPI group leaves whole and may come back)",
+        "(a TCP group re-forms with the workers left; an MPI group leaves whole and may come back)",
     )
     min_workers: int = setting(1, flag="--min-workers", help="with --elastic: stop when fewer workers are left")
     regroup_window: float = setting(
