@@ -11,7 +11,7 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto docs certs test lint demo demo-pipeline demo-torch demo-ctr bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs \
+.PHONY: setup proto docs certs test test-fast lint demo demo-pipeline demo-torch demo-ctr bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs \
 	stack-up stack-down
 
 setup: $(STAMP)
@@ -39,9 +39,16 @@ certs: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python protos/apitools.py docs
 
-# Two streams: most tests wait on processes and timeouts more than they compute.
+# Everything, what CI runs: the docker tests (images built on first need, the three-node swarm of
+# e2e-multihost included) in one stream, the rest in three more. Most tests wait on processes, leases
+# and timeouts more than they compute, so four streams keep two cores busy.
 test: $(TORCH_STAMP)
-	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=25
+	NANODIST_MULTIHOST=1 $(BIN)/pytest -q -n 4 --dist loadgroup --durations=25
+
+# The inner loop, a few minutes: unit tests and the integration tests not marked slow (no docker, no
+# training to an accuracy, no Rust build).
+test-fast: $(TORCH_STAMP)
+	$(BIN)/pytest -q -n 4 -m "not slow" tests/unit tests/integration --durations=10
 
 # The whole cluster as local processes: 2 parameter-server shards, barrier, lock,
 # an MPI group and a TCP group of 2 workers each, training on scikit-learn's digits.

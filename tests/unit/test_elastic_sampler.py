@@ -57,3 +57,18 @@ def test_a_new_epoch_starts_over_in_a_new_order_and_the_same_epoch_keeps_its_pla
     first = list(sampler)
     sampler.set_epoch(1)
     assert len(sampler) == 40 and sorted(sampler) == list(range(40)) and list(sampler)[:32] != first
+
+
+def test_processed_indices_are_every_worker_s_before_a_change_and_this_one_s_since():
+    three = samplers(101, 3)
+    before = train(three, 2)
+    survivor = three[1]
+    survivor.reshard(0, 2)
+    assert survivor.processed_indices == set(before)
+    shard = list(survivor)
+    survivor.record_batch(0, BATCH)
+    assert survivor.processed_indices == set(before) | set(shard[:BATCH])
+    saved = survivor.state_dict()
+    survivor.record_batch(2, BATCH)
+    survivor.load_state_dict(saved)  # a rollback forgets what was trained on after the commit
+    assert survivor.processed_indices == set(before) | set(shard[:BATCH])

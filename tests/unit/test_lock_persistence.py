@@ -92,6 +92,8 @@ def test_the_log_is_bounded_by_snapshots_and_a_damaged_snapshot_falls_back(tmp_p
             p.store.add("counter", 1, f"id-{i}")
             p.store.set(f"key-{i % 7}", str(i).encode())
             await asyncio.sleep(0)  # let snapshots run as they would between calls
+            while p._tasks:  # and finish before the next change: how fast a thread writes is not the bound's
+                await asyncio.sleep(0.001)
 
     run_service(directory, work, max_log_bytes=4096)
     taken = snapshot.lsns(directory)

@@ -78,12 +78,21 @@ class ElasticSampler(torch.utils.data.Sampler[int]):
         self.done = 0
         self.rank, self.size = rank, size
 
-    def _shard(self) -> np.ndarray:
+    @property
+    def processed_indices(self) -> set[int]:
+        """The samples of this epoch trained on, as this worker's state has it: every worker's before the
+        last change of membership, and this worker's since (Horovod's name). A rollback to a commit, or a
+        sync to rank 0's state, forgets the samples trained on after it."""
+        order = self._order()
+        return set(order[: self.offset].tolist()) | set(self._shard()[: self.done].tolist())
+
+    def _order(self) -> np.ndarray:
         if self.shuffle:
-            order = np.random.default_rng(self.seed + self.epoch).permutation(self.length)
-        else:
-            order = np.arange(self.length)
-        left = order[self.offset :]
+            return np.random.default_rng(self.seed + self.epoch).permutation(self.length)
+        return np.arange(self.length)
+
+    def _shard(self) -> np.ndarray:
+        left = self._order()[self.offset :]
         usable = len(left) // self.size * self.size
         return left[self.rank : usable : self.size]
 

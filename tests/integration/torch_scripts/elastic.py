@@ -38,8 +38,18 @@ def main() -> None:
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), named_parameters=model.named_parameters()
     )
     state = nd.elastic.TorchState(model, optimizer, sampler=sampler, epoch=0)
-    state.register_reset_callbacks([lambda: print(f"reset: rank {nd.rank()} of {nd.size()}", flush=True)])
     trained: dict[int, list[int]] = {}  # epoch -> the samples this worker trained on (and kept)
+
+    def forget_rolled_back() -> None:
+        """After a loss every worker takes rank 0's last commit, which may be older than this worker's: what
+        it trained on since is trained on again, by whoever the sampler now gives it to."""
+        for epoch in [e for e in trained if e > state.epoch]:
+            del trained[epoch]
+        kept = sampler.processed_indices
+        trained[state.epoch] = [i for i in trained.get(state.epoch, []) if i in kept]
+        print(f"reset: rank {nd.rank()} of {nd.size()}", flush=True)
+
+    state.register_reset_callbacks([forget_rolled_back])
 
     @nd.elastic.run
     def train(state: nd.elastic.TorchState) -> None:
