@@ -144,3 +144,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in item.nodeid or item.nodeid.startswith("e2e/"):
             item.add_marker(pytest.mark.xdist_group("docker"))
+        if any(f"{tier}/" in item.nodeid.split("::")[0] for tier in ("e2e", "interop")):
+            item.add_marker(pytest.mark.slow)  # containers, or a Rust build: make test, not test-fast

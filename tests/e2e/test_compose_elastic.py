@@ -16,11 +16,11 @@ ELASTIC = ["-f", "docker-compose.yml", "-f", "docker-compose.elastic.yml"]
 MPI_RANKS = 2  # the mpi-group container's
 
 
-def start(cluster, workers: int, epochs: int) -> tuple[Cluster, dict[int, str]]:
+def start(cluster, workers: int, epochs: int, slow_ms: int = 0) -> tuple[Cluster, dict[int, str]]:
     """The cluster with `workers` worker containers, once all train in its first generation; returns
     rank -> container (the TCP group's ranks come first). A long join window lets every container in,
-    however slowly it starts."""
-    c = cluster(NANODIST_EPOCHS=str(epochs), NANODIST_JOIN_WINDOW="10")
+    however slowly it starts. slow_ms: a pause per step, so that the job lasts a while on a fast machine too."""
+    c = cluster(NANODIST_EPOCHS=str(epochs), NANODIST_JOIN_WINDOW="10", NANODIST_SLOW_MS=str(slow_ms))
     c.files = ELASTIC
     up = c.compose("up", "-d", "--no-build", "--scale", f"worker={workers}")
     assert up.returncode == 0, up.stderr
@@ -58,7 +58,9 @@ def wait_for(c: Cluster, containers: list[str], text: str, timeout: float = 120)
 
 
 def test_a_stopped_worker_is_left_behind_a_crashed_mpi_group_restarts_and_rejoins_and_the_job_completes(cluster):
-    c, ranks = start(cluster, 3, epochs=60)
+    # The job must outlast a loss, a container's restart and its rejoining: 60 epochs of at least 18 steps of
+    # 30 ms, over half a minute however fast the machine trains.
+    c, ranks = start(cluster, 3, epochs=60, slow_ms=30)
     (mpi,) = c.containers("mpi-group")
     world = 3 + MPI_RANKS
     subprocess.run(["docker", "kill", ranks[1]], check=True, capture_output=True)  # a manual stop: no restart

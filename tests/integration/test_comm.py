@@ -39,6 +39,7 @@ def tcp_group(lock_address: str, n: int, *args: str, shm: bool = True) -> list[s
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3])
 def test_mpi_collectives_match_numpy(n):
     result = mpiexec(n, "all", "mpi")
@@ -52,6 +53,7 @@ def test_mpi_dtype_mismatch_is_reported():
     assert "disagree on allreduce" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("n", "shm"), [(2, True), (3, True), (4, True), (3, False)])
 def test_tcp_collectives_match_numpy_after_rendezvous_through_the_lock_service(start_server, n, shm):
     lock = start_server("lock")

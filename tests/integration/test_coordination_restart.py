@@ -6,6 +6,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from nanodist.client import BarrierClient, KVStore, LockClient, Unavailable
 from nanodist.client.retry import NO_RETRY
@@ -22,6 +23,7 @@ def kill(server) -> None:
     server.process.wait()
 
 
+@pytest.mark.slow
 def test_every_acknowledged_kv_change_survives_kill_9_and_counters_continue(start_server, tmp_path):
     state = tmp_path / "lock-state"
     args = ("--state-dir", str(state), "--max-log-bytes", str(16 << 10))  # snapshots while writes are in flight
@@ -100,6 +102,7 @@ def test_a_retried_add_swap_or_acquire_is_applied_once_across_a_restart(start_se
         assert [h.fencing_token for h in state.holders] == [first[2].fencing_token]
 
 
+@pytest.mark.slow
 def test_a_client_mid_sequence_and_a_held_lock_ride_through_a_restart(start_server, tmp_path):
     args = ("--state-dir", str(tmp_path / "lock-state"))
     server = start_server("lock", *args)

@@ -117,6 +117,7 @@ def test_checkpoint_mode_loses_what_came_after_the_last_checkpoint(start_server,
         assert client.pull(["w"])["w"][0] == 2.0
 
 
+@pytest.mark.slow
 def test_training_rides_through_a_parameter_server_kill_9_and_restart(start_server, tmp_path):
     args = ("--mode", "bsp", "--num-workers", "1", "--durability", "wal")
     shards = [start_server("ps", *args, "--checkpoint-dir", str(tmp_path / f"ps{i}")) for i in range(2)]

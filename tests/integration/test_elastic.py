@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import nanodist_command
 
+pytestmark = pytest.mark.slow  # trains, or runs the whole cluster: make test, not test-fast
+
 
 def start_workers(start_server, tmp_path, count: int, *extra: str) -> tuple[str, list[subprocess.Popen[str]]]:
     ps = start_server("ps", "--mode", "bsp", "--num-workers", "1")

@@ -5,12 +5,15 @@ import subprocess
 import time
 import uuid
 
+import pytest
+
 from nanodist.client import LockClient
 from tests.conftest import nanodist_command
 from tests.integration.test_elastic import Output
 from tests.integration.test_lock import wait_until
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_step_is_named_by_the_survivor_through_its_lease(start_server, tmp_path):
     ps = start_server("ps", "--mode", "bsp", "--num-workers", "2")
     barrier, lock = start_server("barrier"), start_server("lock")

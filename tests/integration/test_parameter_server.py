@@ -94,6 +94,7 @@ def test_client_retries_unavailable_until_the_server_comes_up(tmp_path):
         client.close()
 
 
+@pytest.mark.slow
 def test_pull_of_a_300_mb_tensor(start_server):
     server = start_server("ps")
     value = np.arange(75_000_000, dtype=np.float32)  # 300 MB

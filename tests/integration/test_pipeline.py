@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import nanodist_command
 from tests.integration.reference import assert_matches_single_process
 
+pytestmark = pytest.mark.slow  # trains, or runs the whole cluster: make test, not test-fast
+
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
 HIDDEN = (32, 32, 16)  # four layers: enough for three stages
 

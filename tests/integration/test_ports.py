@@ -3,8 +3,12 @@ and reports the port it got (--port-file), so no port is picked, closed and then
 
 from __future__ import annotations
 
+import pytest
+
 from nanodist.workers.launcher import Cluster
 from tests.conftest import health_status
+
+pytestmark = pytest.mark.slow  # trains, or runs the whole cluster: make test, not test-fast
 
 
 def test_many_services_launched_in_a_row_each_hold_a_port_of_their_own():

@@ -79,16 +79,19 @@ def assert_runs_alone_and_launched(tmp_path, name: str, world: int, *launch: str
     assert all(f"rank {r} of {world} done" in job.stdout for r in range(world)), job.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_torch_example_runs_alone_and_under_nanodist_run(tmp_path) -> None:
     """The script of docs/torch.md, and 4 workers of it (an MPI and a TCP group)."""
     assert_runs_alone_and_launched(tmp_path, "torch", 4, "--groups", "mpi:2,tcp:2")
 
 
+@pytest.mark.slow
 def test_elastic_example_runs_alone_and_under_nanodist_run_elastic(tmp_path) -> None:
     """The script of docs/torch.md's elastic section, and an elastic group of 2 of it."""
     assert_runs_alone_and_launched(tmp_path, "elastic", 2, "--elastic", "--groups", "tcp:2")
 
 
+@pytest.mark.slow
 def test_embeddings_example_runs_under_nanodist_run(tmp_path) -> None:
     """The script of docs/embeddings.md (10M- and 5M-row tables) runs as 2 workers of a TCP group."""
     script = tmp_path / "train.py"

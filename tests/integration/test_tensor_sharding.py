@@ -12,6 +12,7 @@ def shards(start_server):
     return [start_server("ps").address for _ in range(2)]
 
 
+@pytest.mark.slow
 def test_a_64_mib_parameter_split_over_two_shards_round_trips_exactly(shards):
     value = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)  # 64 MiB
     grad = np.random.default_rng(1).standard_normal((4096, 4096), dtype=np.float32)

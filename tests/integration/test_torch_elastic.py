@@ -13,12 +13,15 @@ import sys
 import uuid
 
 import numpy as np
+import pytest
 
 from nanodist.workers.config import JobConfig
 from nanodist.workers.settings import to_environment
 from tests.conftest import nanodist_command
 from tests.integration.test_elastic import Output
 from tests.integration.test_torch import SCRIPTS
+
+pytestmark = pytest.mark.slow  # trains, or runs the whole cluster: make test, not test-fast
 
 SCRIPT = os.path.join(SCRIPTS, "elastic.py")
 

@@ -11,6 +11,8 @@ import pytest
 from tests.integration.test_torch import SCRIPTS, assert_ran, final_states, nanodist_run
 from tests.integration.torch_scripts.tables import reference
 
+pytestmark = pytest.mark.slow  # trains, or runs the whole cluster: make test, not test-fast
+
 
 @pytest.mark.parametrize(
     ("layout", "optimizer", "kind", "prefetch"),

@@ -42,6 +42,7 @@ def up(tmp_path, *args: str, timeout: float = 300) -> tuple[subprocess.Completed
     return result, run_id
 
 
+@pytest.mark.slow
 def test_up_trains_digits_to_95_percent_and_leaves_nothing_behind(tmp_path):
     result, run_id = up(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -57,6 +58,7 @@ def test_up_trains_digits_to_95_percent_and_leaves_nothing_behind(tmp_path):
     assert processes_mentioning(run_id) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["asp", "ssp"])
 def test_asynchronous_modes_converge(tmp_path, mode):
     result, run_id = up(tmp_path, "--mode", mode, "--staleness", "2")
@@ -65,6 +67,7 @@ def test_asynchronous_modes_converge(tmp_path, mode):
     assert metrics["final_test_accuracy"] >= 0.93
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_exits_non_zero(tmp_path):
     run_id = f"t-{uuid.uuid4().hex[:8]}"
     process = subprocess.Popen(
@@ -83,6 +86,7 @@ def test_ctrl_c_stops_every_process_and_exits_non_zero(tmp_path):
     assert processes_mentioning(run_id) == []
 
 
+@pytest.mark.slow
 def test_a_failing_worker_stops_the_cluster_and_is_named(tmp_path):
     result, run_id = up(tmp_path, "--batch-size", "5000", timeout=120)
     assert result.returncode == 1
@@ -120,6 +124,7 @@ def elastic_up_losing_a_worker(
     return output, victim, json.loads((tmp_path / run_id / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_an_elastic_up_goes_on_without_a_worker_killed_mid_training(tmp_path):
     output, _, metrics = elastic_up_losing_a_worker(tmp_path)
     assert "exited with status -9; the others go on" in output
@@ -127,6 +132,7 @@ def test_an_elastic_up_goes_on_without_a_worker_killed_mid_training(tmp_path):
     assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
 
 
+@pytest.mark.slow
 def test_an_elastic_up_starts_a_killed_worker_again_and_it_rejoins(tmp_path):
     # Steps that sleep leave the restarted process the CPU to start (tens of seconds on 2 busy cores
     # otherwise) and the job time to still be training when it arrives.
@@ -138,6 +144,7 @@ def test_an_elastic_up_starts_a_killed_worker_again_and_it_rejoins(tmp_path):
     assert metrics["world_size"] == 3 and metrics["final_test_accuracy"] >= 0.95, output[-3000:]
 
 
+@pytest.mark.slow
 def test_an_elastic_up_restarts_an_mpi_group_that_lost_a_rank_and_it_rejoins(tmp_path):
     # An MPI group cannot shrink: it leaves the job whole, the TCP group goes on, and the group started again
     # comes back as a whole (at the next epoch boundary, or in the survivors' regroup if it is quick).
@@ -208,6 +215,7 @@ LAYOUTS = {  # name: (TCP workers, their --group-size, flat, pushers the servers
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_synchronous_training_equals_single_process_training_on_the_combined_batch(start_server, tmp_path, layout):
     tcp_workers, tcp_group_size, flat, pushers = LAYOUTS[layout]
@@ -244,6 +252,7 @@ def test_synchronous_training_equals_single_process_training_on_the_combined_bat
     assert_matches_single_process(dump, (64, 64, 10), shards=world, steps=steps, lr=lr, batch=batch, seed=seed)
 
 
+@pytest.mark.slow
 def test_ssp_fast_workers_never_run_more_than_s_steps_ahead_of_a_slow_one(start_server, tmp_path):
     staleness = 2
     ps = start_server("ps", "--mode", "ssp", "--num-workers", "3", "--staleness", str(staleness))
@@ -286,6 +295,7 @@ def test_ssp_fast_workers_never_run_more_than_s_steps_ahead_of_a_slow_one(start_
     assert max(leads["0"]) == staleness, "the fast workers should have run ahead up to the bound"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -11,6 +11,7 @@ from nanodist.client.health import wait_serving
 from tests.conftest import free_port, nanodist_command
 
 
+@pytest.mark.slow
 def test_a_worker_started_before_its_services_waits_for_them_and_trains(start_server, tmp_path):
     ports = {role: free_port() for role in ("ps", "barrier", "lock")}
     address = {role: f"127.0.0.1:{port}" for role, port in ports.items()}

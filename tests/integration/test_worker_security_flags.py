@@ -11,6 +11,8 @@ from nanodist.client import ClientSecurity
 from nanodist.services.common.devcerts import make_ca, make_leaf
 from tests.conftest import nanodist_command
 
+pytestmark = pytest.mark.slow  # trains, or runs the whole cluster: make test, not test-fast
+
 SECURITY_VARIABLES = ("TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "TLS_SERVER_NAME", "AUTH_TOKEN_FILE")
 
 
