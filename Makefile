@@ -42,7 +42,9 @@ docs: $(STAMP)
 # Everything, what CI runs: the docker tests (images built on first need, the three-node swarm of
 # e2e-multihost included) in one stream, the rest in two more. The docker stream is the longest, and its
 # work runs in containers, which dockerd starts outside this process tree: `nice` gives them the cores first.
-test: $(TORCH_STAMP)
+test: $(STAMP)
+	@# The images build while torch installs: they are the first need of the docker stream, the longest.
+	$(MAKE) -j2 $(TORCH_STAMP) test-images
 	NANODIST_MULTIHOST=1 nice -n 10 $(BIN)/pytest -q -n 3 --dist loadgroup --durations=25
 
 # The inner loop, a few minutes: unit tests and the integration tests not marked slow (no docker, no
@@ -181,15 +183,26 @@ up-torch: docker docker-torch
 
 # docker-stack.yml on a swarm of three docker-in-docker nodes made on this machine and removed after
 # (tests/e2e/test_multihost.py): training across the nodes, then a node killed mid-run. 2-4 minutes
-# once the images exist; the default test run skips it. Never touches this engine's own swarm.
-.PHONY: e2e-multihost e2e-torch
-e2e-multihost: docker-base docker
+# once the images exist; make test runs it too, this target alone. Never touches this engine's own swarm.
+.PHONY: e2e-multihost e2e-torch docker-node test-images
+e2e-multihost: docker-base docker docker-node
 	NANODIST_MULTIHOST=1 $(BIN)/pytest -s -q tests/e2e/test_multihost.py
 
 # docker-compose.torch.yml's worker containers train examples/digits_cnn.py (tests/e2e/test_compose_torch.py);
-# the default test run skips it, as the torch image alone takes about 10 minutes to build here.
+# make test skips it, as the torch image alone takes about 10 minutes to build here.
 e2e-torch: $(TORCH_STAMP)
 	NANODIST_E2E_TORCH=1 $(BIN)/pytest -s -q tests/e2e/test_compose_torch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# The docker-in-docker node of e2e-multihost: Debian's docker.io on the offline base, with only its two
+# files as the build context (cached after the first build).
+NODE_IMAGE := nanodist-node:bookworm
+docker-node: docker-base
+	tar -c -C docker node.Dockerfile node-entrypoint.sh | docker build --quiet --file=node.Dockerfile \
+		--build-arg BASE_IMAGE=$(OFFLINE_BASE) --tag $(NODE_IMAGE) -
+
+# Every image make test's docker stream needs, one build after another (two would fill one wheelhouse).
+test-images: docker
+	$(MAKE) docker-node

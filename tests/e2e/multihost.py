@@ -21,7 +21,6 @@ from typing import TypeVar
 from tests.conftest import ROOT
 
 NODE_IMAGE = "nanodist-node:bookworm"
-BASE_IMAGE = "nanodist-base:bookworm"
 
 # The capabilities of --privileged except CAP_SYS_RESOURCE. --privileged asks for every capability,
 # and an engine whose own bounding set lacks one (CAP_SYS_RESOURCE on some CI machines) cannot start
@@ -87,19 +86,6 @@ def docker(*args: str, timeout: float = 120, stdin: int | None = None, check: bo
     if check and result.returncode != 0:
         raise RuntimeError(f"docker {' '.join(args)}: exit {result.returncode}: {result.stderr.strip()}")
     return result.stdout
-
-
-def build_node_image(base: str = BASE_IMAGE, tag: str = NODE_IMAGE) -> None:
-    """docker/node.Dockerfile on the offline base, with only its two files as the context (cached)."""
-    files = ["node.Dockerfile", "node-entrypoint.sh"]
-    tar = subprocess.Popen(["tar", "-c", "-C", os.path.join(ROOT, "docker"), *files], stdout=subprocess.PIPE)
-    assert tar.stdout is not None
-    try:
-        build = ["build", "--quiet", "--file=node.Dockerfile", f"--build-arg=BASE_IMAGE={base}", f"--tag={tag}"]
-        docker(*build, "-", stdin=tar.stdout.fileno(), timeout=900)
-    finally:
-        tar.stdout.close()
-        tar.wait()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """docker-stack.yml on a swarm of three hosts (docker-in-docker nodes on this machine): the shards on
 different nodes, the workers on all three, training to completion; then a node dies mid-training.
 
-Several minutes of work, so the default test run skips it: `make e2e-multihost` runs it (or
+Several minutes of work, so a plain `pytest` skips it: `make test` and `make e2e-multihost` run it (as does
 NANODIST_MULTIHOST=1 .venv/bin/pytest -s tests/e2e/test_multihost.py).
 """
 
@@ -24,7 +24,6 @@ from tests.e2e.multihost import (
     NotYet,
     Swarm,
     Task,
-    build_node_image,
     docker,
     newest,
     placement,
@@ -32,7 +31,10 @@ from tests.e2e.multihost import (
 )
 
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("NANODIST_MULTIHOST") != "1", reason="make e2e-multihost runs it"),
+    pytest.mark.skipif(
+        os.environ.get("NANODIST_MULTIHOST") != "1",
+        reason="make test and make e2e-multihost run it (NANODIST_MULTIHOST=1)",
+    ),
     pytest.mark.timeout(1200),
 ]
 
@@ -59,7 +61,7 @@ def clock() -> Clock:
 def swarm(clock: Clock) -> Iterator[Swarm]:
     if not docker("image", "ls", "-q", IMAGE).strip():
         build_images("docker")
-    build_node_image()
+    build_images("docker-node")
     clock("node image ready")
     nodes = Swarm(3, clock)
     try:

@@ -23,6 +23,7 @@ def tensor(shape: list[int], dtype: int = tensor_pb2.FLOAT32) -> tensor_pb2.Tens
         [2**31, 2**31, 4],  # 2**64 elements: wraps to 0 in int64
         [2**62, 4],  # 2**64 elements
         [2**61, 1],  # elements fit in int64, but their bytes do not
+        [0, 2**31, 2**31],  # no elements, but numpy refuses an empty array whose other dimensions pass the limit
     ],
 )
 def test_an_overflowing_shape_is_too_large(shape: list[int]) -> None:

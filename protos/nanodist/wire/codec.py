@@ -98,13 +98,15 @@ def check_shape(shape: list[int], path: str, itemsize: int = 1) -> int:
         raise CodecError(f"{path}.shape: {len(shape)} dimensions, at most {MAX_DIMS} allowed")
     if any(d < 0 for d in shape):
         raise CodecError(f"{path}.shape: negative dimension in {shape}")
-    count = math.prod(shape)
-    if count * itemsize > MAX_TENSOR_BYTES:
+    # numpy refuses a shape whose nonzero dimensions alone pass the limit even when another one is 0 (an
+    # empty [0, 2**31, 2**31] of float32), so those are what is bounded; without a 0 they are the count.
+    extent = math.prod(d for d in shape if d)
+    if extent * itemsize > MAX_TENSOR_BYTES:
         raise CodecError(
-            f"{path}.shape: {shape} is too large: {count} elements of {itemsize} bytes pass the limit "
+            f"{path}.shape: {shape} is too large: {extent} elements of {itemsize} bytes pass the limit "
             f"of {MAX_TENSOR_BYTES} bytes (2**63 - 1) per tensor"
         )
-    return count
+    return math.prod(shape)
 
 
 def decode_tensor(buf: memoryview, span: tuple[int, int], path: str = "tensor") -> np.ndarray:
