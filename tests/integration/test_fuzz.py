@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanodist.client import NanodistError, ParameterServerClient
+from nanodist.ports import read_port_file
 from nanodist.v1 import barrier_pb2, lock_pb2, parameter_server_pb2
-from tests.conftest import free_port, health_status, nanodist_command, wait_healthy
+from tests.conftest import health_status, nanodist_command, wait_healthy
 
 SERVICES = {
     "ps": [parameter_server_pb2.DESCRIPTOR.services_by_name["ParameterServer"]],
@@ -26,11 +27,13 @@ METHODS = [
 
 
 @pytest.fixture(scope="module")
-def servers():
+def servers(tmp_path_factory):
     started = {}
     for role in SERVICES:
-        port = free_port()
-        process = subprocess.Popen(nanodist_command("serve", role, "--port", str(port)), stderr=subprocess.DEVNULL)
+        port_file = str(tmp_path_factory.mktemp(role) / "port")
+        command = nanodist_command("serve", role, "--port", "0", "--port-file", port_file)
+        process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        port = read_port_file(port_file, process.poll, 30, f"nanodist serve {role}")
         wait_healthy(f"127.0.0.1:{port}", process)
         started[role] = (process, f"127.0.0.1:{port}")
     with ParameterServerClient([started["ps"][1]]) as client:
