@@ -79,7 +79,9 @@ def test_a_stopped_worker_is_left_behind_a_crashed_mpi_group_restarts_and_rejoin
 
 
 def test_a_worker_cut_off_from_the_network_is_left_behind_within_the_lease_ttl(cluster):
-    c, ranks = start(cluster, 3, epochs=20)  # 40 s here: the cut is noticed within 6 s
+    # A job that cannot end before the cut lands, however slowly this test gets to it: it is stopped once the
+    # survivors train on without the cut-off worker (test_elastic's frozen worker runs such a job to its end).
+    c, ranks = start(cluster, 3, epochs=1000)
     victim = ranks[2]
     (mpi,) = c.containers("mpi-group")
     (network,) = c.state(victim)["NetworkSettings"]["Networks"]
@@ -98,9 +100,13 @@ def test_a_worker_cut_off_from_the_network_is_left_behind_within_the_lease_ttl(c
     stopped = time.monotonic() - cut_at
     assert c.state(victim)["RestartCount"] or c.state(victim)["State"]["ExitCode"] == 1, c.state(victim)["State"]
     assert "the job goes on without it" in c.logs(victim), c.logs(victim)[-3000:]
-    metrics = finish(c, survivors)
-    assert metrics["world_size"] == 2 + MPI_RANKS and metrics["final_test_accuracy"] >= 0.95
-    subprocess.run(["docker", "network", "connect", network, victim], check=True, capture_output=True)
+    world = 3 + MPI_RANKS
+    wait_for(c, survivors, f"generation 1: {world - 1} workers (was {world}); left: rank 2")
+    (leader,) = [w for w in survivors if f"generation 1: {world - 1} workers" in c.logs(w)]
+    deadline = time.monotonic() + 120
+    while " step " not in c.logs(leader).split(f"generation 1: {world - 1} workers")[1]:  # they train on
+        assert time.monotonic() < deadline, c.logs(leader)[-2000:]
+        time.sleep(1)
     # Both within 60 s (the loops above), half the workers' --timeout of 120 s: the session lease told them, not
     # a timeout. How soon (the TTL, 5 s, and half a second of watching) is bench/recovery.py's to measure.
     print(f"\ncut off: the survivors went on after {noticed:.1f} s, the cut-off worker stopped after {stopped:.1f} s")

@@ -58,7 +58,21 @@ def group_rank(worker: subprocess.Popen[str]) -> int:
 )
 def test_a_group_of_three_loses_a_worker_to_kill_9_and_finishes_with_two(start_server, tmp_path, victim_rank, layout):
     flat = ["--flat"] if layout == "flat" else []
-    run_id, workers = start_workers(start_server, tmp_path, 3, "--epochs", "8", "--min-workers", "2", *flat)
+    # All three in the first generation, however slowly they start: it closes once the third is in.
+    run_id, workers = start_workers(
+        start_server,
+        tmp_path,
+        3,
+        "--epochs",
+        "8",
+        "--min-workers",
+        "2",
+        "--join-window",
+        "30",
+        "--max-workers",
+        "3",
+        *flat,
+    )
     ranks = [group_rank(w) for w in workers]
     victim = workers[ranks.index(victim_rank)]
     survivors = [w for w in workers if w is not victim]
@@ -74,7 +88,10 @@ def test_a_group_of_three_loses_a_worker_to_kill_9_and_finishes_with_two(start_s
 
 
 def test_below_min_workers_the_job_stops_naming_who_left(start_server, tmp_path):
-    _, (survivor, victim) = start_workers(start_server, tmp_path, 2, "--epochs", "1000", "--min-workers", "2")
+    # Both in the first generation, however slowly they start: it closes once the second is in.
+    _, (survivor, victim) = start_workers(
+        start_server, tmp_path, 2, "--epochs", "1000", "--min-workers", "2", "--join-window", "30", "--max-workers", "2"
+    )
     kill_once_training(victim)
     output = survivor.communicate(timeout=120)[0]
     assert survivor.returncode == 2, output[-3000:]
