@@ -83,8 +83,13 @@ def test_the_stack_trains_on_a_swarm_through_a_shard_killed_and_restarted_with_i
     assert metrics["world_size"] == 5 and metrics["final_test_accuracy"] >= 0.95
     log = s.logs("worker")
     assert all(f"member {r} of 3" in log for r in range(3)), log[-3000:]  # ranks from the counter
+    # The new task serves once its health check passes; the swarm may still call it Starting until then.
+    deadline = time.monotonic() + 120
     shard_tasks = s.tasks(victim)
-    assert [t.state.split()[0] for t in shard_tasks] == ["Running", "Failed"], shard_tasks
+    while [t.state.split()[0] for t in shard_tasks] != ["Running", "Failed"]:
+        assert time.monotonic() < deadline, shard_tasks
+        time.sleep(1)
+        shard_tasks = s.tasks(victim)
     assert "exit (137)" in shard_tasks[1].error
     assert "replayed" in s.logs(victim), s.logs(victim)[-3000:]  # the new task read the old one's WAL
     # The state services publish their ports on their node: the host reaches them.
