@@ -160,6 +160,7 @@ class Cluster:
         self.watch_for = watch_for
         self.first_failure: str | None = None
         self._scratch: str | None = None  # the servers' port files
+        self._streams: list[threading.Thread] = []  # one per child process, forwarding its output
 
     def serve(self, name: str, role: str, args: list[str], timeout: float) -> str:
         """Start `nanodist serve ROLE` on a port it binds itself (so that no other process holds it);
@@ -181,8 +182,13 @@ class Cluster:
         merged = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         child = Child(name, self._start(argv, merged), server, argv, merged)
         self.children.append(child)
-        threading.Thread(target=self._stream, args=(child,), daemon=True).start()
+        self._forward(child)
         return child
+
+    def _forward(self, child: Child) -> None:
+        thread = threading.Thread(target=self._stream, args=(child,), daemon=True)
+        thread.start()
+        self._streams.append(thread)
 
     @staticmethod
     def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -194,7 +200,7 @@ class Cluster:
         """Start a child that exited again, with the same command and environment."""
         _signal_group(child.process, signal.SIGKILL)  # what is left of it: an MPI group's other ranks
         child.process = self._start(child.argv, child.env)
-        threading.Thread(target=self._stream, args=(child,), daemon=True).start()
+        self._forward(child)
 
     def _stream(self, child: Child) -> None:
         assert child.process.stdout is not None
@@ -280,6 +286,10 @@ class Cluster:
                 pass
             _signal_group(child.process, signal.SIGKILL)  # any rank mpiexec left behind
             child.process.wait()
+        # A forwarding thread still printing when the interpreter exits holds stdout's lock, and Python
+        # aborts (SIGABRT) instead of exiting with the launcher's status: let them finish first.
+        for thread in self._streams:
+            thread.join(timeout=5)
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
