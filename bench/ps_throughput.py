@@ -1,16 +1,23 @@
-"""Push and pull throughput of the parameter server against a raw gRPC bytes anchor.
+"""Push and pull throughput of a parameter-server shard on each carrier, against the machine's anchors.
 
-Both servers run as separate processes on 127.0.0.1 with the same allocator
-settings; the client runs here. Calls alternate between the two so that
-machine noise hits both alike. Prints GB/s (medians) and nanodist / raw.
+Anchors, measured in the same run: memcpy (np.copyto), a TCP socket between two
+processes (bench/socket_sink.py: sendall / recv_into, no protocol), and raw gRPC
+bytes (bench/raw_echo_server.py, identity serializers). The shard is pushed to
+and pulled from, from this process, over plain gRPC (lanes off), the TCP lane
+and the local (shared-memory) lane. Calls alternate within each round so that
+machine noise hits all alike. Prints GB/s (medians) and each path's ratio to
+the socket and to raw gRPC.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
+import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -18,9 +25,10 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MALLOC_ENV, free_port, serve, start, stop_all, table, wait_ready  # noqa: E402
+from common import MALLOC_ENV, serve, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
+from nanodist.ports import read_port_file  # noqa: E402
 
 MAX = 1 << 30
 
@@ -38,39 +46,67 @@ def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def measure(client: ParameterServerClient, channel: grpc.Channel, mb: int, rounds: int) -> list[object]:
+CARRIERS = {"gRPC": "off", "TCP lane": "tcp", "local lane": "on"}
+FRAME = struct.Struct("<cQ")  # bench/socket_sink.py's frame
+
+
+class SocketAnchor:
+    """Pushes to and pulls from bench/socket_sink.py: the most a socket between two processes moves."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def push(self, data: memoryview) -> None:
+        self.sock.sendall(FRAME.pack(b"P", len(data)))
+        self.sock.sendall(data)
+        self.sock.recv(1, socket.MSG_WAITALL)
+
+    def pull(self, out: memoryview) -> None:
+        self.sock.sendall(FRAME.pack(b"L", len(out)))
+        got = 0
+        while got < len(out):
+            got += self.sock.recv_into(out[got:])
+
+
+def measure(
+    clients: dict[str, ParameterServerClient], channel: grpc.Channel, anchor: SocketAnchor, mb: int, rounds: int
+) -> list[list[object]]:
     size = mb << 20
     payload = np.random.default_rng(0).random(size // 4, dtype=np.float32)
+    out = np.empty_like(payload)
     blob = payload.tobytes()
     key = f"bench/{mb}mb"
-    client.init({key: payload}, sgd(1e-9))
+    next(iter(clients.values())).init({key: payload}, sgd(1e-9))
     raw_push = channel.unary_unary("/raw.Raw/Push")
     raw_pull = channel.unary_unary("/raw.Raw/Pull")
     pull_request = str(size).encode()
-    seconds = interleaved(
-        {
-            "raw push": lambda: raw_push(blob),
-            "ps push": lambda: client.push({key: payload}),
-            "raw pull": lambda: raw_pull(pull_request),
-            "ps pull": lambda: client.pull([key]),
-        },
-        rounds,
-    )
-    rate = {name: size / t / 1e9 for name, t in seconds.items()}
-    return [
-        mb,
-        rate["raw push"],
-        rate["ps push"],
-        rate["ps push"] / rate["raw push"],
-        rate["raw pull"],
-        rate["ps pull"],
-        rate["ps pull"] / rate["raw pull"],
-    ]
+    calls: dict[str, Callable[[], object]] = {
+        "memcpy push": lambda: np.copyto(out, payload),
+        "memcpy pull": lambda: np.copyto(out, payload),
+        "socket push": lambda: anchor.push(payload.data.cast("B")),
+        "socket pull": lambda: anchor.pull(out.data.cast("B")),
+        "raw gRPC push": lambda: raw_push(blob),
+        "raw gRPC pull": lambda: raw_pull(pull_request),
+    }
+    for name, client in clients.items():
+        calls[f"{name} push"] = lambda c=client: c.push({key: payload})
+        calls[f"{name} pull"] = lambda c=client: c.pull([key], out={key: out})
+    rate = {name: size / t / 1e9 for name, t in interleaved(calls, rounds).items()}
+    rows: list[list[object]] = []
+    for path in ["memcpy", "socket", "raw gRPC", *clients]:
+        push, pull = rate[f"{path} push"], rate[f"{path} pull"]
+        socket_push, socket_pull = rate["socket push"], rate["socket pull"]
+        raw_push_rate, raw_pull_rate = rate["raw gRPC push"], rate["raw gRPC pull"]
+        rows.append(
+            [mb, path, push, pull, push / socket_push, pull / socket_pull, push / raw_push_rate, pull / raw_pull_rate]
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-malloc-env", action="store_true", help="run without the allocator settings")
     args = parser.parse_args()
@@ -79,28 +115,31 @@ def main() -> None:
         # glibc reads these at start-up, so the client side needs a fresh process too.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
-    raw_port = free_port()
-    raw_server = os.path.join(os.path.dirname(__file__), "raw_echo_server.py")
-    servers = [start([sys.executable, raw_server, str(raw_port)], env)]
+    here = os.path.dirname(__file__)
+    scratch = tempfile.mkdtemp(prefix="nanodist-bench-")
+    raw_port_file, sink_port_file = os.path.join(scratch, "raw"), os.path.join(scratch, "sink")
+    servers = [
+        start([sys.executable, os.path.join(here, "raw_echo_server.py"), "0", raw_port_file], env),
+        start([sys.executable, os.path.join(here, "socket_sink.py"), sink_port_file], env),
+    ]
     try:
         ps, ps_address = serve("ps", "--mode", "asp", env=env)
         servers.append(ps)
+        raw_port = read_port_file(raw_port_file, servers[0].poll, 30.0, "raw_echo_server.py")
+        sink_port = read_port_file(sink_port_file, servers[1].poll, 30.0, "socket_sink.py")
         wait_ready(f"127.0.0.1:{raw_port}")
         options = [("grpc.max_send_message_length", MAX), ("grpc.max_receive_message_length", MAX)]
         channel = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=options)
-        client = ParameterServerClient([ps_address])
+        anchor = SocketAnchor(sink_port)
+        clients = {name: ParameterServerClient([ps_address], lanes=lanes) for name, lanes in CARRIERS.items()}
         rows = []
         for mb in args.sizes_mb:
             rounds = args.rounds if mb <= 64 else max(3, args.rounds // 3)
-            rows.append(measure(client, channel, mb, rounds))
+            rows += measure(clients, channel, anchor, mb, rounds)
             print(f"  measured {mb} MB", file=sys.stderr)
-        print(f"parameter server (ASP, SGD) vs raw gRPC bytes, GB/s; allocator env: {env or 'glibc default'}")
-        print(
-            table(
-                ["MB", "raw push", "ps push", "push ratio", "raw pull", "ps pull", "pull ratio"],
-                rows,
-            )
-        )
+        print(f"one shard (ASP, SGD) from another process, GB/s; allocator env: {env or 'glibc default'}")
+        headers = ["MB", "path", "push", "pull", "push/socket", "pull/socket", "push/raw gRPC", "pull/raw gRPC"]
+        print(table(headers, rows))
     finally:
         stop_all(servers)
 

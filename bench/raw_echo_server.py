@@ -1,4 +1,7 @@
-"""The anchor: a grpc.aio server with identity serializers that stores and returns raw bytes."""
+"""The anchor: a grpc.aio server with identity serializers that stores and returns raw bytes.
+
+python raw_echo_server.py PORT [PORT_FILE]   (PORT 0 and a PORT_FILE: the port it bound is written there)
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import grpc
 MAX = 1 << 30
 
 
-async def main(port: int) -> None:
+async def main(port: int, port_file: str | None) -> None:
     stored = {"blob": b""}
 
     async def push(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -35,10 +38,13 @@ async def main(port: int) -> None:
     )
     server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX), ("grpc.max_receive_message_length", MAX)])
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    if port_file:  # port 0 and a file: the port the kernel picked, which no other process holds
+        with open(port_file, "w") as f:
+            f.write(f"{bound}\n")
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None))

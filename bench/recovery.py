@@ -42,7 +42,7 @@ from common import nanodist, serve, start, stop_all, table  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 from nanodist.client.retry import RetryPolicy  # noqa: E402
-from nanodist.workers.job import SESSION_TTL  # noqa: E402
+from nanodist.workers.config import JobConfig  # noqa: E402
 
 PUSH_MIB = 1  # each push of the shard benchmark: a 1 MiB gradient
 
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the shards' logs go (default: the temp dir)")
     args = parser.parse_args()
-    target = SESSION_TTL + 1.0
+    target = JobConfig.session_ttl + 1.0  # the default lease, and a second of watching
     rows = []
     losses = {
         "worker kill -9": (signal.SIGKILL, False),

@@ -1,6 +1,7 @@
-"""One worker of bench/torch_step.py: nanodist.torch (under `nanodist run`) or torch DDP over gloo.
+"""One worker of bench/torch_step.py: nanodist.torch (under `nanodist run`; its optimizer wrapper, or
+nanodist-ddp: its DistributedDataParallel wrapper) or torch DDP over gloo.
 
-argv: SYSTEM(nanodist|ddp) MODEL(cnn|mlp) COMPRESSION(none|fp16) STEPS [RANK WORLD PORT for ddp]
+argv: SYSTEM(nanodist|nanodist-ddp|ddp) MODEL(cnn|mlp) COMPRESSION(none|fp16) STEPS [RANK WORLD PORT for ddp]
 Rank 0 prints one JSON line: the median step with communication, and the median of the same step on a
 plain copy of the model with no communication at all, both measured in this run on every worker at once.
 """
@@ -62,6 +63,13 @@ def main() -> None:
         )
         nd.broadcast_parameters(model.state_dict())
         trained = model
+    elif system == "nanodist-ddp":
+        import nanodist.torch as nd
+
+        nd.init()
+        rank = nd.rank()
+        trained = nd.DistributedDataParallel(model, compression=compression)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.9)
     else:
         import torch.distributed as dist
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 
 from nanodist.client.base import ServiceClient, default_member_id
-from nanodist.client.errors import NanodistError, NotFound, from_rpc_error
+from nanodist.client.errors import NanodistError, from_rpc_error
 from nanodist.client.retry import RetryPolicy
 from nanodist.client.rpc import ClientSecurity, trailing
 from nanodist.v1 import barrier_pb2 as pb
@@ -76,6 +76,7 @@ class BarrierClient(ServiceClient):
         # service); the member must assume the barriers it was waiting at broke then.
         self.session_lost: NanodistError | None = None
         self.renewed_at = time.monotonic()  # when the service last confirmed this member's session
+        self._gone: tuple[str, NanodistError] | None = None  # a session the service no longer knows
         try:
             self.session_id, ttl_ms = self._open_session()
         except BaseException:
@@ -115,16 +116,30 @@ class BarrierClient(ServiceClient):
             return self.session_id != gone
 
     def _keep_alive(self, interval: float) -> None:
+        """Send a KeepAlive every interval, without waiting for the last one's answer: a loaded service
+        that answers late still renews on time, as each call renews the lease when it reaches it."""
         while not self._stop.wait(interval):
-            session = self.session_id
-            try:
+            gone, self._gone = self._gone, None
+            if gone is not None:
                 try:
-                    self._call(self._stub.KeepAlive, pb.KeepAliveSessionRequest(session_id=session), timeout=interval)
-                    self.renewed_at = time.monotonic()
-                except NotFound as error:  # lapsed, or the service restarted without it
-                    self._replace_session(session, error)
-            except NanodistError:
-                continue  # transient; the lease has slack for two more tries
+                    self._replace_session(*gone)
+                except NanodistError:
+                    continue  # the service is away; the next beat tries again
+            session, sent_at = self.session_id, time.monotonic()
+            request = pb.KeepAliveSessionRequest(session_id=session)
+            future = self._stub.KeepAlive.future(request, timeout=3 * interval)  # the service's TTL
+            future.add_done_callback(lambda answer, s=session, t=sent_at: self._answered(answer, s, t))
+
+    def _answered(self, answer: grpc.Future, session: str, sent_at: float) -> None:
+        """A KeepAlive's answer, on gRPC's thread: a renewal counts from when it was sent (the service
+        renewed later than that); NOT_FOUND (lapsed, or the service restarted) is the beat's to mend."""
+        if answer.cancelled():
+            return
+        error = answer.exception()
+        if error is None:
+            self.renewed_at = max(self.renewed_at, sent_at)
+        elif isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.NOT_FOUND:
+            self._gone = (session, from_rpc_error(error, self.address))
 
     def wait(self, name: str, parties: int, timeout: float | None = None) -> Released:
         """Block until `parties` members arrive; raise BarrierBroken naming the missing ones."""

@@ -10,7 +10,9 @@ import grpc
 import numpy as np
 
 from nanodist.client.base import Closing
-from nanodist.client.errors import NotFound, Unavailable, from_rpc_error
+from nanodist.client.errors import NotFound, Unavailable
+from nanodist.client.fan_out import fan_out
+from nanodist.client.lane import lane_setting
 from nanodist.client.optimizers import sgd
 from nanodist.client.ps_shard import Pending, Pulled, Shard, StreamedPull, UnaryPull, push_chunks
 from nanodist.client.ps_values import SparseGradient, Values
@@ -32,9 +34,13 @@ class ParameterServerClient(Closing):
     Keys are placed with `shard_of` (CRC-32 modulo shard count); calls to
     different shards run in parallel. UNAVAILABLE is retried with backoff, and
     a retried push reuses its request_id so the server applies it once.
-    Payloads above `chunk_bytes` go through the streaming RPCs in slices of
-    that size: on these machines gRPC moves 2 MiB messages several times faster
-    per byte than 64 MiB ones (see bench/ps_throughput.py).
+    Push and Pull travel on each shard's tensor lane when it has one (`lanes`,
+    else NANODIST_LANES: "on", the default, for shared memory on the shard's
+    host and TCP elsewhere; "tcp" for TCP even there; "off" for gRPC alone;
+    see nanodist.client.lane). Over gRPC, payloads above `chunk_bytes` go
+    through the streaming RPCs in slices of that size: on these machines gRPC
+    moves 2 MiB messages several times faster per byte than 64 MiB ones (see
+    bench/ps_throughput.py).
 
     A key of at least `split_bytes` with at least one row per shard is split
     by rows across all shards when it is created (see nanodist.client.sharding
@@ -56,11 +62,13 @@ class ParameterServerClient(Closing):
         chunk_bytes: int = 2 << 20,
         split_bytes: int = 16 << 20,
         security: ClientSecurity | None = None,
+        lanes: str | None = None,
     ) -> None:
         addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not addresses:
             raise ValueError("addresses: ParameterServerClient needs at least one shard address")
-        self.shards = [Shard(a, max_message_bytes, security) for a in addresses]
+        setting = lane_setting(lanes)
+        self.shards = [Shard(a, max_message_bytes, security, setting) for a in addresses]
         self.worker_id = worker_id
         # Elastic jobs: every push names the sender's generation and its number of pushers.
         self.membership = codec.NOT_ELASTIC
@@ -74,7 +82,7 @@ class ParameterServerClient(Closing):
 
     def close(self) -> None:
         for shard in self.shards:
-            shard.channel.close()
+            shard.close()
 
     def shard_index(self, key: str) -> int:
         return self._splits.shard_index(key)
@@ -95,26 +103,21 @@ class ParameterServerClient(Closing):
     def _fan_out(
         self, calls: Mapping[int, Request], start: Callable[[int, Request], Pending[Result]]
     ) -> dict[int, Result]:
-        """Start one call per shard at once, then collect; UNAVAILABLE shards are retried."""
-        pending = {i: start(i, request) for i, request in calls.items()}
-        results: dict[int, Result] = {}
-        for i, call in pending.items():
-            try:
-                results[i] = call.result()
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_rpc_error(error, self.shards[i].address) from None
-                results[i] = self._retry(i, calls[i], start)
-        return results
-
-    def _retry(self, i: int, request: Request, start: Callable[[int, Request], Pending[Result]]) -> Result:
-        try:
-            return self.retry.call(lambda: start(i, request).result())
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, self.shards[i].address) from None
+        return fan_out(self.shards, self.retry, calls, start)
 
     def _each_shard(self, request: Request) -> dict[int, Request]:
         return dict.fromkeys(range(len(self.shards)), request)
+
+    def _pull_call(
+        self, i: int, request: ps.PullRequest, deadline: float, size: int, targets: Mapping[str, np.ndarray]
+    ) -> Pending[Pulled]:
+        """A pull of about `size` bytes from shard i: on its lane if it has one, else unary or streamed gRPC."""
+        lane = self.shards[i].lanes.get(self.timeout, size)
+        if lane is not None:
+            return lane.pull(request, deadline, size, targets)
+        if size > self.chunk_bytes:
+            return StreamedPull(self.shards[i].pull_stream(request, timeout=deadline), targets)
+        return UnaryPull(self.shards[i].pull.future(request, timeout=deadline))
 
     # --- API ------------------------------------------------------------
 
@@ -178,13 +181,16 @@ class ParameterServerClient(Closing):
 
         def start(i: int, entries: list[codec.Entry]) -> Pending[ps.PushResponse]:
             rid = f"{base}/{i}"
+            parts = codec.push_parts(entries, self.worker_id, step, rid, fencing_token, self.membership)
+            lane = self.shards[i].lanes.get(self.timeout, parts.size)
+            if lane is not None:
+                return lane.push(parts, self.timeout)
             if sum(_payload_bytes(e) for e in entries) > self.chunk_bytes:
                 chunks = push_chunks(
                     entries, self.chunk_bytes, self.worker_id, step, rid, fencing_token, self.membership
                 )
                 return self.shards[i].push_stream.future(chunks, timeout=self.timeout)
-            data = codec.encode_push(entries, self.worker_id, step, rid, fencing_token, self.membership)
-            return self.shards[i].push.future(data, timeout=self.timeout)
+            return self.shards[i].push.future(parts.join(), timeout=self.timeout)
 
         versions: dict[str, int] = {}
         for i, response in self._fan_out(payloads, start).items():
@@ -261,9 +267,7 @@ class ParameterServerClient(Closing):
 
         def start(i: int, request: ps.PullRequest) -> Pending[Pulled]:
             size = sum(self._nbytes.get(e.key, 0) for e in request.entries if not e.rows)
-            if size > self.chunk_bytes:
-                return StreamedPull(self.shards[i].pull_stream(request, timeout=deadline), targets)
-            return UnaryPull(self.shards[i].pull.future(request, timeout=deadline))
+            return self._pull_call(i, request, deadline, size, targets)
 
         values = Values()
         clocks = []
@@ -354,9 +358,8 @@ class ParameterServerClient(Closing):
 
         def start(i: int, request: ps.PullRequest) -> Pending[Pulled]:
             rows = sum(len(e.rows) for e in request.entries)
-            if rows * max(t.columns * t.dtype.itemsize for t in self._tables.values()) > self.chunk_bytes:
-                return StreamedPull(self.shards[i].pull_stream(request, timeout=deadline))
-            return UnaryPull(self.shards[i].pull.future(request, timeout=deadline))
+            size = rows * max(t.columns * t.dtype.itemsize for t in self._tables.values())
+            return self._pull_call(i, request, deadline, size, {})
 
         by_key: dict[str, codec.Entry] = {}
         clocks = []

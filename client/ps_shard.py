@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from nanodist.client.errors import Aborted
+from nanodist.client.lane import LaneLink
 from nanodist.client.rpc import ClientSecurity, open_channel
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.wire import codec
@@ -29,7 +30,9 @@ class Pending(Protocol[T_co]):
 
 
 class Shard:
-    def __init__(self, address: str, max_message_bytes: int, security: ClientSecurity | None) -> None:
+    def __init__(
+        self, address: str, max_message_bytes: int, security: ClientSecurity | None, lanes: str = "on"
+    ) -> None:
         self.address = address
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -65,6 +68,16 @@ class Shard:
             request_serializer=ps.StatsRequest.SerializeToString,
             response_deserializer=ps.StatsResponse.FromString,
         )
+        open_lane = channel.unary_unary(
+            SERVICE + "OpenLane",
+            request_serializer=ps.OpenLaneRequest.SerializeToString,
+            response_deserializer=ps.OpenLaneResponse.FromString,
+        )
+        self.lanes = LaneLink(address, open_lane, lanes)
+
+    def close(self) -> None:
+        self.lanes.close()
+        self.channel.close()
 
 
 def push_chunks(

@@ -52,6 +52,12 @@ class JobConfig(Endpoints):
         "--elastic) closes after this many seconds without a new member",
     )
     timeout: float = setting(60.0, flag="--timeout", help="longest wait for any peer, server or barrier, in seconds")
+    session_ttl: float = setting(
+        5.0,
+        flag="--session-ttl",
+        help="a worker's barrier lease, in seconds: a worker that dies or freezes is named this long after its "
+        "last renewal; one starved of CPU for longer is left behind",
+    )
     elastic: bool = setting(
         False,
         flag="--elastic",
@@ -88,6 +94,8 @@ class JobConfig(Endpoints):
             raise ConfigError("--elastic re-forms a TCP group from the workers left: it needs --group-size 0")
         if self.elastic and self.backend == "single":
             raise ConfigError("--elastic needs --backend tcp (a group that re-forms) or mpi (restarted whole)")
+        if self.session_ttl <= 0:
+            raise ConfigError(f"--session-ttl must be > 0 seconds, not {self.session_ttl:g}")
         if self.min_workers < 1:
             raise ConfigError("--min-workers must be >= 1")
         if self.max_workers and self.max_workers < self.min_workers:

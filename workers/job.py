@@ -31,10 +31,10 @@ from nanodist.client.health import wait_serving
 from nanodist.workers.comm import Communicator, from_env
 from nanodist.workers.config import ConfigError, JobConfig
 from nanodist.workers.generations import Generations, GroupClosed, JobFinished, groups_missing
-from nanodist.workers.membership_watch import SESSION_TTL, CutOff
+from nanodist.workers.membership_watch import CutOff
 from nanodist.workers.progress import say
 
-__all__ = ["SESSION_TTL", "CutOff", "Job", "JobFinished"]
+__all__ = ["CutOff", "Job", "JobFinished"]
 
 
 class Job(Generations):
@@ -125,12 +125,13 @@ class Job(Generations):
         self.barrier = BarrierClient(
             c.barrier,
             f"{c.run_id}/rank-{self.rank}{self._generation_suffix}",
-            session_ttl=SESSION_TTL,
+            session_ttl=c.session_ttl,
             barriers=[self.barrier_name],
             timeout=c.timeout,
             security=self.security,
         )
         self.comm.watch(self.membership_problem)
+        self.comm.name_ranks(self.rank - self.comm.rank)
         if c.elastic:
             if self.rank == 0:
                 self.kv.set(f"{c.run_id}/generation", str(self.generation))
@@ -148,6 +149,8 @@ class Job(Generations):
             else:
                 rank, size = None, c.group_size
             comm = from_env("tcp", store=self.kv, world_size=size, rank=rank, group=self._group, timeout=c.timeout)
+            if rank is None:  # a fixed size: the rank came from the store's counter, as with --group-size 0
+                say(f"[{self._group}] member {comm.rank} of {comm.size}")
         else:
             comm = from_env(c.backend)
             if c.elastic and not self.group_ids:  # a new process: its ranks may have read different generations

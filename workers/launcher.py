@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanodist.ports import PortFileTimeout, read_port_file
 from nanodist.workers.config import ConfigError, JobConfig, TrainConfig
+from nanodist.workers.rank_output import PREFIX_VARIABLE, RANK_PREFIXED
 from nanodist.workers.settings import SettingError, add_flags, build, declared, from_file, setting, to_argv
 
 
@@ -204,12 +205,14 @@ class Cluster:
 
     def _stream(self, child: Child) -> None:
         assert child.process.stdout is not None
+        own_prefix = bool(child.env.get(PREFIX_VARIABLE))
         for line in child.process.stdout:
             with self.output_lock:
                 found = self.watch_for.search(line) if self.watch_for is not None else None
                 if found is not None and self.first_failure is None:
                     self.first_failure = line[found.start() :].strip()
-                print(f"[{child.name}] {line}", end="", flush=True)
+                own = own_prefix and RANK_PREFIXED.match(line) is not None  # a worker that prefixes its own lines
+                print(line if own else f"[{child.name}] {line}", end="", flush=True)
 
     def wait_healthy(self, child: Child, address: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -30,7 +30,6 @@ from nanodist.workers.config import JobConfig
 from nanodist.workers.progress import say
 
 T = TypeVar("T")
-SESSION_TTL = 5.0  # seconds: how long a dead worker goes unnoticed
 PULL_SLICE_MS = 500  # how often a waiting pull looks for a broken barrier
 STATUS_TIMEOUT = 1.0  # seconds a watch gives the barrier service to answer
 
@@ -71,7 +70,7 @@ class MembershipWatch:
         while True:
             time.sleep(0.5)
             barrier = self.barrier
-            if not barrier.closed and barrier.unrenewed_for > SESSION_TTL + 1:
+            if not barrier.closed and barrier.unrenewed_for > self.config.session_ttl + 1:
                 say(
                     f"nanodist worker: error: rank {self.rank} has not reached the barrier service at "
                     f"{self.config.barrier} for {barrier.unrenewed_for:.0f} s: its session lapsed, "
@@ -87,11 +86,12 @@ class MembershipWatch:
         breaks it when its session lapses, so a wait for its push ends with
         BarrierBroken naming it rather than a silent timeout.
         """
-        deadline = time.monotonic() + self.config.timeout
+        began = time.monotonic()
+        deadline = began + self.config.timeout
         while True:
             try:
                 return wait(PULL_SLICE_MS)
-            except DeadlineExceeded:
+            except DeadlineExceeded as slice_ended:
                 try:
                     (state,) = self.barrier.status(self.barrier_name)
                 except NotFound:
@@ -100,7 +100,11 @@ class MembershipWatch:
                     if state.broken_reason:
                         raise BarrierBroken(state.broken_reason, grpc.StatusCode.ABORTED, list(state.missing)) from None
                 if time.monotonic() > deadline:
-                    raise
+                    last = slice_ended.message.split(": ", 1)[-1]  # the server's view; its figure is one slice
+                    raise DeadlineExceeded(
+                        f"rank {self.rank}: waited {time.monotonic() - began:.0f} s (--timeout "
+                        f"{self.config.timeout:g}) for the other workers' pushes, and no worker was lost; {last}"
+                    ) from None
 
     def membership_problem(self) -> str | None:
         """Why the group cannot go on, from the job's barrier: a member whose session lapsed broke it.
@@ -109,7 +113,7 @@ class MembershipWatch:
         so every rank learns of the loss within the session TTL plus a second. Raises CutOff when the
         lapsed session is this worker's own: then it is the one the others go on without.
         """
-        if self.barrier.unrenewed_for > SESSION_TTL:
+        if self.barrier.unrenewed_for > self.config.session_ttl:
             raise CutOff(
                 f"rank {self.rank} has not reached the barrier service at {self.config.barrier} for "
                 f"{self.barrier.unrenewed_for:.0f} s: its session lapsed, and the job goes on without it"

@@ -6,7 +6,9 @@ starts the parameter-server shards, the barrier and the lock service (as
 `nanodist up` does), or uses the cluster given with --ps, --barrier and
 --lock; then starts each group's workers running the script, with the job in
 their environment (NANODIST_*; nd.init() reads it) on top of the caller's.
-Output is forwarded line by line, prefixed with the rank. On Ctrl-C, or when
+Output is forwarded line by line, prefixed with the rank (each worker
+prefixes its own lines once nd.init() knows its rank: an MPI group's ranks
+share one stream). On Ctrl-C, or when
 the first worker fails, everything is stopped and the exit status is
 non-zero, naming the rank; with --elastic, the script's nd.elastic.run goes on
 without a worker that fails, or an MPI group that lost a rank, and
@@ -36,6 +38,7 @@ from nanodist.workers.launcher import (
     watch,
     worker_config,
 )
+from nanodist.workers.rank_output import PREFIX_VARIABLE
 from nanodist.workers.settings import add_flags, build, to_environment
 
 # nd.init() reports an uncaught exception as this line, so that the launcher can name the rank of an MPI group.
@@ -87,7 +90,7 @@ def launch(cluster: Cluster, args: argparse.Namespace) -> None:
     command = [sys.executable, args.script, *args.script_args]
     first = 0
     for group_id, (backend, size) in enumerate(groups):
-        env = to_environment(worker_config(job, groups, group_id, shards, barrier, lock))
+        env = {**to_environment(worker_config(job, groups, group_id, shards, barrier, lock)), PREFIX_VARIABLE: "1"}
         if backend == "mpi":
             # An elastic job's ranks change with its generations: the group is named by its place.
             ranks = f"ranks {first}-{first + size - 1}" if size > 1 else f"rank {first}"

@@ -84,6 +84,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wal: checkpoint once the log has grown by this much, so that it can start over (default 1 GiB)",
     )
     parser.add_argument(
+        "--lanes",
+        choices=["on", "tcp", "off"],
+        default=env("lanes", "on"),
+        help="serve Push and Pull on the tensor lane too (on; tcp, which clients read as 'the TCP lane even "
+        "on this host', serves the same): shared memory for clients on this host, a TCP connection of its "
+        "own for the others (no TCP lane with TLS on); env NANODIST_LANES, which clients read too",
+    )
+    parser.add_argument(
+        "--lane-port",
+        type=int,
+        default=env("lane_port", 0),
+        help="the TCP lane's port (default 0: one the kernel picks, which OpenLane tells clients; fix it where "
+        "a firewall or a NetworkPolicy must name it; env NANODIST_LANE_PORT)",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         type=int,
         default=env("checkpoint_every", 0),
@@ -109,6 +124,9 @@ def run(args: argparse.Namespace) -> None:
 
         async def main() -> None:
             service = ParameterServerService(store, config.max_message_bytes, persistence)
+            if args.lanes != "off":
+                tls = bool(config.security and config.security.tls_cert)
+                service.open_lanes(config.host, args.lane_port, tcp=not tls)
             await persistence.start(service.apply)
             service.update_gauges()
 
@@ -117,6 +135,6 @@ def run(args: argparse.Namespace) -> None:
                 return [SERVICE]
 
             role = f"parameter server ({args.mode}, durability {durability.value})"
-            await serve(role, config, register, persistence.close, service.changed.close)
+            await serve(role, config, register, persistence.close, service.stopping)
 
         asyncio.run(main())

@@ -143,8 +143,11 @@ class Persistence:
             path = await asyncio.to_thread(checkpoint.write, self.directory, snap)
             self._saved = marker
             if self.log:
+                # The log is kept from the oldest kept checkpoint, so that a damaged newest one falls back
+                # to it; while there is only one, from the start, as it has no fallback of its own.
                 covered = checkpoint.wal_lsns(self.directory)
-                self.log.prune(min(covered, default=0))
+                if len(covered) >= checkpoint.KEEP:
+                    self.log.prune(min(covered))
             log.info("checkpoint (%s): %s", reason, path)
 
     async def _periodically(self) -> None:

@@ -23,10 +23,12 @@ from nanodist.services.common.metrics import BYTES, KEY_BYTES, KEYS
 from nanodist.services.common.validation import check_count, check_name
 from nanodist.services.parameter_server import init_entry
 from nanodist.services.parameter_server.durability import Durability, Persistence
+from nanodist.services.parameter_server.lane import LaneServer
 from nanodist.services.parameter_server.push_assembly import PushAssembly
 from nanodist.services.parameter_server.store import Slot, Store
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.wire import codec
+from nanodist.wire.framing import Parts
 
 SERVICE = "nanodist.v1.ParameterServer"
 MAX_ENTRIES = 100_000
@@ -76,6 +78,17 @@ class ParameterServerService:
         self.persistence = persistence or Persistence(store, Durability.NONE, None)
         self.changed = Changes()
         self.assembling = 0
+        self.lane: LaneServer | None = None  # the tensor lane, once the shard opens one
+
+    def open_lanes(self, host: str, port: int, tcp: bool) -> None:
+        """Serve Push and Pull on the tensor lane too (locally always, over TCP when `tcp`)."""
+        self.lane = LaneServer(self.push, self.pull_parts, host, port, tcp, self.max_message_bytes)
+
+    def stopping(self) -> None:
+        """Shutdown begins: waiting pulls answer UNAVAILABLE and lane connections close."""
+        self.changed.close()
+        if self.lane is not None:
+            self.lane.close()
 
     # --- Init -----------------------------------------------------------
 
@@ -227,6 +240,15 @@ class ParameterServerService:
 
     @unary("ps", "Pull")
     async def pull(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> bytes:
+        return (await self._pull_parts(request, context)).join()
+
+    @unary("ps", "Pull")
+    async def pull_parts(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> Parts:
+        """Pull for the tensor lane: the answer as pieces viewing the values, which the lane copies out
+        before anything else runs on the loop (so no push lands in the middle of it)."""
+        return await self._pull_parts(request, context)
+
+    async def _pull_parts(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> Parts:
         slots = await self._await_ready(request, context)
         entries = [
             self._value(e.key, s, list(e.rows), f"entries[{i}]")
@@ -238,9 +260,9 @@ class ParameterServerService:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"pull of {size} bytes exceeds the message limit of {self.max_message_bytes} bytes; use PullStream",
             )
-        data = codec.encode_pull_response(entries, self.store.slowest_clock())
-        BYTES.labels("ps", "out").inc(len(data))
-        return data
+        parts = codec.pull_response_parts(entries, self.store.slowest_clock())
+        BYTES.labels("ps", "out").inc(parts.size)
+        return parts
 
     @server_stream("ps", "PullStream")
     async def pull_stream(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -270,6 +292,14 @@ class ParameterServerService:
                 data = codec.encode_pull_response([piece], self.store.slowest_clock())
                 BYTES.labels("ps", "out").inc(len(data))
                 yield data
+
+    @unary("ps", "OpenLane")
+    async def open_lane(self, request: ps.OpenLaneRequest, context: grpc.aio.ServicerContext) -> ps.OpenLaneResponse:
+        if self.lane is None:
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED, "this shard serves no tensor lane (--lanes off): use Push and Pull"
+            )
+        return self.lane.describe()
 
     # --- metadata -------------------------------------------------------
 
@@ -336,5 +366,6 @@ class ParameterServerService:
                 ),
                 "ListKeys": unary_handler(self.list_keys, ps.ListKeysRequest, ps.ListKeysResponse),
                 "Stats": unary_handler(self.stats, ps.StatsRequest, ps.StatsResponse),
+                "OpenLane": unary_handler(self.open_lane, ps.OpenLaneRequest, ps.OpenLaneResponse),
             },
         )

@@ -90,39 +90,41 @@ def test_the_stack_trains_on_three_nodes(swarm: Swarm, clock: Clock) -> None:
     began = clock.now()
     deploy(swarm, "train", NANODIST_EPOCHS="10")
     clock("deployed stack `train` (10 epochs)")
+    try:
 
-    def stepped() -> None:
-        if "epoch 1/10 step" not in swarm.logs("train", "worker", 200):
-            raise NotYet(", ".join(f"{t.slot} {t.state}" for t in newest(swarm.tasks("train"))))
+        def stepped() -> None:
+            if "epoch 1/10 step" not in swarm.logs("train", "worker", 200):
+                raise NotYet(", ".join(f"{t.slot} {t.state}" for t in newest(swarm.tasks("train"))))
 
-    wait_until("the first step of stack `train`", stepped, 300, 0.5)
-    first_step = clock.now() - began
-    clock(f"first step {first_step:.1f} s after deploy")
-    tasks = swarm.wait_job("train", timeout=420)
-    took = clock.now() - began
-    print(f"\nplacement of stack `train`:\n{placement(tasks)}\n", flush=True)
-    for task in newest(tasks):
-        if task.service in WORKERS:
-            assert task.state == "Complete", f"{task.slot}: {task.state} {task.error}\n" + swarm.logs(
-                "train", task.service
-            )
-    shards = {t.service: t.node for t in newest(tasks) if t.service in ("ps-0", "ps-1")}
-    assert shards["ps-0"] != shards["ps-1"], shards
-    workers = nodes_of(tasks, *WORKERS)
-    assert workers == set(swarm.nodes), f"workers ran on {sorted(workers)} only"
-    path = "/var/lib/docker/volumes/train_runs/_data/train/metrics.json"  # the `runs` volume on rank 0's node
-    found = [(n, text) for n in swarm.nodes if (text := swarm.read(n, path)) is not None]
-    assert found, f"no node has {path}"
-    node, text = found[0]
-    metrics = json.loads(text)
-    clock(
-        f"trained across {len(workers)} nodes in {took:.1f} s from deploy: world {metrics['world_size']}, "
-        f"accuracy {metrics['final_test_accuracy']}, metrics.json on {node}; "
-        f"step {metrics['timings']['mean_ms_per_step']['step']:.1f} ms (mean over the workers)"
-    )
-    assert metrics["world_size"] == 5 and metrics["final_test_accuracy"] >= 0.95
-    swarm.remove("train")
-    clock("removed stack `train`")
+        wait_until("the first step of stack `train`", stepped, 300, 0.5)
+        first_step = clock.now() - began
+        clock(f"first step {first_step:.1f} s after deploy")
+        tasks = swarm.wait_job("train", timeout=420)
+        took = clock.now() - began
+        print(f"\nplacement of stack `train`:\n{placement(tasks)}\n", flush=True)
+        for task in newest(tasks):
+            if task.service in WORKERS:
+                assert task.state == "Complete", f"{task.slot}: {task.state} {task.error}\n" + swarm.logs(
+                    "train", task.service
+                )
+        shards = {t.service: t.node for t in newest(tasks) if t.service in ("ps-0", "ps-1")}
+        assert shards["ps-0"] != shards["ps-1"], shards
+        workers = nodes_of(tasks, *WORKERS)
+        assert workers == set(swarm.nodes), f"workers ran on {sorted(workers)} only"
+        path = "/var/lib/docker/volumes/train_runs/_data/train/metrics.json"  # the `runs` volume on rank 0's node
+        found = [(n, text) for n in swarm.nodes if (text := swarm.read(n, path)) is not None]
+        assert found, f"no node has {path}"
+        node, text = found[0]
+        metrics = json.loads(text)
+        clock(
+            f"trained across {len(workers)} nodes in {took:.1f} s from deploy: world {metrics['world_size']}, "
+            f"accuracy {metrics['final_test_accuracy']}, metrics.json on {node}; "
+            f"step {metrics['timings']['mean_ms_per_step']['step']:.1f} ms (mean over the workers)"
+        )
+        assert metrics["world_size"] == 5 and metrics["final_test_accuracy"] >= 0.95
+    finally:  # the next test deploys on the same nodes: this stack's servers must not hold them
+        swarm.remove("train")
+        clock("removed stack `train`")
 
 
 def test_a_killed_node(swarm: Swarm, clock: Clock) -> None:

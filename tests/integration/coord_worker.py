@@ -3,6 +3,7 @@
 import asyncio
 import sys
 import threading
+import time
 
 import grpc
 
@@ -11,9 +12,13 @@ from nanodist.v1 import barrier_pb2, barrier_pb2_grpc
 
 
 def cycle(address: str, member: str, parties: str, generations: str) -> None:
+    """Waits at "cycle" for each generation in turn, printing "GENERATION START END" per wait
+    (CLOCK_MONOTONIC, one clock for every process of the machine) for the history check."""
     with BarrierClient(address, member) as client:
         for expected in range(int(generations)):
+            start = time.monotonic()
             released = client.wait("cycle", int(parties), timeout=30)
+            print(released.generation, start, time.monotonic(), flush=True)
             assert released.generation == expected, (released, expected)
     print("done", flush=True)
 

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2
 from nanodist.client import BarrierBroken, BarrierClient, FailedPrecondition, InvalidArgument
 from nanodist.v1 import barrier_pb2, barrier_pb2_grpc
 from tests.conftest import health_status
+from tests.history import Arrival, check_barriers
 
 
 def worker(*args: str, **kwargs) -> subprocess.Popen:
@@ -46,10 +47,17 @@ def wait_for_arrivals(client: BarrierClient, name: str, count: int, timeout: flo
     raise TimeoutError(f"{count} arrivals at {name} not seen")
 
 
-def test_processes_cycle_through_50_generations(start_server):
+def test_processes_cycle_through_50_generations_none_released_early(start_server):
     server = start_server("barrier")
     procs = [worker("cycle", server.address, f"w{i}", "4", "50") for i in range(4)]
-    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    arrivals = [
+        Arrival(f"w{i}", "cycle", int(generation), float(start), float(end))
+        for i, output in enumerate(outputs)
+        for generation, start, end in (line.split() for line in output.splitlines() if line != "done")
+    ]
+    assert len(arrivals) == 4 * 50 and check_barriers(arrivals, parties=4) == []
     with BarrierClient(server.address, "observer") as client:
         (state,) = client.status("cycle")
     assert state.generation == 50 and not state.arrived

@@ -1,4 +1,5 @@
-"""A retried OpenSession whose first response was lost opens one session, not an orphan that lapses."""
+"""A barrier client behind a proxy that loses or delays answers: a retried OpenSession whose first
+response was lost opens one session, not an orphan that lapses; a slow KeepAlive answer still renews."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from nanodist.services.barrier.server import BarrierService
 from nanodist.v1 import barrier_pb2 as pb
 from nanodist.v1 import barrier_pb2_grpc
 from tests.conftest import free_port
+from tests.integration.test_lock import wait_until
 
 T = TypeVar("T")
 TTL = 1.0  # seconds; an orphaned session would lapse after this and break its barriers
@@ -40,10 +42,12 @@ class LoopThread:
 
 class LosingProxy(grpc.GenericRpcHandler):
     """Forwards every unary call to `upstream`, but answers the first OpenSession with UNAVAILABLE
-    after the server has opened the session: the response is lost on the way back."""
+    after the server has opened the session: the response is lost on the way back. With
+    keep_alive_delay, every KeepAlive's answer comes back that many seconds after the server gave it."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, keep_alive_delay: float = 0.0) -> None:
         self.upstream = upstream
+        self.keep_alive_delay = keep_alive_delay
         self.opens = 0
 
     async def start(self) -> int:
@@ -70,6 +74,8 @@ class LosingProxy(grpc.GenericRpcHandler):
             except grpc.aio.AioRpcError as error:
                 context.set_trailing_metadata(tuple(error.trailing_metadata() or ()))
                 await context.abort(error.code(), error.details() or "")
+            if method.endswith("/KeepAlive"):
+                await asyncio.sleep(self.keep_alive_delay)
             if method.endswith("/OpenSession"):
                 self.opens += 1
                 if self.opens == 1:
@@ -107,6 +113,27 @@ def test_a_lost_open_response_leaves_no_orphan_session_to_break_the_barrier(star
             assert retried.wait("b", 2, timeout=10).generation == 0
             waiter.join(timeout=15)
             assert [r.generation for r in released] == [0]
+    finally:
+        loop.run(proxy.stop())
+
+
+def test_a_keep_alive_answered_late_still_renews_the_session(start_server, loop):
+    """A loaded barrier service answers after the heartbeat's interval (TTL/3), within the TTL: each late
+    answer still renews the member's view of its session (from when it was sent), so it does not take
+    itself for left behind. Before, every such beat timed out and its renewal was never counted."""
+    ttl = 4.0
+    server = start_server("barrier")
+    proxy = LosingProxy(server.address, keep_alive_delay=ttl / 2)  # longer than a beat's interval
+    port = loop.run(proxy.start())
+    try:
+        with (
+            BarrierClient(f"127.0.0.1:{port}", "slow", session_ttl=ttl, barriers=["b"]) as slow,
+            BarrierClient(server.address, "direct", session_ttl=ttl, barriers=["b"]) as direct,
+        ):
+            opened = slow.renewed_at
+            wait_until(lambda: slow.renewed_at > opened, timeout=30)  # a late answer counted
+            (state,) = direct.status("b")
+            assert state.broken_reason == "" and slow.session_lost is None
     finally:
         loop.run(proxy.stop())
 

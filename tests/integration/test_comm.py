@@ -12,6 +12,7 @@ import pytest
 from nanodist.client import KVStore
 from nanodist.workers.comm import CommError, ReduceOp, SingleProcess, from_env
 from nanodist.workers.comm.rendezvous import via_store
+from tests.integration.comm_ranks import FIRST_JOB_RANK
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
 RANKS = [sys.executable, "-m", "tests.integration.comm_ranks"]
@@ -77,8 +78,10 @@ def test_tcp_peer_killed_mid_allreduce_is_named_by_every_survivor(start_server):
     outputs = [p.communicate(timeout=30)[0] for p in survivors]
     assert time.monotonic() - killed_at < 30
     assert [p.returncode for p in survivors] == [3, 3], outputs
-    for out in outputs:
-        assert f"lost the connection to rank {victim_rank} " in out, out
+    survivor_names = {f"rank {FIRST_JOB_RANK + r}:" for r in (ranks[0], ranks[2])}
+    for out in outputs:  # named as the job numbers them (a survivor may pass on the other's account)
+        assert f"lost the connection to rank {FIRST_JOB_RANK + victim_rank} " in out, out
+        assert any(name in out for name in survivor_names), out
 
 
 def test_tcp_dtype_mismatch_is_detected_on_both_ranks():

@@ -13,6 +13,7 @@ import pytest
 from nanodist.client import ParameterServerClient, Unavailable, sgd
 from nanodist.client.retry import NO_RETRY
 from tests.conftest import nanodist_command
+from tests.integration.test_lock import wait_until
 
 SIZE = 65536  # 256 KiB per push: large enough that pushes share fsyncs
 CLIENTS = 4
@@ -178,6 +179,23 @@ def test_a_damaged_wal_checkpoint_falls_back_to_the_previous_one_and_replays_the
     restarted = wal_server(start_server, tmp_path, server.port)
     with ParameterServerClient([restarted.address]) as client:
         assert client.pull(["w"])["w"].tolist() == [100.0] * 8
+    assert "is damaged" in (tmp_path / f"ps-{server.port}.log").read_text()
+
+
+def test_a_damaged_sole_checkpoint_is_rebuilt_from_the_whole_log(start_server, tmp_path):
+    server = wal_server(start_server, tmp_path, None)
+    with ParameterServerClient([server.address]) as client:
+        client.init({"w": np.zeros(8, np.float32)}, sgd(1.0))
+        for _ in range(50):  # one checkpoint, after push 40
+            client.push({"w": np.full(8, -1.0, np.float32)})
+    wait_until(lambda: len(list((tmp_path / "state").glob("ckpt-*"))) == 1)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    (only,) = (tmp_path / "state").glob("ckpt-*")
+    (only / "k0.value.npy").write_bytes(b"")
+    restarted = wal_server(start_server, tmp_path, server.port)
+    with ParameterServerClient([restarted.address]) as client:
+        assert client.pull(["w"])["w"].tolist() == [50.0] * 8  # the init and every push, from the log
     assert "is damaged" in (tmp_path / f"ps-{server.port}.log").read_text()
 
 

@@ -66,11 +66,13 @@ def test_a_script_under_elastic_run_survives_losing_a_worker(tmp_path):
     assert accuracy >= 0.9, run.text[-2000:]
 
 
+@pytest.mark.timeout(900)  # 76 s idle here, 211 s with the CPUs loaded: room for a machine 2.5x slower, loaded
 def test_a_worker_started_mid_training_enters_at_a_commit_and_takes_a_share(start_server, tmp_path):
     ps, barrier, lock = start_server("ps"), start_server("barrier"), start_server("lock")
     config = JobConfig(
         ps=(ps.address,), barrier=barrier.address, lock=lock.address, run_id=f"elastic-{uuid.uuid4().hex[:8]}",
         backend="tcp", group_size=0, elastic=True, join_window=10.0, timeout=60,
+        session_ttl=20.0,  # no worker is lost here: a loaded machine's pauses must not leave one behind
     )  # fmt: skip
     env = {**os.environ, **to_environment(config), "PYTHONUNBUFFERED": "1"}
     # 3 epochs with a pause after each batch: the late worker, however slowly it starts, enters early.

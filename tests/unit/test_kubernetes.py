@@ -283,10 +283,14 @@ def test_only_workers_and_operators_reach_the_servers():
     (grpc_rule, metrics_rule) = policy["spec"]["ingress"]
     admitted = [peer["podSelector"]["matchLabels"] for peer in grpc_rule["from"]]
     assert admitted == [{"app.kubernetes.io/component": "worker"}, {"nanodist.io/operator": "true"}]
-    assert grpc_rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
+    assert grpc_rule["ports"] == [{"protocol": "TCP", "port": "grpc"}, {"protocol": "TCP", "port": "lane"}]
     assert metrics_rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]
     for w in servers:  # the named port the policy opens is each server's gRPC port
         assert [p["name"] for p in containers(w)[0]["ports"]][0] == "grpc"
+    (shards,) = [w for w in servers if w["metadata"]["name"] == "ps"]  # and the shards' tensor lane
+    lane = {p["name"]: p["containerPort"] for p in containers(shards)[0]["ports"]}["lane"]
+    args = containers(shards)[0]["args"]
+    assert args[args.index("--lane-port") + 1] == str(lane)
     for w in role(docs, "worker"):
         labels = template_labels(w)
         assert any(peer.items() <= labels.items() for peer in admitted), w["metadata"]["name"]

@@ -35,6 +35,7 @@ NON_DEFAULT = {
     "--min-workers": "2",
     "--max-workers": "4",
     "--regroup-window": "0.5",
+    "--session-ttl": "12.5",
     "--pipeline-stages": "2",
     "--micro-batches": "2",
     "--schedule": "gpipe",

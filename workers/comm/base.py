@@ -113,6 +113,9 @@ class Communicator(abc.ABC):
         barrier leases) instead of waiting out the whole timeout.
         """
 
+    def name_ranks(self, first: int) -> None:  # noqa: B027 - only backends whose messages name peers need it
+        """This group's rank 0 is the job's rank `first`: messages name ranks as the job numbers them."""
+
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release sockets or other resources."""
 

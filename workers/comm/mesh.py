@@ -104,6 +104,11 @@ class Mesh:
             sock.settimeout(timeout)
         self._sender = _Sender(self.describe)
         self.watch: Watch | None = None  # consulted while a receive waits (Communicator.watch)
+        self.first_job_rank = 0  # the job rank of this group's rank 0, once the job knows it (name_ranks)
+
+    def name(self, rank: int) -> str:
+        """A rank of this group as the job's rank, which is what users know."""
+        return f"rank {self.first_job_rank + rank}"
 
     @classmethod
     def connect(
@@ -155,8 +160,8 @@ class Mesh:
 
     def describe(self, peer: int, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError):
-            return f"rank {self.rank}: rank {peer} sent nothing for {self.timeout:g}s (hung, or too slow)"
-        return f"rank {self.rank}: lost the connection to rank {peer} ({type(exc).__name__}: the process died?)"
+            return f"{self.name(self.rank)}: {self.name(peer)} sent nothing for {self.timeout:g}s (hung, or too slow)"
+        return f"{self.name(self.rank)}: lost the connection to {self.name(peer)} ({type(exc).__name__}: the process died?)"
 
     def send(self, peer: int, kind: int, payload: Payload) -> None:
         """Queue one frame for `peer`; `payload` must stay unchanged until flush() returns."""
@@ -178,7 +183,7 @@ class Mesh:
         view = byte_view(payload)
         if got_kind != kind or length != len(view):
             raise CommError(
-                f"rank {self.rank}: rank {peer} sent frame kind {got_kind} of {length} bytes where "
+                f"{self.name(self.rank)}: {self.name(peer)} sent frame kind {got_kind} of {length} bytes where "
                 f"kind {kind} of {len(view)} bytes was expected: ranks are out of step"
             )
         self._recv_into(peer, view)
@@ -208,7 +213,7 @@ class Mesh:
             assert self.watch is not None
             problem = self.watch()
             if problem is not None:
-                raise CommError(f"rank {self.rank}: {problem}")
+                raise CommError(f"{self.name(self.rank)}: {problem}")
             if waited >= self.timeout:
                 raise CommError(self.describe(peer, TimeoutError()))
 

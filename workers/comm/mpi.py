@@ -40,6 +40,13 @@ class MPICommunicator(Communicator):
             ReduceOp.MIN: MPI.MIN,
         }
         self._sig = np.empty(6, dtype=np.int64)
+        self._first_job_rank = 0  # see name_ranks
+
+    def name_ranks(self, first: int) -> None:
+        self._first_job_rank = first
+
+    def _name(self, rank: int) -> str:
+        return f"rank {self._first_job_rank + rank}"
 
     def _agree(self, name: str, array: np.ndarray) -> None:
         """Check with one tiny Allreduce that all ranks call the same collective on the same data."""
@@ -52,7 +59,7 @@ class MPICommunicator(Communicator):
         self._wait_yielding(self.comm.Iallreduce(self.MPI.IN_PLACE, self._sig, op=self.MPI.MAX))
         if not np.array_equal(self._sig, mine):
             raise CommError(
-                f"rank {self.rank}: ranks disagree on {name}: this rank has "
+                f"{self._name(self.rank)}: ranks disagree on {name}: this rank has "
                 f"{array.dtype.name}[{array.size}], another has (op, dtype, count) in "
                 f"{self._sig[:3].tolist()}..{(-self._sig[3:]).tolist()}"
             )
@@ -121,11 +128,11 @@ class MPICommunicator(Communicator):
         try:
             self.comm.Recv(flat, source=source, status=status)
         except self.MPI.Exception as error:
-            raise CommError(f"rank {self.rank}: receive from rank {source} failed: {error}") from None
+            raise CommError(f"{self._name(self.rank)}: receive from {self._name(source)} failed: {error}") from None
         if status.Get_count(self.MPI.BYTE) != flat.nbytes:
             raise CommError(
-                f"rank {self.rank}: received {status.Get_count(self.MPI.BYTE)} bytes from rank "
-                f"{source}, expected {flat.nbytes}"
+                f"{self._name(self.rank)}: received {status.Get_count(self.MPI.BYTE)} bytes from "
+                f"{self._name(source)}, expected {flat.nbytes}"
             )
         return array
 

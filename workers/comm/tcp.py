@@ -86,6 +86,9 @@ class TCPCommunicator(Communicator):
     def watch(self, probe: Watch) -> None:
         self.mesh.watch = probe
 
+    def name_ranks(self, first: int) -> None:
+        self.mesh.first_job_rank = first
+
     def _agree(self, name: str, flat: np.ndarray, root: int = 0) -> None:
         """Exchange (sequence, op, dtype, count, root) around the ring; any difference is an error."""
         self._seq += 1
@@ -99,7 +102,9 @@ class TCPCommunicator(Communicator):
             diffs = [
                 f"{n} {_show(n, a)} vs {_show(n, b)}" for n, a, b in zip(names, mine, theirs, strict=True) if a != b
             ]
-            raise CommError(f"rank {self.rank} and rank {left} disagree on {name}: " + ", ".join(diffs))
+            raise CommError(
+                f"{self.mesh.name(self.rank)} and {self.mesh.name(left)} disagree on {name}: " + ", ".join(diffs)
+            )
 
     def _chunks(self, start: int, end: int, itemsize: int) -> list[tuple[int, int]]:
         step = max(1, self.chunk_bytes // itemsize)
@@ -281,7 +286,7 @@ class TCPCommunicator(Communicator):
             _, _, dtype, count, _ = META.unpack(self._meta)
             if (dtype, count) != signature(flat, 0)[1:]:
                 raise CommError(
-                    f"rank {self.rank}: rank {source} sent {numpy_dtype(dtype).name}[{count}], "
+                    f"{self.mesh.name(self.rank)}: {self.mesh.name(source)} sent {numpy_dtype(dtype).name}[{count}], "
                     f"the receive buffer is {flat.dtype.name}[{flat.size}]"
                 )
             self.mesh.recv_frame(source, DATA, flat)

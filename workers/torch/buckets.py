@@ -6,7 +6,10 @@ dtype and is closed once it reaches the size cap. Each bucket ends with one
 presence slot per parameter (1 where this rank produced a gradient), which
 travels through the same averaging: after it, a slot above zero means some
 worker had a gradient, and zero means none did, so the parameter keeps no
-gradient on every rank, exactly as in single-process training.
+gradient on every rank, exactly as in single-process training. A last slot
+holds 1 on a rank that contributes to this step and 0 on one that has joined
+(nd.join: it ran out of data), so that after the averaging every rank knows
+how many contributed, and scales the average to theirs alone.
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ class Bucket:
     def numel(self) -> int:
         return sum(s.numel for s in self.slots)
 
+    @property
+    def active(self) -> int:
+        """Index of the slot that counts the ranks contributing to this step."""
+        return self.numel + len(self.slots)
+
     def view(self, slot: Slot) -> torch.Tensor:
         return self.buffer[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
 
     def reset(self) -> None:
-        """Before a step: no gradient seen yet, presence slots cleared."""
+        """Before a step: no gradient seen yet, presence and contribution slots cleared."""
         self.ready = 0
         self.buffer[self.numel :].zero_()
 
@@ -69,5 +77,5 @@ def assign(named: list[tuple[str, torch.Tensor]], cap_bytes: int) -> list[Bucket
         for i, slot in enumerate(bucket.slots):
             slot.presence = total + i
         # Host memory: the collectives and the wire work on numpy views of it.
-        bucket.buffer = torch.zeros(total + len(bucket.slots), dtype=bucket.dtype)
+        bucket.buffer = torch.zeros(total + len(bucket.slots) + 1, dtype=bucket.dtype)
     return buckets

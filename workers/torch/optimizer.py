@@ -10,13 +10,15 @@ update rule and step() only brings the new parameters back.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import torch
 
+import nanodist.torch.departures as departures
 import nanodist.torch.runtime as runtime
 from nanodist.client import average
 from nanodist.torch.buckets import DEFAULT_BUCKET_BYTES, assign
@@ -32,7 +34,7 @@ class ModelMismatch(ValueError):
     """Workers disagree on the model; the message names the first parameter that differs."""
 
 
-class _Synchronizer:
+class Synchronizer:
     """The distributed part of one DistributedOptimizer."""
 
     def __init__(
@@ -46,11 +48,14 @@ class _Synchronizer:
         bucket_bytes: int,
         server_optimizer: ps.Optimizer | None,
         mode: str,
+        buffer_source: int | None = None,
     ) -> None:
         self.job = job
-        self.prefix = f"{job.config.run_id}/torch/optimizer-{next(_optimizers)}"
+        self.index = next(_optimizers)  # the same on every rank: nd.join steps the optimizers in this order
+        self.prefix = f"{job.config.run_id}/torch/optimizer-{self.index}"
         check_same_model(job, f"{self.prefix}/signature", named + buffers)
         self.server_side = server_optimizer is not None
+        self.averaged = {id(p) for _, p in named}
         grads = assign(named, bucket_bytes)
         self.grads = Reducer(
             job,
@@ -60,9 +65,12 @@ class _Synchronizer:
             backward_passes_per_step=backward_passes_per_step,
             target=Target.PARAM if self.server_side else Target.GRAD,
             mode=mode,
+            watch=None if job.config.elastic else lambda step: departures.problem(job, step),
         )
         floats = [(n, b) for n, b in buffers if b.dtype.is_floating_point]
-        self.buffers = Reducer(job, assign(floats, bucket_bytes), f"{self.prefix}/buffers", target=Target.VALUE)
+        self.buffers = Reducer(
+            job, assign(floats, bucket_bytes), f"{self.prefix}/buffers", target=Target.VALUE, source=buffer_source
+        )
         self._create_keys(server_optimizer)
 
     def _create_keys(self, server_optimizer: ps.Optimizer | None) -> None:
@@ -100,10 +108,25 @@ class _Synchronizer:
         for bucket in reducer.buckets:
             bucket.reset()
 
+    def check_trainable(self, param_groups: list[dict[str, Any]]) -> None:
+        """Refuse a parameter that was frozen when the optimizer was wrapped and has a gradient now: its
+        gradient would be this rank's own, and the ranks' models would drift apart without a word."""
+        for group in param_groups:
+            for param in group["params"]:
+                if param.grad is not None and id(param) not in self.averaged:
+                    raise RuntimeError(
+                        f"a parameter of shape {list(param.shape)} has a gradient but was frozen (requires_grad="
+                        "False) or unnamed when DistributedOptimizer wrapped the optimizer, so its gradient is not "
+                        "averaged; wrap the optimizer again after unfreezing it"
+                    )
+
     def synchronize(self) -> None:
         self.grads.synchronize()
         if self.buffers.buckets:
             self.buffers.synchronize()
+
+    def set_joined(self, joined: bool) -> None:
+        self.grads.joined = self.buffers.joined = joined
 
     def adopt_generation(self) -> None:
         """Elastic: continue in the job's new generation (see Reducer.adopt_generation)."""
@@ -150,8 +173,10 @@ def describe_difference(mine: list[Any], theirs: list[Any], other: int) -> str:
 class _DistributedMixin:
     """Methods of the returned optimizer; its other methods are the wrapped optimizer's class's."""
 
-    _nanodist: _Synchronizer | None
+    _nanodist: Synchronizer | None
     _nanodist_synchronized: bool
+    _nanodist_skip: bool
+    param_groups: list[dict[str, Any]]
 
     def in_flight(self) -> bool:
         """Whether gradients of this step are being exchanged (nd.synchronize() waits only for those)."""
@@ -163,11 +188,52 @@ class _DistributedMixin:
             self._nanodist.synchronize()
             self._nanodist_synchronized = True
 
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """Horovod's pattern for work between averaging and the update, such as gradient clipping:
+        `optimizer.synchronize()`, clip, then `with optimizer.skip_synchronize(): optimizer.step()`."""
+        self._nanodist_skip = True
+        try:
+            yield
+        finally:
+            self._nanodist_skip = False
+
+    def made(self) -> int:
+        """Its place in the order DistributedOptimizers were made (the same on every rank); -1 alone."""
+        return -1 if self._nanodist is None else self._nanodist.index
+
+    def steps_taken(self) -> int:
+        return 0 if self._nanodist is None else self._nanodist.grads.step
+
+    def step_joined(self) -> int:
+        """nd.join: one step of the others with zeros from this rank; returns how many ranks contributed.
+        The averaged gradient updates this rank's model too, so it stays the same as the others'."""
+        assert self._nanodist is not None
+        if self._nanodist.server_side:
+            raise RuntimeError(
+                "nd.join() needs gradients averaged in the group; with server_optimizer= it is not supported"
+            )
+        self._nanodist.set_joined(True)
+        try:
+            self.synchronize()
+        finally:
+            self._nanodist.set_joined(False)
+            self._nanodist_synchronized = False
+        super().step()  # type: ignore[misc]  # the wrapped optimizer's class follows in the MRO
+        return self._nanodist.grads.contributors
+
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._nanodist is not None:
+            if self._nanodist_skip and not self._nanodist_synchronized and self._nanodist.grads.in_flight:
+                raise RuntimeError(
+                    "step() inside skip_synchronize() before synchronize(): the gradients are not averaged yet; "
+                    "call optimizer.synchronize() first"
+                )
+            self._nanodist.check_trainable(self.param_groups)
         self.synchronize()
         self._nanodist_synchronized = False
         if self._nanodist is not None and self._nanodist.server_side:
@@ -189,9 +255,11 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's name, so that switching is a
 ) -> torch.optim.Optimizer:
     """Wrap `optimizer` so that each step uses the gradient averaged over every worker.
 
-    named_parameters: the model's named_parameters(); every parameter the optimizer updates must be named.
+    named_parameters: the model's named_parameters(); every trainable parameter the optimizer updates must be
+        named. Frozen ones (requires_grad=False) are skipped, as plain torch skips them.
     compression: "fp16" or "bf16" halve the gradient bytes on the wire (Compression.none by default).
-    backward_passes_per_step: accumulate this many backward passes (their mean) before averaging.
+    backward_passes_per_step: accumulate this many backward passes before averaging. The step uses their
+        mean, so do not divide the loss by it (Horovod sums them unless average_aggregated_gradients=True).
     bucket_cap_mb: gradients travel in buckets of about this size (DDP's default, 25 MB).
     server_optimizer: one of nanodist.client's factories (sgd, momentum, adam, adagrad): the servers apply
         it and workers pull parameters; the wrapped optimizer is then not used. ASP and SSP need it.
@@ -223,7 +291,7 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's name, so that switching is a
     # An elastic job of one may grow, so it keeps its synchronizer.
     needed = job is not None and (job.world > 1 or server_optimizer is not None or job.config.elastic)
     wrapped._nanodist = (
-        _Synchronizer(
+        Synchronizer(
             job,
             named,
             list(named_buffers or []),
@@ -237,6 +305,7 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's name, so that switching is a
         else None
     )
     wrapped._nanodist_synchronized = False
+    wrapped._nanodist_skip = False
     if wrapped._nanodist is not None:
         runtime.register(wrapped)
     return cast(torch.optim.Optimizer, wrapped)  # a subclass of the optimizer's class, made at run time
@@ -248,10 +317,11 @@ def _named(
     """The optimizer's parameters with names, in the model's order."""
     in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
     if named_parameters is None:
-        return [(f"param.{i}", p) for i, p in enumerate(in_optimizer)]
+        return [(f"param.{i}", p) for i, p in enumerate(in_optimizer) if p.requires_grad]
     named = [(n, p) for n, p in named_parameters if p.requires_grad]
     known = {id(p) for _, p in named}
-    missing = [i for i, p in enumerate(in_optimizer) if id(p) not in known]
+    # A frozen parameter gets no gradient, so the optimizer skips it as plain torch does.
+    missing = [i for i, p in enumerate(in_optimizer) if id(p) not in known and p.requires_grad]
     if missing:
         raise ValueError(
             f"named_parameters lacks {len(missing)} of the optimizer's parameters (first: index {missing[0]})"

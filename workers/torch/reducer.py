@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from enum import Enum
 
@@ -30,6 +31,7 @@ import torch
 
 from nanodist.torch.buckets import Bucket, Slot
 from nanodist.torch.compression import Compression
+from nanodist.torch.departures import RankLeft
 from nanodist.workers.comm import ReduceOp
 from nanodist.workers.job import Job
 
@@ -58,6 +60,7 @@ class Route:
 # The unit of a bucket's trip to the servers. Smaller pieces would overlap more, but on 2 cores shared by
 # 4 workers and 4 servers their per-call costs outweighed the overlap (bench/torch_step.py).
 PIECE_BYTES = 64 << 20
+WATCH_EVERY_S = 0.5  # how often a waiting step asks whether a rank left
 
 
 def _pieces(total: int, per_piece: int) -> list[tuple[int, int]]:
@@ -93,8 +96,11 @@ class Reducer:
         backward_passes_per_step: int = 1,
         target: Target = Target.GRAD,
         mode: str = "bsp",
+        watch: Callable[[int], str | None] | None = None,
+        source: int | None = None,
     ) -> None:
         self.job = job
+        self.watch = watch  # while a step waits: why step n cannot complete (a rank left), or None
         self.buckets = buckets
         # Each bucket travels in pieces, so that one piece's trip to the servers overlaps the next
         # piece's allreduce and the previous piece's broadcast.
@@ -125,6 +131,12 @@ class Reducer:
         self._stage1: list[Future[list[Future[None]]]] = []
         self._lost: Exception | None = None
         self.step = 0
+        self.joined = False  # nd.join: this rank ran out of data and contributes zeros, counted as no one
+        self.paused = False  # DDP's no_sync(): gradients accumulate locally and travel with the next backward
+        # Values only: the rank whose values every rank gets (a broadcast through the same averaging: the
+        # others contribute nothing, and the average is scaled to the one contributor).
+        self.source = source
+        self.contributors = job.world  # how many ranks contributed to the last step (see buckets.py)
         hooked = target is not Target.VALUE  # values have no gradients: synchronize() gathers them
         self._hooks = [
             s.param.register_post_accumulate_grad_hook(self._on_grad) for b in buckets for s in b.slots if hooked
@@ -146,7 +158,13 @@ class Reducer:
 
     # --- gradients arrive ----------------------------------------------
 
+    @property
+    def contributes(self) -> bool:
+        return not self.joined and (self.source is None or self.source == self.job.rank)
+
     def _on_grad(self, param: torch.Tensor) -> None:
+        if self.paused:
+            return
         bucket, slot = self._where[param]
         with self._lock:
             self._passes[slot] = self._passes.get(slot, 0) + 1
@@ -174,6 +192,7 @@ class Reducer:
     def _start_ready(self) -> None:
         while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].slots):
             bucket = self.buckets[self._next]
+            bucket.buffer[bucket.active] = 1 if self.contributes else 0
             self._stage1.append(self._comm.submit(self._reduce, bucket, self.step))
             self._next += 1
 
@@ -261,7 +280,9 @@ class Reducer:
         with self._lock:
             for bucket in self.buckets[self._next :]:
                 for slot in bucket.slots:
-                    if self.target is Target.VALUE:
+                    if not self.contributes:
+                        self._fill(bucket, slot, None)  # nothing from a rank that joined, or not the source
+                    elif self.target is Target.VALUE:
                         self._fill(bucket, slot, slot.param)
                     elif self._passes.get(slot, 0) < self.passes_per_step:
                         self._fill(bucket, slot, None)  # no gradient on this rank this step
@@ -270,14 +291,38 @@ class Reducer:
         finishes = [self._comm.submit(self._finish, b, s) for b, s in zip(self.buckets, self._stage1, strict=True)]
         try:
             for done in finishes:
-                done.result()
+                self._await(done)
             for bucket in self.buckets:
                 self._write_back(bucket)
         finally:
             self.step += 1
             self._reset()
 
+    def _await(self, finish: Future[None]) -> None:
+        """Wait for a bucket's exchange, asking the watch every half second whether it can still complete."""
+        while not wait([finish], timeout=WATCH_EVERY_S).done:
+            problem = self.watch(self.step) if self.watch is not None else None
+            if problem is not None:
+                raise RankLeft(problem)
+        try:
+            finish.result()
+        except Exception:
+            # A rank that left closes its sockets: the watch's account of it says more than a lost connection.
+            problem = self.watch(self.step) if self.watch is not None else None
+            if problem is not None:
+                raise RankLeft(problem) from None
+            raise
+
     def _write_back(self, bucket: Bucket) -> None:
+        world = self.job.world
+        # The average is over every rank; the ranks that joined gave zeros, so scale it to the contributors'.
+        # (Parameters from the servers' optimizer are no average: their slot is a parameter of its own.)
+        averaged = self.target is not Target.PARAM
+        self.contributors = round(float(bucket.buffer[bucket.active]) * world) if averaged else world
+        if self.contributors == 0 and self.target is Target.VALUE:
+            return  # every rank has joined: nothing new to hold
+        if 0 < self.contributors < world:
+            bucket.buffer[: bucket.numel].mul_(world / self.contributors)
         for slot in bucket.slots:
             value, param = bucket.view(slot), slot.param
             if self.target is not Target.GRAD:

@@ -8,25 +8,42 @@ started without them runs alone: size 1, no services, and every call works.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+import nanodist.torch.departures as departures
+from nanodist.client import NanodistError
 from nanodist.workers.config import JobConfig
 from nanodist.workers.job import Job, JobFinished
+from nanodist.workers.rank_output import prefix_lines
 from nanodist.workers.settings import from_environment
 
 _job: Job | None = None
 _solo = False
+_failed = False
+_last_rank = 0  # this process's rank in the job, kept after shutdown() for the lines printed later
 
 
 class Synchronizable(Protocol):
     def in_flight(self) -> bool: ...
 
     def synchronize(self) -> None: ...
+
+
+@runtime_checkable
+class Averaging(Synchronizable, Protocol):
+    """A DistributedOptimizer or DistributedDataParallel: it averages gradients step by step."""
+
+    def step_joined(self) -> int: ...
+
+    def steps_taken(self) -> int: ...
+
+    def made(self) -> int: ...
 
 
 _optimizers: weakref.WeakSet[Synchronizable] = weakref.WeakSet()
@@ -41,6 +58,17 @@ def register(optimizer: Synchronizable) -> None:
 def on_shutdown(close: Callable[[], None]) -> None:
     """Run `close` at shutdown(), before the job's clients and group close."""
     _closers.append(close)
+
+
+def exchanges_without_join() -> bool:
+    """Whether something registered exchanges data every step that nd.join cannot stand in for (table rows)."""
+    return any(not isinstance(o, Averaging) for o in list(_optimizers))
+
+
+def distributed_optimizers() -> list[Averaging]:
+    """The DistributedOptimizers that exchange gradients, in the order they were made (the same on every rank)."""
+    averaging = [o for o in list(_optimizers) if isinstance(o, Averaging) and o.made() >= 0]
+    return sorted(averaging, key=lambda o: o.made())
 
 
 def synchronize() -> None:
@@ -71,8 +99,17 @@ def init() -> None:
         except JobFinished as done:
             print(f"nanodist: {done}; nothing to do", flush=True)
             raise SystemExit(0) from None
+        prefix_lines(_current_rank)
         sys.excepthook = _report_failure(sys.excepthook)
     atexit.register(shutdown)
+
+
+def _current_rank() -> int:
+    """The job rank now (an elastic job's changes with its generations)."""
+    global _last_rank
+    if _job is not None:
+        _last_rank = _job.rank
+    return _last_rank
 
 
 def _report_failure(previous: Callable[..., None]) -> Callable[..., None]:
@@ -80,6 +117,8 @@ def _report_failure(previous: Callable[..., None]) -> Callable[..., None]:
     barrier so that every other worker stops at once naming the cause, and bring down an MPI group."""
 
     def hook(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+        global _failed
+        _failed = True  # it leaves because it failed: shutdown() must not report a departure
         previous(kind, error, trace)
         if _job is not None:
             print(f"nanodist: rank {_job.rank} failed: {kind.__name__}: {error}", file=sys.stderr, flush=True)
@@ -128,6 +167,10 @@ def local_rank() -> int:
 def shutdown() -> None:
     """Leave the job: close the clients and the group (also run at interpreter exit)."""
     global _job, _solo
+    optimizers = distributed_optimizers()
+    if _job is not None and optimizers and not _job.config.elastic and not _failed:
+        with contextlib.suppress(NanodistError):  # the services may be gone already (a job torn down)
+            departures.announce(_job, optimizers[0].steps_taken())
     for optimizer in list(_optimizers):
         closer = getattr(optimizer, "_nanodist", None)
         if closer is not None:

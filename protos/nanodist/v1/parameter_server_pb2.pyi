@@ -251,3 +251,19 @@ class StatsResponse(_message.Message):
     wal_records: int
     wal_fsyncs: int
     def __init__(self, mode: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., num_keys: _Optional[int] = ..., total_bytes: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_deduplicated: _Optional[int] = ..., worker_clocks: _Optional[_Iterable[int]] = ..., durability: _Optional[str] = ..., wal_records: _Optional[int] = ..., wal_fsyncs: _Optional[int] = ...) -> None: ...
+
+class OpenLaneRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenLaneResponse(_message.Message):
+    __slots__ = ("tcp_port", "local_socket", "secret", "max_message_bytes")
+    TCP_PORT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tcp_port: int
+    local_socket: str
+    secret: bytes
+    max_message_bytes: int
+    def __init__(self, tcp_port: _Optional[int] = ..., local_socket: _Optional[str] = ..., secret: _Optional[bytes] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

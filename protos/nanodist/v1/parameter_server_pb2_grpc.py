@@ -71,6 +71,11 @@ class ParameterServerStub:
                 request_serializer=nanodist_dot_v1_dot_parameter__server__pb2.StatsRequest.SerializeToString,
                 response_deserializer=nanodist_dot_v1_dot_parameter__server__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.OpenLane = channel.unary_unary(
+                '/nanodist.v1.ParameterServer/OpenLane',
+                request_serializer=nanodist_dot_v1_dot_parameter__server__pb2.OpenLaneRequest.SerializeToString,
+                response_deserializer=nanodist_dot_v1_dot_parameter__server__pb2.OpenLaneResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -151,6 +156,19 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenLane(self, request, context):
+        """OpenLane tells a client how to reach this shard's tensor lane: a faster
+        carrier of the same Push and Pull messages, over a TCP connection of its
+        own or, on the same host, through shared memory (the protocol is in
+        docs/lane.md). Optional: a client that never calls it uses Push and Pull.
+        Read-only and idempotent: every call gets the same answer until the shard
+        restarts. Needs the worker role, as Push does. Errors: UNIMPLEMENTED when
+        the shard serves no lane (started with --lanes off).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +206,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=nanodist_dot_v1_dot_parameter__server__pb2.StatsRequest.FromString,
                     response_serializer=nanodist_dot_v1_dot_parameter__server__pb2.StatsResponse.SerializeToString,
+            ),
+            'OpenLane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenLane,
+                    request_deserializer=nanodist_dot_v1_dot_parameter__server__pb2.OpenLaneRequest.FromString,
+                    response_serializer=nanodist_dot_v1_dot_parameter__server__pb2.OpenLaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -381,6 +404,33 @@ class ParameterServer:
             '/nanodist.v1.ParameterServer/Stats',
             nanodist_dot_v1_dot_parameter__server__pb2.StatsRequest.SerializeToString,
             nanodist_dot_v1_dot_parameter__server__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenLane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nanodist.v1.ParameterServer/OpenLane',
+            nanodist_dot_v1_dot_parameter__server__pb2.OpenLaneRequest.SerializeToString,
+            nanodist_dot_v1_dot_parameter__server__pb2.OpenLaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

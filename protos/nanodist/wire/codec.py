@@ -192,6 +192,18 @@ def encode_push(
     membership: Membership = NOT_ELASTIC,
 ) -> bytes:
     """A serialized PushRequest; tensor data is copied exactly once (the join)."""
+    return push_parts(entries, worker_id, step, request_id, fencing_token, membership).join()
+
+
+def push_parts(
+    entries: list[Entry],
+    worker_id: int,
+    step: int,
+    request_id: str,
+    fencing_token: int = 0,
+    membership: Membership = NOT_ELASTIC,
+) -> wire.Parts:
+    """A PushRequest's pieces, the tensors' memory referenced in place (for a gathered send)."""
     message = wire.Parts()
     for entry in entries:
         message.add_message(1, _entry_parts(entry, 2, wire.Parts().add(wire.int_field(4, entry.offset))))
@@ -199,17 +211,22 @@ def encode_push(
     message.add(wire.str_field(4, request_id)).add(wire.int_field(5, fencing_token))
     if membership.generation or membership.pushers:
         message.add(wire.int_field(6, membership.generation)).add(wire.int_field(7, membership.pushers))
-    return message.join()
+    return message
 
 
 def encode_pull_response(entries: list[Entry], slowest_clock: int = 0) -> bytes:
     """A serialized PullResponse built around the values' memory."""
+    return pull_response_parts(entries, slowest_clock).join()
+
+
+def pull_response_parts(entries: list[Entry], slowest_clock: int = 0) -> wire.Parts:
+    """A PullResponse's pieces, the values' memory referenced in place."""
     message = wire.Parts().add(wire.int_field(2, slowest_clock))
     for entry in entries:
         extra = wire.Parts().add(wire.int_field(4, entry.version)).add(wire.int_field(5, entry.offset))
         extra.add(wire.packed_ints(6, entry.shape))
         message.add_message(1, _entry_parts(entry, 2, extra))
-    return message.join()
+    return message
 
 
 def _decode_sparse(buf: memoryview, span: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +278,7 @@ class PushMessage:
     membership: Membership = NOT_ELASTIC
 
 
-def decode_push(data: bytes) -> PushMessage:
+def decode_push(data: bytes | memoryview) -> PushMessage:
     """Parse a PushRequest; gradients are views of `data`. Raises CodecError."""
     buf = memoryview(data)
     message = PushMessage(entries=[])
@@ -289,7 +306,7 @@ def decode_push(data: bytes) -> PushMessage:
     return message
 
 
-def decode_pull_response(data: bytes) -> tuple[list[Entry], int]:
+def decode_pull_response(data: bytes | memoryview) -> tuple[list[Entry], int]:
     """Parse a PullResponse into (entries, slowest_clock); values are read-only views of `data`."""
     buf = memoryview(data)
     entries: list[Entry] = []

@@ -9,7 +9,7 @@ ordinary protobuf, so stock decoders in any language read them unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -118,6 +118,17 @@ class Parts:
 
     def join(self) -> bytes:
         return b"".join(self.items)
+
+    def write_into(self, target: memoryview) -> None:
+        """Copy the message into the start of `target` (at least `size` bytes)."""
+        Parts.write_pieces(self.items, target)
+
+    @staticmethod
+    def write_pieces(pieces: Sequence[bytes | memoryview], target: memoryview) -> None:
+        at = 0
+        for piece in pieces:
+            target[at : at + len(piece)] = piece
+            at += len(piece)
 
 
 def read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
