@@ -124,7 +124,14 @@ class Output:
         raise AssertionError(f"no {text!r} within {timeout:g}s:\n{self.text[-3000:]}")
 
     def finish(self, timeout: float = 240) -> int:
-        code = self.worker.wait(timeout=timeout)
+        try:
+            code = self.worker.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()  # what it printed tells where it stuck; the test's own timeout would hide it
+            self._reader.join(timeout=10)
+            raise AssertionError(
+                f"pid {self.worker.pid} still running after {timeout:g}s:\n{self.text[-4000:]}"
+            ) from None
         self._reader.join(timeout=10)
         return code
 
@@ -133,13 +140,26 @@ class Output:
         return "".join(line for _, line in list(self.lines))
 
 
+def finish_all(outputs: list[Output], timeout: float) -> list[int]:
+    """Every worker's exit code; if one is still running after `timeout`, all are stopped and the
+    failure shows what each printed (a stuck worker is explained by where the others stand)."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [o.finish(timeout=max(1.0, deadline - time.monotonic())) for o in outputs]
+    except AssertionError:
+        for o in outputs:
+            o.worker.kill()
+        tails = "\n".join(f"--- pid {o.worker.pid}:\n{o.text[-3000:]}" for o in outputs)
+        raise AssertionError(f"workers still running after {timeout:g}s:\n{tails}") from None
+
+
 def test_a_worker_started_mid_training_joins_at_an_epoch_boundary_and_takes_a_share(start_server, tmp_path):
     run_id, first = start_workers(start_server, tmp_path, 2, "--epochs", "20", "--slow-ms", "10", "--min-workers", "2")
     outputs = [Output(w) for w in first]
     outputs[0].first(" step ")
     late = subprocess.Popen(first[0].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outputs.append(Output(late))
-    assert [o.finish() for o in outputs] == [0, 0, 0], [o.text[-2000:] for o in outputs]
+    assert finish_all(outputs, timeout=240) == [0, 0, 0], [o.text[-2000:] for o in outputs]
     joiner = outputs[2].text
     assert "waiting to join the next one" in joiner and "generation 1: resuming at step" in joiner, joiner[-3000:]
     resumed = joiner.split("generation 1: resuming at step")[1]

@@ -1,6 +1,7 @@
 """A user script under nd.elastic.run: an MLP on scikit-learn's digits through an ElasticSampler.
 
-argv: OUT_DIR EPOCHS [SECONDS_PER_BATCH (a pause, 0.02 by default: a kill lands inside an epoch)]
+argv: OUT_DIR EPOCHS [SECONDS_PER_BATCH (a pause, 0.02 by default: a kill lands inside an epoch) [GATE]]
+With GATE, a path, the worker starts (torch imported, data loaded) but joins only once GATE exists.
 Each worker writes its pid to OUT_DIR/pid-<first rank> once it has joined; each worker that finishes
 writes its parameters to OUT_DIR/worker-<pid>.npz and the samples it trained on per epoch to
 OUT_DIR/samples-<pid>.json.
@@ -26,6 +27,9 @@ BATCH = 16
 def main() -> None:
     out, epochs = sys.argv[1], int(sys.argv[2])
     pause = float(sys.argv[3]) if len(sys.argv) > 3 else 0.02
+    if len(sys.argv) > 4:
+        while not os.path.exists(sys.argv[4]):
+            time.sleep(0.05)
     nd.init()
     with open(os.path.join(out, f"pid-{nd.rank()}"), "w") as f:
         f.write(str(os.getpid()))
