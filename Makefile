@@ -11,7 +11,7 @@ IMAGE := nanodist:$(VERSION)
 OFFLINE_BASE := nanodist-base:bookworm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: setup proto docs certs test test-fast lint demo demo-pipeline demo-torch demo-ctr bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs \
+.PHONY: setup proto docs certs etcd test test-fast lint demo demo-pipeline demo-torch demo-ctr bench soak bench-setup clean docker-base wheelhouse docker docker-torch up up-torch down logs \
 	stack-up stack-down
 
 setup: $(STAMP)
@@ -31,6 +31,15 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos $(PROTOS)
 
+# etcd's v3 API stubs (generated from its own protos, protos/etcd_stubs.py) and Debian's etcd-server:
+# what `--store etcd://` and its tests need (docs/coordination.md).
+ETCD_STUBS := protos/nanodist/etcd/rpc_pb2.py
+etcd: $(ETCD_STUBS)
+	command -v etcd >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends etcd-server)
+
+$(ETCD_STUBS): $(STAMP) protos/etcd_stubs.py
+	$(BIN)/python protos/etcd_stubs.py
+
 # Development TLS material under certs/ (git ignores it): a CA, a server and a client certificate.
 certs: $(STAMP)
 	$(BIN)/python -m nanodist.services.common.devcerts certs
@@ -42,14 +51,14 @@ docs: $(STAMP)
 # Everything, what CI runs: the docker tests (images built on first need, the three-node swarm of
 # e2e-multihost included) in one stream, the rest in two more. The docker stream is the longest, and its
 # work runs in containers, which dockerd starts outside this process tree: `nice` gives them the cores first.
-test: $(STAMP)
+test: $(STAMP) etcd
 	@# The images build while torch installs: they are the first need of the docker stream, the longest.
 	$(MAKE) -j2 $(TORCH_STAMP) test-images
 	NANODIST_MULTIHOST=1 nice -n 10 $(BIN)/pytest -q -n 3 --dist loadgroup --durations=25
 
 # The inner loop, a few minutes: unit tests and the integration tests not marked slow (no docker, no
 # training runs, no Rust build).
-test-fast: $(TORCH_STAMP)
+test-fast: $(TORCH_STAMP) etcd
 	$(BIN)/pytest -q -n 3 -m "not slow" tests/unit tests/integration --durations=10
 
 # The whole cluster as local processes: 2 parameter-server shards, barrier, lock,
@@ -72,7 +81,7 @@ demo-torch: $(TORCH_STAMP)
 demo-ctr: $(TORCH_STAMP)
 	$(BIN)/nanodist run --groups tcp:2 examples/ctr.py --samples 200000 --evaluations 2
 
-lint: $(TORCH_STAMP)
+lint: $(TORCH_STAMP) $(ETCD_STUBS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -135,6 +136,77 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@dataclass
+class EtcdMember:
+    """A real etcd member (Debian's etcd-server) on 127.0.0.1, with its data in the test's directory."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, namespace: str = "test") -> str:
+        return f"etcd://{self.endpoint}/{namespace}"
+
+
+def _start_etcd(directory: str, members: int) -> list[EtcdMember]:
+    ports = [(free_host_port(), free_host_port()) for _ in range(members)]
+    cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
+    started = []
+    for i, (client, peer) in enumerate(ports):
+        log = open(os.path.join(directory, f"etcd-{client}.log"), "ab")  # noqa: SIM115
+        command = [
+            "etcd", "--name", f"m{i}", "--data-dir", os.path.join(directory, f"etcd-{client}"),
+            "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", cluster, "--logger", "zap", "--log-level", "warn",
+        ]  # fmt: skip
+        started.append(EtcdMember(subprocess.Popen(command, stdout=log, stderr=log), client))
+    try:
+        for member in started:
+            _wait_etcd_healthy(member, directory)
+    except RuntimeError:
+        _stop(started)
+        raise
+    return started
+
+
+def _wait_etcd_healthy(member: EtcdMember, directory: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and member.process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://{member.endpoint}/health", timeout=2) as answer:
+                if b'"true"' in answer.read():
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"etcd did not become healthy on {member.endpoint}; see {directory}/etcd-{member.port}.log")
+
+
+@pytest.fixture
+def etcd(tmp_path) -> Iterator[EtcdMember]:
+    """A running single-member etcd; `make test` installs etcd-server (Debian's) when it is missing."""
+    members = _start_etcd(str(tmp_path), 1)
+    yield members[0]
+    _stop(members)
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path) -> Iterator[list[EtcdMember]]:
+    """Three etcd members forming one cluster."""
+    members = _start_etcd(str(tmp_path), 3)
+    yield members
+    _stop(members)
+
+
+def _stop(members: list[EtcdMember]) -> None:
+    for member in members:
+        member.process.kill()
+        member.process.wait()
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

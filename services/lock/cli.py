@@ -6,19 +6,25 @@ import argparse
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import grpc
 
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import ConfigurationError
+from nanodist.services.common.etcd import Etcd, parse_store
 from nanodist.services.common.handlers import servicer_handler
 from nanodist.services.common.runtime import serve
+from nanodist.services.lock.etcd_kv import EtcdKeyValueStore
+from nanodist.services.lock.etcd_locks import EtcdLockTable
+from nanodist.services.lock.etcd_server import EtcdLockService
 from nanodist.services.lock.kv import KeyValueStore
 from nanodist.services.lock.locks import FencingTokens, LockTable
 from nanodist.services.lock.persistence import DEFAULT_MAX_LOG_BYTES, Persistence
 from nanodist.services.lock.server import KeyValueService, LockService, Synced, in_memory
 from nanodist.settings import env_default, env_optional
 from nanodist.v1 import lock_pb2 as pb
+from nanodist.v1 import lock_pb2_grpc
 
 log = logging.getLogger("nanodist.lock")
 
@@ -26,6 +32,13 @@ log = logging.getLogger("nanodist.lock")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common_config.add_server_flags(parser, default_port=50071)
     env = env_default
+    parser.add_argument(
+        "--store",
+        default=env("store", "embedded"),
+        help="where locks and keys live: 'embedded' (this process, with --state-dir for its log) or "
+        "etcd://HOST:PORT,HOST:PORT[/NAMESPACE], shared by any number of replicas (env NANODIST_STORE; "
+        "docs/coordination.md)",
+    )
     parser.add_argument(
         "--state-dir",
         default=env_optional("state_dir"),
@@ -60,10 +73,41 @@ def _state_dir(path: str | None) -> None:
             raise ConfigurationError(f"--state-dir {path}: cannot create it ({error.strerror or error})") from None
 
 
+def _register(locks: lock_pb2_grpc.LockServicer, kv: KeyValueService) -> Callable[[grpc.aio.Server], list[str]]:
+    def register(server: grpc.aio.Server) -> list[str]:
+        server.add_generic_rpc_handlers(
+            (
+                servicer_handler(locks, pb.DESCRIPTOR.services_by_name["Lock"]),
+                servicer_handler(kv, pb.DESCRIPTOR.services_by_name["KeyValue"]),
+            )
+        )
+        return [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Lock", "KeyValue")]
+
+    return register
+
+
 def run(args: argparse.Namespace) -> None:
     """Serve until SIGTERM. A bad setting exits with status 2 and one line on stderr, before anything binds."""
     with common_config.exit_on_configuration_error("nanodist serve lock"):
         config = common_config.server_config(args)
+        if args.store != "embedded":
+            if args.state_dir:
+                raise ConfigurationError("--state-dir: the etcd store keeps the state; give one or the other")
+            address = parse_store(args.store)
+
+            async def on_etcd() -> None:
+                etcd = Etcd(address)
+                store = EtcdKeyValueStore(etcd, args.max_value_bytes)
+                register = _register(EtcdLockService(EtcdLockTable(etcd)), KeyValueService(store))
+
+                async def close() -> None:
+                    await store.close()
+                    await etcd.close()
+
+                await serve("lock", config, register, close)
+
+            asyncio.run(on_etcd())
+            return
         _state_dir(args.state_dir)
 
         async def main() -> None:
@@ -78,18 +122,7 @@ def run(args: argparse.Namespace) -> None:
             else:
                 log.warning("no --state-dir: the key-value store, counters and held locks live in memory only")
             table.leases.start()  # restored leases lapse unless their holders renew them
-            locks = LockService(table, synced)
-            kv = KeyValueService(store, synced)
-
-            def register(server: grpc.aio.Server) -> list[str]:
-                server.add_generic_rpc_handlers(
-                    (
-                        servicer_handler(locks, pb.DESCRIPTOR.services_by_name["Lock"]),
-                        servicer_handler(kv, pb.DESCRIPTOR.services_by_name["KeyValue"]),
-                    )
-                )
-                return [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Lock", "KeyValue")]
-
+            register = _register(LockService(table, synced), KeyValueService(store, synced))
             await serve("lock", config, register, persistence.close if persistence else None)
 
         asyncio.run(main())

@@ -6,7 +6,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from nanodist.services.common.errors import exhausted, failed_precondition, invalid, not_found
+from nanodist.services.common.errors import ServiceError, exhausted, failed_precondition, invalid, not_found
 from nanodist.services.lock import records
 from nanodist.v1 import lock_pb2 as pb
 
@@ -58,8 +58,7 @@ class KeyValueStore:
         if seen is None:
             return None
         if seen[0] != key or (seen[1] is not None) != adding:
-            call = "an Add" if seen[1] is not None else "a CompareAndSwap"
-            raise invalid(f"request_id: {request_id!r} was already used by {call} of key {seen[0]!r}")
+            raise reused_request_id(request_id, seen[0], seen[1] is not None)
         return seen
 
     def get(self, key: str) -> bytes:
@@ -98,15 +97,7 @@ class KeyValueStore:
         return True, desired
 
     def _sum(self, key: str, delta: int) -> int:
-        raw = self.values.get(key, b"0")
-        try:
-            value = int(raw)
-        except ValueError:
-            raise failed_precondition(f"key: {key!r} holds {raw[:32]!r}, not a decimal integer") from None
-        value += delta
-        if not -(1 << 63) <= value < 1 << 63:
-            raise failed_precondition(f"key: adding {delta} to {key!r} overflows int64")
-        return value
+        return counter_sum(key, self.values.get(key, b"0"), delta)
 
     def add(self, key: str, delta: int, request_id: str = "") -> int:
         seen = self._seen(request_id, key, adding=True)
@@ -152,6 +143,23 @@ class KeyValueStore:
                 await asyncio.wait_for(self.changed.wait(), remaining)
             except TimeoutError:
                 continue
+
+
+def counter_sum(key: str, raw: bytes, delta: int) -> int:
+    """What Add leaves in a key that holds `raw`: an int64 written in decimal."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise failed_precondition(f"key: {key!r} holds {raw[:32]!r}, not a decimal integer") from None
+    value += delta
+    if not -(1 << 63) <= value < 1 << 63:
+        raise failed_precondition(f"key: adding {delta} to {key!r} overflows int64")
+    return value
+
+
+def reused_request_id(request_id: str, first_key: str, first_was_add: bool) -> ServiceError:
+    call = "an Add" if first_was_add else "a CompareAndSwap"
+    return invalid(f"request_id: {request_id!r} was already used by {call} of key {first_key!r}")
 
 
 def _records(

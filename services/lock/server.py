@@ -7,7 +7,9 @@ change the answer reflects, the caller's own and any it read.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -15,6 +17,7 @@ from nanodist.services.common.boundary import unary
 from nanodist.services.common.errors import ServiceError, invalid
 from nanodist.services.common.leases import check_ttl
 from nanodist.services.common.validation import check_count, check_name
+from nanodist.services.lock.etcd_kv import EtcdKeyValueStore
 from nanodist.services.lock.kv import KeyValueStore
 from nanodist.services.lock.locks import Holding, LockTable
 from nanodist.v1 import lock_pb2 as pb
@@ -23,10 +26,16 @@ from nanodist.v1 import lock_pb2_grpc
 DEFAULT_WAIT_MS = 60_000
 MAX_WAIT_KEYS = 10_000
 Synced = Callable[[], Awaitable[None]]
+T = TypeVar("T")
 
 
 async def in_memory() -> None:
     """Without --state-dir there is no log to wait for."""
+
+
+async def settled(result: T | Awaitable[T]) -> T:
+    """The embedded store answers at once, the etcd store after a round trip."""
+    return await result if inspect.isawaitable(result) else result
 
 
 def _check_request_id(request_id: str) -> str:
@@ -39,7 +48,15 @@ def _check_mode(mode: int) -> int:
     return mode
 
 
-def _check_timeout(timeout_ms: int, field: str) -> float:
+def check_acquire(request: pb.AcquireRequest) -> None:
+    check_name(request.name, "name")
+    check_name(request.owner, "owner")
+    check_ttl(request.ttl_ms)
+    _check_mode(request.mode)
+    _check_request_id(request.request_id)
+
+
+def check_wait_timeout(timeout_ms: int, field: str) -> float:
     if timeout_ms < 0:
         raise invalid(f"{field}: must be >= 0, got {timeout_ms}")
     return (timeout_ms or DEFAULT_WAIT_MS) / 1000
@@ -51,11 +68,7 @@ class LockService(lock_pb2_grpc.LockServicer):
         self.synced = synced
 
     def _check(self, request: pb.AcquireRequest) -> None:
-        check_name(request.name, "name")
-        check_name(request.owner, "owner")
-        check_ttl(request.ttl_ms)
-        _check_mode(request.mode)
-        _check_request_id(request.request_id)
+        check_acquire(request)
         self.table.leases.start()
 
     async def _granted(self, holding: Holding) -> pb.AcquireResponse:
@@ -82,7 +95,7 @@ class LockService(lock_pb2_grpc.LockServicer):
     @unary("lock", "Acquire")
     async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         self._check(request)
-        timeout = _check_timeout(request.wait_timeout_ms, "wait_timeout_ms")
+        timeout = check_wait_timeout(request.wait_timeout_ms, "wait_timeout_ms")
         holding = self._try(request)
         if holding is not None:
             return await self._granted(holding)
@@ -137,25 +150,25 @@ class LockService(lock_pb2_grpc.LockServicer):
 
 
 class KeyValueService(lock_pb2_grpc.KeyValueServicer):
-    def __init__(self, store: KeyValueStore, synced: Synced = in_memory) -> None:
+    def __init__(self, store: KeyValueStore | EtcdKeyValueStore, synced: Synced = in_memory) -> None:
         self.store = store
         self.synced = synced
 
     @unary("kv", "Get")
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
-        value = self.store.get(check_name(request.key, "key"))
+        value = await settled(self.store.get(check_name(request.key, "key")))
         await self.synced()
         return pb.GetResponse(value=value)
 
     @unary("kv", "Set")
     async def Set(self, request: pb.SetRequest, context: grpc.aio.ServicerContext) -> pb.SetResponse:
-        self.store.set(check_name(request.key, "key"), request.value)
+        await settled(self.store.set(check_name(request.key, "key"), request.value))
         await self.synced()
         return pb.SetResponse()
 
     @unary("kv", "Delete")
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
-        deleted = self.store.delete(check_name(request.key, "key"))
+        deleted = await settled(self.store.delete(check_name(request.key, "key")))
         await self.synced()
         return pb.DeleteResponse(deleted=deleted)
 
@@ -163,12 +176,14 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
     async def CompareAndSwap(
         self, request: pb.CompareAndSwapRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompareAndSwapResponse:
-        swapped, value = self.store.compare_and_swap(
-            check_name(request.key, "key"),
-            request.expected,
-            request.expect_absent,
-            request.desired,
-            _check_request_id(request.request_id),
+        swapped, value = await settled(
+            self.store.compare_and_swap(
+                check_name(request.key, "key"),
+                request.expected,
+                request.expect_absent,
+                request.desired,
+                _check_request_id(request.request_id),
+            )
         )
         await self.synced()
         return pb.CompareAndSwapResponse(swapped=swapped, value=value or b"", exists=value is not None)
@@ -176,7 +191,7 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
     @unary("kv", "Add")
     async def Add(self, request: pb.AddRequest, context: grpc.aio.ServicerContext) -> pb.AddResponse:
         key = check_name(request.key, "key")
-        value = self.store.add(key, request.delta, _check_request_id(request.request_id))
+        value = await settled(self.store.add(key, request.delta, _check_request_id(request.request_id)))
         await self.synced()
         return pb.AddResponse(value=value)
 
@@ -187,6 +202,6 @@ class KeyValueService(lock_pb2_grpc.KeyValueServicer):
         check_count(len(request.keys), "keys", MAX_WAIT_KEYS)
         for i, key in enumerate(request.keys):
             check_name(key, f"keys[{i}]")
-        await self.store.wait(list(request.keys), _check_timeout(request.timeout_ms, "timeout_ms"))
+        await self.store.wait(list(request.keys), check_wait_timeout(request.timeout_ms, "timeout_ms"))
         await self.synced()
         return pb.WaitKeysResponse()

@@ -25,13 +25,25 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+@pytest.fixture(params=["embedded", "etcd"])
+def lock_server(request, start_server):
+    """Starts `nanodist serve lock` on each store: every guarantee of lock.proto holds on both."""
+
+    def start(*args: str):
+        if request.param == "etcd":
+            return start_server("lock", "--store", request.getfixturevalue("etcd").url(), *args)
+        return start_server("lock", *args)
+
+    return start
+
+
 def waiters_of(client: LockClient, name: str) -> list[str]:
     return list(client.status(name)[0].waiters)
 
 
-def test_a_killed_holder_loses_the_lock_after_its_ttl(start_server):
-    server = start_server("lock")
-    ttl = 1.0
+def test_a_killed_holder_loses_the_lock_after_its_ttl(lock_server):
+    server = lock_server()
+    ttl = 2.0  # etcd's shortest lease (3.4, default election timeout)
     doomed = worker("hold-lock", server.address, "model", str(ttl))
     doomed_token = int(doomed.stdout.readline())
     client = LockClient(server.address, "next")
@@ -48,8 +60,8 @@ def test_a_killed_holder_loses_the_lock_after_its_ttl(start_server):
     assert outcome["at"] - killed_at < ttl + 1.0
 
 
-def test_waiters_are_granted_in_fifo_order(start_server):
-    server = start_server("lock")
+def test_waiters_are_granted_in_fifo_order(lock_server):
+    server = lock_server()
     holder = LockClient(server.address, "holder")
     held = holder.acquire("fifo")
     order: list[str] = []
@@ -87,8 +99,8 @@ def test_fencing_tokens_keep_increasing_across_a_restart(start_server, tmp_path)
     assert tokens == sorted(set(tokens)) and held.fencing_token > tokens[-1]
 
 
-def test_readers_share_writers_exclude_and_a_queued_writer_is_not_starved(start_server):
-    server = start_server("lock")
+def test_readers_share_writers_exclude_and_a_queued_writer_is_not_starved(lock_server):
+    server = lock_server()
     r1, r2, w = (LockClient(server.address, o) for o in ("r1", "r2", "w"))
     first = r1.acquire("rw", shared=True)
     second = r2.acquire("rw", shared=True, timeout=1)  # readers share
@@ -105,8 +117,8 @@ def test_readers_share_writers_exclude_and_a_queued_writer_is_not_starved(start_
     assert r2.try_acquire("rw", shared=True) is not None
 
 
-def test_lock_context_manager_keeps_the_lease_alive(start_server):
-    server = start_server("lock")
+def test_lock_context_manager_keeps_the_lease_alive(lock_server):
+    server = lock_server()
     client = LockClient(server.address)
     ttl = 0.2
     with client.lock("long", ttl=ttl) as held:
@@ -116,15 +128,15 @@ def test_lock_context_manager_keeps_the_lease_alive(start_server):
     assert client.try_acquire("long") is not None
 
 
-def test_acquire_timeout_names_the_holder(start_server):
-    server = start_server("lock")
+def test_acquire_timeout_names_the_holder(lock_server):
+    server = lock_server()
     LockClient(server.address, "alice").acquire("busy", ttl=30)
     with pytest.raises(DeadlineExceeded, match="held by alice"):
         LockClient(server.address, "bob").acquire("busy", timeout=0.3)
 
 
-def test_releasing_with_the_wrong_lease_is_a_failed_precondition(start_server):
-    server = start_server("lock")
+def test_releasing_with_the_wrong_lease_is_a_failed_precondition(lock_server):
+    server = lock_server()
     client = LockClient(server.address)
     held = client.acquire("x")
     held.lease_id = "not-mine"
@@ -132,8 +144,8 @@ def test_releasing_with_the_wrong_lease_is_a_failed_precondition(start_server):
         client.release(held)
 
 
-def test_compare_and_swap_race_between_processes_has_one_winner(start_server):
-    server = start_server("lock")
+def test_compare_and_swap_race_between_processes_has_one_winner(lock_server):
+    server = lock_server()
     procs = [worker("cas", server.address, "leader", f"p{i}") for i in range(6)]
     with KVStore(server.address) as store:
         store.set("go", "1")
@@ -143,8 +155,8 @@ def test_compare_and_swap_race_between_processes_has_one_winner(start_server):
     assert outputs[int(winner[1:])] == "won"
 
 
-def test_add_from_many_processes_is_exact(start_server):
-    server = start_server("lock")
+def test_add_from_many_processes_is_exact(lock_server):
+    server = lock_server()
     procs = [worker("add", server.address, "counter", "150") for _ in range(4)]
     assert [p.wait(timeout=60) for p in procs] == [0] * 4
     with KVStore(server.address) as store:
@@ -152,8 +164,8 @@ def test_add_from_many_processes_is_exact(start_server):
         assert store.get("counter") == b"600"
 
 
-def test_wait_for_keys_with_a_timeout(start_server):
-    server = start_server("lock")
+def test_wait_for_keys_with_a_timeout(lock_server):
+    server = lock_server()
     store = KVStore(server.address)
     store.set("a", "1")
     with pytest.raises(DeadlineExceeded, match="keys still missing: b"):
@@ -164,8 +176,8 @@ def test_wait_for_keys_with_a_timeout(start_server):
     assert "error" not in outcome
 
 
-def test_kv_semantics(start_server):
-    server = start_server("lock")
+def test_kv_semantics(lock_server):
+    server = lock_server()
     with KVStore(server.address) as store:
         with pytest.raises(NotFound, match="'k' does not exist"):
             store.get("k")
@@ -202,8 +214,8 @@ def test_kv_semantics(start_server):
         ),
     ],
 )
-def test_bad_lock_requests_are_invalid_and_the_server_stays_healthy(start_server, method, request_message, message):
-    server = start_server("lock")
+def test_bad_lock_requests_are_invalid_and_the_server_stays_healthy(lock_server, method, request_message, message):
+    server = lock_server()
     with grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError) as failure:
             getattr(lock_pb2_grpc.LockStub(channel), method)(request_message, timeout=5)
@@ -212,8 +224,8 @@ def test_bad_lock_requests_are_invalid_and_the_server_stays_healthy(start_server
     assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_an_oversized_value_is_refused_and_the_old_value_kept(start_server):
-    server = start_server("lock", "--max-value-bytes", "1024")
+def test_an_oversized_value_is_refused_and_the_old_value_kept(lock_server):
+    server = lock_server("--max-value-bytes", "1024")
     with KVStore(server.address) as store:
         store.set("k", "small")
         with pytest.raises(InvalidArgument, match="value: 1025 bytes, at most 1024"):
