@@ -22,6 +22,41 @@ MAX_BARRIERS = 100_000
 log = logging.getLogger("nanodist.barrier")
 
 
+def check_open(request: pb.OpenSessionRequest) -> None:
+    check_name(request.member_id, "member_id")
+    check_ttl(request.ttl_ms)
+    check_count(len(request.barriers), "barriers", 1000)
+    for i, name in enumerate(request.barriers):
+        check_name(name, f"barriers[{i}]")
+    if request.idempotency_key:
+        check_name(request.idempotency_key, "idempotency_key")
+
+
+def check_wait(request: pb.WaitRequest) -> float:
+    """The wait's timeout in seconds, once the request is found valid."""
+    check_name(request.name, "name")
+    check_name(request.member_id, "member_id")
+    check_range(request.parties, "parties", 1, MAX_PARTIES)
+    if request.timeout_ms < 0:
+        raise invalid(f"timeout_ms: must be >= 0, got {request.timeout_ms}")
+    return (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
+
+
+def check_abort(request: pb.AbortRequest) -> str:
+    """The reason the barrier breaks with, once the request is found valid."""
+    check_name(request.name, "name")
+    if request.member_id:
+        check_name(request.member_id, "member_id")
+    if len(request.reason) > MAX_REASON:
+        raise invalid(f"reason: {len(request.reason)} characters, at most {MAX_REASON}")
+    who = repr(request.member_id) if request.member_id else "a client"
+    return f"aborted by {who}" + (f": {request.reason}" if request.reason else "")
+
+
+def lapse_reason(member: str, ttl_ms: int) -> str:
+    return f"member {member!r} stopped heartbeating (session lease of {ttl_ms} ms lapsed)"
+
+
 class BarrierService(barrier_pb2_grpc.BarrierServicer):
     def __init__(self) -> None:
         self.barriers: dict[str, Barrier] = {}
@@ -47,23 +82,15 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
     def _session_lapsed(self, lease: Lease) -> None:
         member = str(lease.payload["member"])
         for barrier in self.barriers.values():
-            if member in barrier.known and barrier.break_(
-                f"member {member!r} stopped heartbeating (session lease of {lease.ttl_ms} ms lapsed)", member
-            ):
+            if member in barrier.known and barrier.break_(lapse_reason(member, lease.ttl_ms), member):
                 log.warning("barrier %s broken: session of %s lapsed", barrier.name, member)
 
     @unary("barrier", "OpenSession")
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
-        check_name(request.member_id, "member_id")
-        check_ttl(request.ttl_ms)
-        check_count(len(request.barriers), "barriers", 1000)
-        for i, name in enumerate(request.barriers):
-            check_name(name, f"barriers[{i}]")
+        check_open(request)
         key = request.idempotency_key
-        if key:
-            check_name(key, "idempotency_key")
         # A retry of an open whose response was lost: hand back the live session
         # rather than open a second one whose lapse would break these barriers.
         lease = self.sessions.leases.get(self.open_keys.get(key, "")) if key else None
@@ -99,16 +126,12 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
 
     @unary("barrier", "Wait")
     async def Wait(self, request: pb.WaitRequest, context: grpc.aio.ServicerContext) -> pb.WaitResponse:
-        check_name(request.member_id, "member_id")
-        check_range(request.parties, "parties", 1, MAX_PARTIES)
-        if request.timeout_ms < 0:
-            raise invalid(f"timeout_ms: must be >= 0, got {request.timeout_ms}")
+        timeout = check_wait(request)
         if request.session_id and request.session_id not in self.sessions.leases:
             raise not_found(f"session_id: session {request.session_id!r} has lapsed or never existed")
         barrier = self.barrier(request.name)
         try:
             future, index = barrier.arrive(request.member_id, request.parties)
-            timeout = (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
             try:
                 async with asyncio.timeout(timeout):
                     generation = await future
@@ -127,13 +150,9 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
 
     @unary("barrier", "Abort")
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        reason = check_abort(request)
         barrier = self._existing(request.name)
-        if request.member_id:
-            check_name(request.member_id, "member_id")
-        if len(request.reason) > MAX_REASON:
-            raise invalid(f"reason: {len(request.reason)} characters, at most {MAX_REASON}")
-        who = repr(request.member_id) if request.member_id else "a client"
-        barrier.break_(f"aborted by {who}" + (f": {request.reason}" if request.reason else ""))
+        barrier.break_(reason)
         return pb.AbortResponse(generation=barrier.generation)
 
     @unary("barrier", "Reset")

@@ -8,6 +8,7 @@ are not (one may have been applied), so the caller sees UNAVAILABLE and retries 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from nanodist.services.common.errors import ConfigurationError, ServiceError, exhausted
+from nanodist.settings import env_default
 
 try:
     from nanodist.etcd import kv_pb2, rpc_pb2, rpc_pb2_grpc
@@ -36,6 +38,15 @@ class EtcdAddress:
     @property
     def prefix(self) -> bytes:
         return f"/nanodist/{self.namespace}/".encode()
+
+
+def add_store_argument(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument(
+        "--store",
+        default=env_default("store", "embedded"),
+        help=f"where the {role} state lives: 'embedded' (this process) or etcd://HOST:PORT,HOST:PORT[/NAMESPACE], "
+        "shared by any number of replicas (env NANODIST_STORE; docs/coordination.md)",
+    )
 
 
 def parse_store(url: str) -> EtcdAddress:
@@ -190,12 +201,12 @@ class Etcd:
 
     @contextlib.asynccontextmanager
     async def watch(
-        self, key: bytes, start_revision: int, *, prefix: bool = False
-    ) -> AsyncIterator[asyncio.Queue[int]]:
-        """Events on key (or every key under it) from start_revision on: the queue yields each event's
-        revision. An event is a hint to read again, never the state itself; a broken watch puts -1."""
-        events: asyncio.Queue[int] = asyncio.Queue()
-        create = rpc_pb2.WatchCreateRequest(key=key, start_revision=start_revision)
+        self, key: bytes, start_revision: int, *, prefix: bool = False, prev_kv: bool = False
+    ) -> AsyncIterator[asyncio.Queue[kv_pb2.Event | None]]:
+        """Events on key (or every key under it) from start_revision on, each with the value before it
+        if prev_kv. An event is a hint to read again, never the state itself; a broken watch puts None."""
+        events: asyncio.Queue[kv_pb2.Event | None] = asyncio.Queue()
+        create = rpc_pb2.WatchCreateRequest(key=key, start_revision=start_revision, prev_kv=prev_kv)
         if prefix:
             create.range_end = prefix_end(key)
         call = self.watcher().Watch()
@@ -207,10 +218,10 @@ class Etcd:
                     if response.canceled or response.compact_revision:
                         break
                     for event in response.events:
-                        events.put_nowait(int(event.kv.mod_revision))
+                        events.put_nowait(event)
             except grpc.aio.AioRpcError:
                 pass
-            events.put_nowait(-1)
+            events.put_nowait(None)
 
         task = asyncio.create_task(pump())
         try:

@@ -12,7 +12,7 @@ import grpc
 
 from nanodist.services.common import config as common_config
 from nanodist.services.common.errors import ConfigurationError
-from nanodist.services.common.etcd import Etcd, parse_store
+from nanodist.services.common.etcd import Etcd, add_store_argument, parse_store
 from nanodist.services.common.handlers import servicer_handler
 from nanodist.services.common.runtime import serve
 from nanodist.services.lock.etcd_kv import EtcdKeyValueStore
@@ -32,13 +32,7 @@ log = logging.getLogger("nanodist.lock")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common_config.add_server_flags(parser, default_port=50071)
     env = env_default
-    parser.add_argument(
-        "--store",
-        default=env("store", "embedded"),
-        help="where locks and keys live: 'embedded' (this process, with --state-dir for its log) or "
-        "etcd://HOST:PORT,HOST:PORT[/NAMESPACE], shared by any number of replicas (env NANODIST_STORE; "
-        "docs/coordination.md)",
-    )
+    add_store_argument(parser, "locks' and keys'")
     parser.add_argument(
         "--state-dir",
         default=env_optional("state_dir"),

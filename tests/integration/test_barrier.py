@@ -47,8 +47,20 @@ def wait_for_arrivals(client: BarrierClient, name: str, count: int, timeout: flo
     raise TimeoutError(f"{count} arrivals at {name} not seen")
 
 
-def test_processes_cycle_through_50_generations_none_released_early(start_server):
-    server = start_server("barrier")
+@pytest.fixture(params=["embedded", "etcd"])
+def barrier_server(request, start_server):
+    """Starts `nanodist serve barrier` on each store: every guarantee of barrier.proto holds on both."""
+
+    def start(*args: str):
+        if request.param == "etcd":
+            return start_server("barrier", "--store", request.getfixturevalue("etcd").url(), *args)
+        return start_server("barrier", *args)
+
+    return start
+
+
+def test_processes_cycle_through_50_generations_none_released_early(barrier_server):
+    server = barrier_server()
     procs = [worker("cycle", server.address, f"w{i}", "4", "50") for i in range(4)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4
@@ -63,9 +75,9 @@ def test_processes_cycle_through_50_generations_none_released_early(start_server
     assert state.generation == 50 and not state.arrived
 
 
-def test_a_killed_member_breaks_the_barrier_within_the_lease_ttl(start_server):
-    server = start_server("barrier")
-    ttl = 1.0
+def test_a_killed_member_breaks_the_barrier_within_the_lease_ttl(barrier_server):
+    server = barrier_server()
+    ttl = 2.0  # etcd's shortest lease (3.4, default election timeout)
     doomed = worker("hold-session", server.address, "doomed", "step", str(ttl))
     assert doomed.stdout.readline().strip() == "ready"
     a, b = (BarrierClient(server.address, m, session_ttl=ttl) for m in ("a", "b"))
@@ -85,8 +97,8 @@ def test_a_killed_member_breaks_the_barrier_within_the_lease_ttl(start_server):
     b.close()
 
 
-def test_a_timeout_breaks_the_barrier_for_every_waiter_and_reset_recovers(start_server):
-    server = start_server("barrier")
+def test_a_timeout_breaks_the_barrier_for_every_waiter_and_reset_recovers(barrier_server):
+    server = barrier_server()
     late = BarrierClient(server.address, "late", barriers=["t"])
     early = BarrierClient(server.address, "early")
     other = BarrierClient(server.address, "other")
@@ -111,8 +123,8 @@ def test_a_timeout_breaks_the_barrier_for_every_waiter_and_reset_recovers(start_
         client.close()
 
 
-def test_abort_breaks_the_barrier_for_waiters(start_server):
-    server = start_server("barrier")
+def test_abort_breaks_the_barrier_for_waiters(barrier_server):
+    server = barrier_server()
     a, b = BarrierClient(server.address, "a"), BarrierClient(server.address, "b")
     thread, outcome = in_thread(a.wait, "x", 2, timeout=30)
     wait_for_arrivals(b, "x", 1)
@@ -122,8 +134,8 @@ def test_abort_breaks_the_barrier_for_waiters(start_server):
     assert "aborted by 'b': out of memory" in outcome["error"].message
 
 
-def test_a_second_wait_by_the_same_member_is_not_a_double_count(start_server):
-    server = start_server("barrier")
+def test_a_second_wait_by_the_same_member_is_not_a_double_count(barrier_server):
+    server = barrier_server()
     a, b = BarrierClient(server.address, "a"), BarrierClient(server.address, "b")
     first = in_thread(a.wait, "idem", 2, timeout=10)
     wait_for_arrivals(b, "idem", 1)
@@ -138,8 +150,8 @@ def test_a_second_wait_by_the_same_member_is_not_a_double_count(start_server):
     assert released.arrival_index == 1
 
 
-def test_mismatched_parties_is_a_failed_precondition(start_server):
-    server = start_server("barrier")
+def test_mismatched_parties_is_a_failed_precondition(barrier_server):
+    server = barrier_server()
     a, b = BarrierClient(server.address, "a"), BarrierClient(server.address, "b")
     thread, _ = in_thread(a.wait, "p", 3, timeout=2)
     wait_for_arrivals(b, "p", 1)
@@ -148,8 +160,8 @@ def test_mismatched_parties_is_a_failed_precondition(start_server):
     thread.join(timeout=5)
 
 
-def test_a_thousand_concurrent_waiters_are_all_released(start_server):
-    server = start_server("barrier")
+def test_a_thousand_concurrent_waiters_are_all_released(barrier_server):
+    server = barrier_server()
     procs = [worker("waiters", server.address, "1000", "500", str(offset)) for offset in (0, 500)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
@@ -170,8 +182,8 @@ def test_a_thousand_concurrent_waiters_are_all_released(start_server):
         ),
     ],
 )
-def test_bad_wait_requests_are_invalid_and_the_server_stays_healthy(start_server, request_fields, message):
-    server = start_server("barrier")
+def test_bad_wait_requests_are_invalid_and_the_server_stays_healthy(barrier_server, request_fields, message):
+    server = barrier_server()
     with grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError) as failure:
             barrier_pb2_grpc.BarrierStub(channel).Wait(barrier_pb2.WaitRequest(**request_fields), timeout=5)
@@ -180,7 +192,7 @@ def test_bad_wait_requests_are_invalid_and_the_server_stays_healthy(start_server
     assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_negative_session_ttl_is_invalid(start_server):
-    server = start_server("barrier")
+def test_a_negative_session_ttl_is_invalid(barrier_server):
+    server = barrier_server()
     with pytest.raises(InvalidArgument, match=r"ttl_ms: -1000 is outside \[100, 3600000\]"):
         BarrierClient(server.address, "a", session_ttl=-1)

@@ -1,19 +1,23 @@
-"""The lock service on etcd (--store etcd://...): replicas that keep no state of their own and serve any
-client, whichever replica a call reaches. test_lock.py runs the API's guarantees on both stores."""
+"""The lock and barrier services on etcd (--store etcd://...): replicas that keep no state of their own
+and serve any client, whichever replica a call reaches. test_lock.py and test_barrier.py run the API's
+guarantees on both stores."""
 
+import json
 import signal
 import subprocess
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
 
-from nanodist.client import KVStore, LockClient
+from nanodist.client import BarrierBroken, BarrierClient, KVStore, LockClient
 from nanodist.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import nanodist_command
-from tests.history import History, Hold, check_linearizable, check_locks
-from tests.integration.test_barrier import in_thread
+from tests.history import Arrival, History, Hold, check_barriers, check_linearizable, check_locks
+from tests.integration.test_barrier import in_thread, wait_for_arrivals, worker
+from tests.integration.test_elastic import group_rank, kill_once_training
 from tests.integration.test_lock import wait_until
 
 
@@ -94,13 +98,14 @@ def test_a_waiter_on_a_killed_replica_leaves_the_queue_within_its_lease(start_se
 
 
 def test_the_store_flag_is_checked_before_anything_binds(tmp_path):
-    for args, message in [
-        (["--store", "redis://x:1"], "expected 'embedded' or etcd://HOST:PORT"),
-        (["--store", "etcd://host"], "'host' is not HOST:PORT"),
-        (["--store", "etcd://127.0.0.1:2379", "--state-dir", str(tmp_path)], "--state-dir: the etcd store"),
+    for role, args, message in [
+        ("lock", ["--store", "redis://x:1"], "expected 'embedded' or etcd://HOST:PORT"),
+        ("barrier", ["--store", "redis://x:1"], "expected 'embedded' or etcd://HOST:PORT"),
+        ("barrier", ["--store", "etcd://host"], "'host' is not HOST:PORT"),
+        ("lock", ["--store", "etcd://127.0.0.1:2379", "--state-dir", str(tmp_path)], "--state-dir: the etcd store"),
     ]:
-        done = subprocess.run(nanodist_command("serve", "lock", "--port", "0", *args), capture_output=True, text=True)
-        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+        done = subprocess.run(nanodist_command("serve", role, "--port", "0", *args), capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, (role, args, done.stderr)
 
 
 @pytest.mark.slow
@@ -135,3 +140,81 @@ def test_the_lock_service_rides_through_losing_the_etcd_member_it_talks_to(start
     assert check_linearizable(history.operations) == []
     with KVStore(replica.address) as kv:
         assert kv.add("count", 0) == len(history.operations)
+
+
+def test_a_lapsed_member_of_one_replica_breaks_the_barrier_for_waiters_on_the_other(start_server, etcd):
+    near, far = (start_server("barrier", "--store", etcd.url()) for _ in range(2))
+    doomed = worker("hold-session", near.address, "doomed", "step", "2")
+    assert doomed.stdout.readline().strip() == "ready"
+    a, b = BarrierClient(near.address, "a", session_ttl=2), BarrierClient(far.address, "b", session_ttl=2)
+    waits = [in_thread(c.wait, "step", 3, timeout=60) for c in (a, b)]
+    wait_for_arrivals(b, "step", 2)
+    doomed.kill()
+    doomed.wait()
+    for thread, outcome in waits:
+        thread.join(timeout=30)
+        error = outcome.get("error")
+        assert isinstance(error, BarrierBroken) and error.code == grpc.StatusCode.ABORTED, outcome
+        assert error.missing == ["doomed"] and "stopped heartbeating" in error.message
+    (state,) = b.status("step")
+    assert state.lapsed_member == "doomed"
+    a.close()
+    b.close()
+
+
+@pytest.mark.slow
+def test_members_on_two_replicas_cycle_through_30_generations_none_released_early(start_server, etcd):
+    replicas = [start_server("barrier", "--store", etcd.url()) for _ in range(2)]
+    procs = [worker("cycle", replicas[i % 2].address, f"w{i}", "4", "30") for i in range(4)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    arrivals = [
+        Arrival(f"w{i}", "cycle", int(generation), float(start), float(end))
+        for i, output in enumerate(outputs)
+        for generation, start, end in (line.split() for line in output.splitlines() if line != "done")
+    ]
+    assert len(arrivals) == 4 * 30 and check_barriers(arrivals, parties=4) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_elastic_job_on_replicas_of_both_services_survives_a_killed_worker(start_server, etcd, tmp_path):
+    """Each worker talks to its own replica of the barrier and lock services, all on one etcd: the ranks,
+    generations and decisions they share live there, and a worker killed mid-run is left behind."""
+    ps = start_server("ps", "--mode", "bsp", "--num-workers", "1")
+    barriers = [start_server("barrier", "--store", etcd.url()) for _ in range(2)]
+    locks = [start_server("lock", "--store", etcd.url()) for _ in range(2)]
+    run_id = f"elastic-{uuid.uuid4().hex[:8]}"
+
+    def start(i: int) -> subprocess.Popen[str]:
+        command = nanodist_command(
+            "worker",
+            *("--backend", "tcp", "--group-size", "0", "--elastic", "--join-window", "30", "--max-workers", "3"),
+            *("--ps", ps.address, "--barrier", barriers[i % 2].address, "--lock", locks[i % 2].address),
+            *(
+                "--run-id",
+                run_id,
+                "--runs-dir",
+                str(tmp_path),
+                "--timeout",
+                "60",
+                "--epochs",
+                "8",
+                "--min-workers",
+                "2",
+            ),
+        )
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    workers = [start(i) for i in range(3)]
+    ranks = [group_rank(w) for w in workers]
+    victim = workers[ranks.index(1)]
+    survivors = [w for w in workers if w is not victim]
+    kill_once_training(victim)
+    outputs = [w.communicate(timeout=300)[0] for w in survivors]
+    logged = "".join(outputs)
+    assert [w.returncode for w in survivors] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert logged.count("generation 1: 2 workers (was 3)") == 1, logged[-3000:]
+    assert f":{victim.pid})" in logged.split("generation 1: 2 workers (was 3)")[1].splitlines()[0]
+    metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
