@@ -145,6 +145,7 @@ class BarrierClient(ServiceClient):
         """Block until `parties` members arrive; raise BarrierBroken naming the missing ones."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        request_id = uuid.uuid4().hex  # its retries are this arrival, even after its generation released
 
         def attempt() -> pb.WaitResponse:
             session = self.session_id
@@ -155,6 +156,7 @@ class BarrierClient(ServiceClient):
                 member_id=self.member_id,
                 timeout_ms=int(left * 1000) or 1,
                 session_id=session,
+                request_id=request_id,
             )
             try:
                 return self._stub.Wait(request, timeout=left + 10)

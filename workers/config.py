@@ -23,8 +23,18 @@ class Endpoints:
     ps: tuple[str, ...] = setting(
         ("127.0.0.1:50051",), flag="--ps", help="comma-separated parameter-server shard addresses"
     )
-    barrier: str = setting("127.0.0.1:50061", flag="--barrier", help="barrier service address", env="BARRIER_ADDRESS")
-    lock: str = setting("127.0.0.1:50071", flag="--lock", help="lock service address", env="LOCK_ADDRESS")
+    barrier: str = setting(
+        "127.0.0.1:50061",
+        flag="--barrier",
+        help="barrier service address (replicas: HOST:PORT,HOST:PORT)",
+        env="BARRIER_ADDRESS",
+    )
+    lock: str = setting(
+        "127.0.0.1:50071",
+        flag="--lock",
+        help="lock service address (replicas: HOST:PORT,HOST:PORT)",
+        env="LOCK_ADDRESS",
+    )
 
 
 @dataclass(kw_only=True)

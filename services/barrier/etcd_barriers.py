@@ -27,12 +27,13 @@ import grpc
 
 from nanodist.etcd import kv_pb2, rpc_pb2
 from nanodist.services.barrier.server import lapse_reason
-from nanodist.services.barrier.state import Barrier, BarrierBroken
+from nanodist.services.barrier.state import Barrier, BarrierBroken, remember_released
 from nanodist.services.common.errors import ServiceError, failed_precondition, invalid, not_found
 from nanodist.services.common.etcd import Etcd, absent, put_op
 
 T = TypeVar("T")
 KEEP_ENDED = 64  # generations whose outcome a record keeps, for waiters that read it late
+KEEP_RELEASED_IDS = 4096  # request ids of released arrivals a record keeps (it must fit one etcd request)
 log = logging.getLogger("nanodist.barrier")
 
 
@@ -46,6 +47,8 @@ class Record:
     broken: list | None = None  # [message, missing members] while the current generation is broken
     lapsed_member: str = ""
     ended: dict[str, list | None] = field(default_factory=dict)  # generation -> None (released) or [message, missing]
+    arrival_ids: dict[str, int] = field(default_factory=dict)  # request id -> arrival index, this generation
+    released_ids: dict[str, list[int]] = field(default_factory=dict)  # request id -> [generation, index]
 
     def missing(self) -> list[str]:
         return sorted(set(self.known) - set(self.arrived))
@@ -59,10 +62,13 @@ class Record:
         for old in sorted(self.ended, key=int)[:-KEEP_ENDED]:
             del self.ended[old]
         self.generation += 1
-        self.arrived = {}
+        self.arrived, self.arrival_ids = {}, {}
 
-    def arrive(self, member: str, parties: int) -> tuple[int, int, bool]:
-        """(arrival index, generation, whether this arrival released it)."""
+    def arrive(self, member: str, parties: int, request_id: str = "") -> tuple[int, int, bool]:
+        """(arrival index, generation, whether it is released: by this arrival, or before a retry)."""
+        if request_id in self.released_ids:
+            generation, index = self.released_ids[request_id]
+            return index, generation, True
         if self.broken is not None:
             raise BarrierBroken(
                 grpc.StatusCode.ABORTED,
@@ -77,8 +83,11 @@ class Record:
         self.parties = parties
         self.know(member)
         index = self.arrived.setdefault(member, len(self.arrived))
+        if request_id:
+            self.arrival_ids[request_id] = index
         generation = self.generation
         if len(self.arrived) >= parties:
+            remember_released(self.released_ids, self.arrival_ids, generation, keep=KEEP_RELEASED_IDS)
             self._end(None)
             return index, generation, True
         return index, generation, False

@@ -49,7 +49,7 @@ class EtcdBarrierService(barrier_pb2_grpc.BarrierServicer):
         member, name = request.member_id, request.name
         try:
             (index, generation, released), _ = await self.barriers.change(
-                name, lambda record: record.arrive(member, request.parties), create=True
+                name, lambda record: record.arrive(member, request.parties, request.request_id), create=True
             )
             outcome = True if released else await self.barriers.settled(name, generation, timeout)
             if outcome is False:  # this waiter's timeout breaks the generation, unless it ended meanwhile

@@ -37,6 +37,8 @@ def check_wait(request: pb.WaitRequest) -> float:
     check_name(request.name, "name")
     check_name(request.member_id, "member_id")
     check_range(request.parties, "parties", 1, MAX_PARTIES)
+    if request.request_id:
+        check_name(request.request_id, "request_id")
     if request.timeout_ms < 0:
         raise invalid(f"timeout_ms: must be >= 0, got {request.timeout_ms}")
     return (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
@@ -131,7 +133,7 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
             raise not_found(f"session_id: session {request.session_id!r} has lapsed or never existed")
         barrier = self.barrier(request.name)
         try:
-            future, index = barrier.arrive(request.member_id, request.parties)
+            future, index = barrier.arrive(request.member_id, request.parties, request.request_id)
             try:
                 async with asyncio.timeout(timeout):
                     generation = await future

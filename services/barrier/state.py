@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from nanodist.services.common.errors import ServiceError, exhausted, failed_precondition
 
 MAX_WAITERS = 200_000  # Wait calls in progress on one barrier, repeats by one member included
+MAX_RELEASED_IDS = 65536  # request ids of released arrivals kept for retries
+
+
+def remember_released(
+    released: MutableMapping[str, Any], arrivals: dict[str, int], generation: int, keep: int = MAX_RELEASED_IDS
+) -> None:
+    """Keep the request ids of a released generation's arrivals, dropping the oldest past `keep`."""
+    for request_id, index in arrivals.items():
+        released[request_id] = (generation, index)
+    for oldest in list(itertools.islice(released, max(0, len(released) - keep))):
+        del released[oldest]
 
 
 class BarrierBroken(ServiceError):
@@ -31,6 +45,8 @@ class Barrier:
     broken: BarrierBroken | None = None
     lapsed_member: str = ""  # whose session lapse broke it, if that is what did
     waiters: list[asyncio.Future[int]] = field(default_factory=list)  # one per Wait call in progress
+    arrival_ids: dict[str, int] = field(default_factory=dict)  # request id -> arrival index, this generation
+    released_ids: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)  # -> (generation, index)
 
     def missing(self) -> list[str]:
         return sorted(self.known - set(self.arrived))
@@ -44,8 +60,13 @@ class Barrier:
             return f"missing {absent} of {self.parties}: {', '.join(names)}"
         return f"missing {absent} of {self.parties} (members not yet known)"
 
-    def arrive(self, member: str, parties: int) -> tuple[asyncio.Future[int], int]:
+    def arrive(self, member: str, parties: int, request_id: str = "") -> tuple[asyncio.Future[int], int]:
         """Register an arrival; returns a future for the generation's release and the arrival index."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if request_id in self.released_ids:  # a retry of an arrival already released: its answer again
+            generation, index = self.released_ids[request_id]
+            future.set_result(generation)
+            return future, index
         if self.broken is not None:
             raise BarrierBroken(
                 grpc.StatusCode.ABORTED,
@@ -64,12 +85,14 @@ class Barrier:
         self.parties = parties
         self.known.add(member)
         index = self.arrived.setdefault(member, len(self.arrived))
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if request_id:
+            self.arrival_ids[request_id] = index
         self.waiters.append(future)
         if len(self.arrived) >= parties:
             self._settle(lambda f: f.set_result(self.generation))
+            remember_released(self.released_ids, self.arrival_ids, self.generation)
             self.generation += 1
-            self.arrived = {}
+            self.arrived, self.arrival_ids = {}, {}
         return future, index
 
     def _settle(self, settle: Callable[[asyncio.Future[int]], None]) -> None:
@@ -98,6 +121,6 @@ class Barrier:
         self._settle(lambda f: f.set_exception(error))
         self.broken = None
         self.lapsed_member = ""
-        self.arrived = {}
+        self.arrived, self.arrival_ids = {}, {}
         self.generation += 1
         return self.generation

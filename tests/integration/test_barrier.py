@@ -196,3 +196,20 @@ def test_a_negative_session_ttl_is_invalid(barrier_server):
     server = barrier_server()
     with pytest.raises(InvalidArgument, match=r"ttl_ms: -1000 is outside \[100, 3600000\]"):
         BarrierClient(server.address, "a", session_ttl=-1)
+
+
+def test_a_retried_wait_after_its_release_gets_that_release_not_the_next_generation(barrier_server):
+    """A Wait whose answer was lost (its server killed, the network cut) is retried with its request id;
+    if its generation released meanwhile, the retry answers that release instead of arriving again."""
+    server = barrier_server()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = barrier_pb2_grpc.BarrierStub(channel)
+        wait = barrier_pb2.WaitRequest(name="solo", parties=1, member_id="a", timeout_ms=5000, request_id="wait-1")
+        first = stub.Wait(wait, timeout=10)
+        assert stub.Wait(wait, timeout=10) == first  # the retry
+        fresh = stub.Wait(
+            barrier_pb2.WaitRequest(name="solo", parties=1, member_id="a", request_id="wait-2"), timeout=10
+        )
+        assert (first.generation, fresh.generation) == (0, 1)
+        (state,) = stub.Status(barrier_pb2.BarrierStatusRequest(name="solo"), timeout=10).barriers
+        assert state.generation == 2

@@ -179,18 +179,22 @@ def test_members_on_two_replicas_cycle_through_30_generations_none_released_earl
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_elastic_job_on_replicas_of_both_services_survives_a_killed_worker(start_server, etcd, tmp_path):
-    """Each worker talks to its own replica of the barrier and lock services, all on one etcd: the ranks,
-    generations and decisions they share live there, and a worker killed mid-run is left behind."""
+    """Each worker names both replicas of the barrier and lock services, its own first, all on one etcd: the
+    ranks, generations and decisions they share live there, and a worker killed mid-run is left behind."""
     ps = start_server("ps", "--mode", "bsp", "--num-workers", "1")
     barriers = [start_server("barrier", "--store", etcd.url()) for _ in range(2)]
     locks = [start_server("lock", "--store", etcd.url()) for _ in range(2)]
     run_id = f"elastic-{uuid.uuid4().hex[:8]}"
 
+    def replicas(servers: list, i: int) -> str:
+        """Both replicas, worker i's own first: it uses that one and would move to the other."""
+        return f"{servers[i % 2].address},{servers[(i + 1) % 2].address}"
+
     def start(i: int) -> subprocess.Popen[str]:
         command = nanodist_command(
             "worker",
             *("--backend", "tcp", "--group-size", "0", "--elastic", "--join-window", "30", "--max-workers", "3"),
-            *("--ps", ps.address, "--barrier", barriers[i % 2].address, "--lock", locks[i % 2].address),
+            *("--ps", ps.address, "--barrier", replicas(barriers, i), "--lock", replicas(locks, i)),
             *(
                 "--run-id",
                 run_id,
@@ -218,3 +222,49 @@ def test_an_elastic_job_on_replicas_of_both_services_survives_a_killed_worker(st
     assert f":{victim.pid})" in logged.split("generation 1: 2 workers (was 3)")[1].splitlines()[0]
     metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["final_test_accuracy"] >= 0.95, metrics["epochs"]
+
+
+@pytest.mark.slow
+def test_clients_given_every_replica_ride_through_a_kill_9_of_the_one_they_use(start_server, etcd):
+    """Clients name both replicas of each service; the replicas they use are killed with kill -9 mid-run.
+    The clients move to the other replicas: their adds are counted once each, the held lock keeps its
+    lease, and the barrier sessions live on, so the next wait is released with nothing broken."""
+    locks = [start_server("lock", "--store", etcd.url()) for _ in range(2)]
+    barriers = [start_server("barrier", "--store", etcd.url()) for _ in range(2)]
+    lock_address = ",".join(s.address for s in locks)
+    barrier_address = ",".join(s.address for s in barriers)
+    history = History()
+    stop = threading.Event()
+
+    def add() -> None:
+        with KVStore(lock_address) as kv:
+            while not stop.is_set():
+                history.record("adder", "add", "count", 1, lambda: kv.add("count", 1))  # noqa: B023
+
+    members = [BarrierClient(barrier_address, m, session_ttl=3) for m in ("a", "b")]
+    holder = LockClient(lock_address, "holder")
+    with holder.lock("model", ttl=3) as held:
+        adder = in_thread(add)
+        waits = [in_thread(m.wait, "before", 2, timeout=30) for m in members]
+        for thread, outcome in waits:
+            thread.join(timeout=30)
+            assert "result" in outcome, outcome
+        wait_until(lambda: len(history.operations) >= 20, 60)
+        kill(locks[0])
+        kill(barriers[0])
+        acked = len(history.operations)
+        wait_until(lambda: len(history.operations) >= acked + 20, 60)
+        waits = [in_thread(m.wait, "after", 2, timeout=60) for m in members]
+        for thread, outcome in waits:
+            thread.join(timeout=60)
+            assert outcome.get("result") is not None, outcome
+        assert not held.lost
+    stop.set()
+    adder[0].join(timeout=60)
+    assert "error" not in adder[1], adder[1].get("error")
+    assert check_linearizable(history.operations) == []
+    with KVStore(locks[1].address) as kv:
+        assert kv.add("count", 0) == len(history.operations)
+    assert all(not s.broken_reason and not s.lapsed_member for s in members[0].status())
+    for member in members:
+        member.close()

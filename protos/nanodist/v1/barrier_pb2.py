@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nanodist/v1/barrier.proto\x12\x0bnanodist.v1\"b\n\x12OpenSessionRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x62\x61rriers\x18\x03 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"9\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"-\n\x17KeepAliveSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x18KeepAliveSessionResponse\x12\x0e\n\x06ttl_ms\x18\x01 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"g\n\x0bWaitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07parties\x18\x02 \x01(\x05\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x03\x12\x12\n\nsession_id\x18\x05 \x01(\t\"9\n\x0cWaitResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x15\n\rarrival_index\x18\x02 \x01(\x05\"?\n\x0c\x41\x62ortRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"#\n\rAbortResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\"\x1c\n\x0cResetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\rResetResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\"$\n\x14\x42\x61rrierStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x91\x01\n\x0c\x42\x61rrierState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07parties\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07\x61rrived\x18\x04 \x03(\t\x12\x0f\n\x07missing\x18\x05 \x03(\t\x12\x15\n\rbroken_reason\x18\x06 \x01(\t\x12\x15\n\rlapsed_member\x18\x07 \x01(\t\"D\n\x15\x42\x61rrierStatusResponse\x12+\n\x08\x62\x61rriers\x18\x01 \x03(\x0b\x32\x19.nanodist.v1.BarrierState2\x98\x04\n\x07\x42\x61rrier\x12P\n\x0bOpenSession\x12\x1f.nanodist.v1.OpenSessionRequest\x1a .nanodist.v1.OpenSessionResponse\x12X\n\tKeepAlive\x12$.nanodist.v1.KeepAliveSessionRequest\x1a%.nanodist.v1.KeepAliveSessionResponse\x12S\n\x0c\x43loseSession\x12 .nanodist.v1.CloseSessionRequest\x1a!.nanodist.v1.CloseSessionResponse\x12;\n\x04Wait\x12\x18.nanodist.v1.WaitRequest\x1a\x19.nanodist.v1.WaitResponse\x12>\n\x05\x41\x62ort\x12\x19.nanodist.v1.AbortRequest\x1a\x1a.nanodist.v1.AbortResponse\x12>\n\x05Reset\x12\x19.nanodist.v1.ResetRequest\x1a\x1a.nanodist.v1.ResetResponse\x12O\n\x06Status\x12!.nanodist.v1.BarrierStatusRequest\x1a\".nanodist.v1.BarrierStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nanodist/v1/barrier.proto\x12\x0bnanodist.v1\"b\n\x12OpenSessionRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x62\x61rriers\x18\x03 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"9\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"-\n\x17KeepAliveSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x18KeepAliveSessionResponse\x12\x0e\n\x06ttl_ms\x18\x01 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"{\n\x0bWaitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07parties\x18\x02 \x01(\x05\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x03\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"9\n\x0cWaitResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x15\n\rarrival_index\x18\x02 \x01(\x05\"?\n\x0c\x41\x62ortRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"#\n\rAbortResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\"\x1c\n\x0cResetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\rResetResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\"$\n\x14\x42\x61rrierStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x91\x01\n\x0c\x42\x61rrierState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07parties\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07\x61rrived\x18\x04 \x03(\t\x12\x0f\n\x07missing\x18\x05 \x03(\t\x12\x15\n\rbroken_reason\x18\x06 \x01(\t\x12\x15\n\rlapsed_member\x18\x07 \x01(\t\"D\n\x15\x42\x61rrierStatusResponse\x12+\n\x08\x62\x61rriers\x18\x01 \x03(\x0b\x32\x19.nanodist.v1.BarrierState2\x98\x04\n\x07\x42\x61rrier\x12P\n\x0bOpenSession\x12\x1f.nanodist.v1.OpenSessionRequest\x1a .nanodist.v1.OpenSessionResponse\x12X\n\tKeepAlive\x12$.nanodist.v1.KeepAliveSessionRequest\x1a%.nanodist.v1.KeepAliveSessionResponse\x12S\n\x0c\x43loseSession\x12 .nanodist.v1.CloseSessionRequest\x1a!.nanodist.v1.CloseSessionResponse\x12;\n\x04Wait\x12\x18.nanodist.v1.WaitRequest\x1a\x19.nanodist.v1.WaitResponse\x12>\n\x05\x41\x62ort\x12\x19.nanodist.v1.AbortRequest\x1a\x1a.nanodist.v1.AbortResponse\x12>\n\x05Reset\x12\x19.nanodist.v1.ResetRequest\x1a\x1a.nanodist.v1.ResetResponse\x12O\n\x06Status\x12!.nanodist.v1.BarrierStatusRequest\x1a\".nanodist.v1.BarrierStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,23 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSESESSIONRESPONSE']._serialized_start=335
   _globals['_CLOSESESSIONRESPONSE']._serialized_end=357
   _globals['_WAITREQUEST']._serialized_start=359
-  _globals['_WAITREQUEST']._serialized_end=462
-  _globals['_WAITRESPONSE']._serialized_start=464
-  _globals['_WAITRESPONSE']._serialized_end=521
-  _globals['_ABORTREQUEST']._serialized_start=523
-  _globals['_ABORTREQUEST']._serialized_end=586
-  _globals['_ABORTRESPONSE']._serialized_start=588
-  _globals['_ABORTRESPONSE']._serialized_end=623
-  _globals['_RESETREQUEST']._serialized_start=625
-  _globals['_RESETREQUEST']._serialized_end=653
-  _globals['_RESETRESPONSE']._serialized_start=655
-  _globals['_RESETRESPONSE']._serialized_end=690
-  _globals['_BARRIERSTATUSREQUEST']._serialized_start=692
-  _globals['_BARRIERSTATUSREQUEST']._serialized_end=728
-  _globals['_BARRIERSTATE']._serialized_start=731
-  _globals['_BARRIERSTATE']._serialized_end=876
-  _globals['_BARRIERSTATUSRESPONSE']._serialized_start=878
-  _globals['_BARRIERSTATUSRESPONSE']._serialized_end=946
-  _globals['_BARRIER']._serialized_start=949
-  _globals['_BARRIER']._serialized_end=1485
+  _globals['_WAITREQUEST']._serialized_end=482
+  _globals['_WAITRESPONSE']._serialized_start=484
+  _globals['_WAITRESPONSE']._serialized_end=541
+  _globals['_ABORTREQUEST']._serialized_start=543
+  _globals['_ABORTREQUEST']._serialized_end=606
+  _globals['_ABORTRESPONSE']._serialized_start=608
+  _globals['_ABORTRESPONSE']._serialized_end=643
+  _globals['_RESETREQUEST']._serialized_start=645
+  _globals['_RESETREQUEST']._serialized_end=673
+  _globals['_RESETRESPONSE']._serialized_start=675
+  _globals['_RESETRESPONSE']._serialized_end=710
+  _globals['_BARRIERSTATUSREQUEST']._serialized_start=712
+  _globals['_BARRIERSTATUSREQUEST']._serialized_end=748
+  _globals['_BARRIERSTATE']._serialized_start=751
+  _globals['_BARRIERSTATE']._serialized_end=896
+  _globals['_BARRIERSTATUSRESPONSE']._serialized_start=898
+  _globals['_BARRIERSTATUSRESPONSE']._serialized_end=966
+  _globals['_BARRIER']._serialized_start=969
+  _globals['_BARRIER']._serialized_end=1505
 # @@protoc_insertion_point(module_scope)

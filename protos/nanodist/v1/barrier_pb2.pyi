@@ -49,18 +49,20 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WaitRequest(_message.Message):
-    __slots__ = ("name", "parties", "member_id", "timeout_ms", "session_id")
+    __slots__ = ("name", "parties", "member_id", "timeout_ms", "session_id", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARTIES_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     parties: int
     member_id: str
     timeout_ms: int
     session_id: str
-    def __init__(self, name: _Optional[str] = ..., parties: _Optional[int] = ..., member_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., parties: _Optional[int] = ..., member_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class WaitResponse(_message.Message):
     __slots__ = ("generation", "arrival_index")
