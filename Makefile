@@ -117,7 +117,7 @@ bench-setup: $(STAMP)
 docker-base:
 	bash docker/build-base.sh $(OFFLINE_BASE)
 
-wheelhouse: $(STAMP)
+wheelhouse: $(STAMP) $(ETCD_STUBS)
 	bash docker/wheelhouse.sh
 
 # Sets $$base: python:3.11-slim when it can be pulled, otherwise the offline base.

@@ -48,7 +48,8 @@ def wait_serving(
     """
     began = time.monotonic()
     deadline = began + timeout
-    waiting = dict.fromkeys(addresses, "not checked")
+    # Each replica of a service on its own (HOST:PORT,HOST:PORT): a client resolves them all when it starts.
+    waiting = dict.fromkeys((r.strip() for a in addresses for r in a.split(",")), "not checked")
     pause, reported = FIRST_PAUSE, None
     while True:
         for address in list(waiting):

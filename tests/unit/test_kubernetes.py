@@ -24,7 +24,8 @@ from tests.conftest import ROOT
 
 PLAINTEXT = "deploy/kubernetes/overlays/plaintext"
 TLS = "deploy/kubernetes/overlays/tls"
-OVERLAYS = [PLAINTEXT, TLS]
+HA = "deploy/kubernetes/overlays/ha"
+OVERLAYS = [PLAINTEXT, TLS, HA]
 KUBERNETES = "1.37.0"  # the version whose schemas the rendered objects must satisfy
 WORKLOADS = ("StatefulSet", "Deployment", "Job")
 # What a worker cannot start without (the rest of TrainConfig has defaults that suit a cluster).
@@ -128,7 +129,8 @@ def test_every_container_runs_the_nanodist_image_as_its_non_root_user(path):
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         image = f"nanodist:{tomllib.load(f)['project']['version']}"
     workloads = of_kind(render(path), *WORKLOADS)
-    assert {w["metadata"]["name"] for w in workloads} == {"ps", "barrier", "lock", "worker", "mpi-group"}
+    expected = {"ps", "barrier", "lock", "worker", "mpi-group"} | ({"etcd"} if path == HA else set())
+    assert {w["metadata"]["name"] for w in workloads} == expected
     for w in workloads:
         for c in containers(w):
             # IfNotPresent: an image loaded into the nodes (kind load, ctr import) is used as it is.
@@ -314,3 +316,29 @@ def test_the_servers_and_workers_run_as_in_docker_compose():
     for variable, value in compose["worker"]["environment"].items():
         if "${" not in str(value) and variable != "NANODIST_PS":  # compose's shards are ps-0, ps-1
             assert workers[variable] == str(value), variable
+
+
+def test_the_ha_overlay_keeps_the_coordination_state_on_three_etcd_members_and_runs_two_replicas():
+    docs = render(HA)
+    etcd = named(docs, "StatefulSet", "etcd")
+    assert etcd["spec"]["replicas"] == 3 and etcd["spec"]["podManagementPolicy"] == "Parallel"
+    service = named(docs, "Service", etcd["spec"]["serviceName"])
+    assert service["spec"]["publishNotReadyAddresses"] is True  # members find each other before they are ready
+    (member,) = containers(etcd)
+    args = dict(a.split("=", 1) for a in member["args"])
+    names = [f"etcd-{i}" for i in range(3)]
+    assert args["--initial-cluster"] == ",".join(f"{n}=http://{n}.etcd:2380" for n in names)
+    assert [path for path, volume in mounts(etcd, member) if "claim" in volume] == ["/var/lib/nanodist"]
+    assert under(args["--data-dir"], "/var/lib/nanodist")
+    assert not [s for s in of_kind(docs, "StatefulSet") if s["metadata"]["name"] == "lock"]
+    for name in ("lock", "barrier"):
+        replica = named(docs, "Deployment", name)
+        assert replica["spec"]["replicas"] == 2, name
+        (server,) = containers(replica)
+        assert "--state-dir" not in argv(server), name
+        store = environment(docs, server)["NANODIST_STORE"]
+        assert store == "etcd://" + ",".join(f"{n}.etcd:2379" for n in names), name
+    policy = named(docs, "NetworkPolicy", "etcd")
+    client, peer = policy["spec"]["ingress"]
+    assert [p["podSelector"]["matchLabels"] for p in client["from"]] == [{"app.kubernetes.io/component": "server"}]
+    assert [p["podSelector"]["matchLabels"] for p in peer["from"]] == [{"app.kubernetes.io/name": "etcd"}]
