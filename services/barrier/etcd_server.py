@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from nanodist.services.barrier.etcd_barriers import EtcdBarriers
-from nanodist.services.barrier.server import check_abort, check_open, check_wait
+from nanodist.services.barrier.server import check_abort, check_open, check_wait, missing_in_trailer
 from nanodist.services.barrier.state import BarrierBroken
 from nanodist.services.common.boundary import unary
 from nanodist.services.common.errors import not_found
@@ -47,7 +47,7 @@ class EtcdBarrierService(barrier_pb2_grpc.BarrierServicer):
         if request.session_id and await self.barriers.session(request.session_id) is None:
             raise not_found(f"session_id: session {request.session_id!r} has lapsed or never existed")
         member, name = request.member_id, request.name
-        try:
+        with missing_in_trailer(context):
             (index, generation, released), _ = await self.barriers.change(
                 name, lambda record: record.arrive(member, request.parties, request.request_id), create=True
             )
@@ -63,9 +63,6 @@ class EtcdBarrierService(barrier_pb2_grpc.BarrierServicer):
                     raise BarrierBroken(grpc.StatusCode.DEADLINE_EXCEEDED, outcome.message, outcome.missing)
             if isinstance(outcome, BarrierBroken):
                 raise outcome
-        except BarrierBroken as error:
-            context.set_trailing_metadata((("nanodist-missing", ",".join(error.missing)),))
-            raise
         return pb.WaitResponse(generation=generation, arrival_index=index)
 
     @unary("barrier", "Abort")

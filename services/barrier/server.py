@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import grpc
 
@@ -53,6 +55,16 @@ def check_abort(request: pb.AbortRequest) -> str:
         raise invalid(f"reason: {len(request.reason)} characters, at most {MAX_REASON}")
     who = repr(request.member_id) if request.member_id else "a client"
     return f"aborted by {who}" + (f": {request.reason}" if request.reason else "")
+
+
+@contextlib.contextmanager
+def missing_in_trailer(context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """A broken barrier's missing members also go in the trailing metadata, for clients in any language."""
+    try:
+        yield
+    except BarrierBroken as error:
+        context.set_trailing_metadata((("nanodist-missing", ",".join(error.missing)),))
+        raise
 
 
 def lapse_reason(member: str, ttl_ms: int) -> str:
@@ -132,7 +144,7 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
         if request.session_id and request.session_id not in self.sessions.leases:
             raise not_found(f"session_id: session {request.session_id!r} has lapsed or never existed")
         barrier = self.barrier(request.name)
-        try:
+        with missing_in_trailer(context):
             future, index = barrier.arrive(request.member_id, request.parties, request.request_id)
             try:
                 async with asyncio.timeout(timeout):
@@ -145,9 +157,6 @@ class BarrierService(barrier_pb2_grpc.BarrierServicer):
                     error = barrier.broken
                     assert error is not None
                     raise BarrierBroken(grpc.StatusCode.DEADLINE_EXCEEDED, error.message, error.missing) from None
-        except BarrierBroken as error:
-            context.set_trailing_metadata((("nanodist-missing", ",".join(error.missing)),))
-            raise
         return pb.WaitResponse(generation=generation, arrival_index=index)
 
     @unary("barrier", "Abort")

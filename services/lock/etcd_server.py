@@ -7,10 +7,10 @@ import asyncio
 import grpc
 
 from nanodist.services.common.boundary import unary
-from nanodist.services.common.errors import ServiceError, invalid
-from nanodist.services.common.validation import check_count, check_name
+from nanodist.services.common.errors import ServiceError
+from nanodist.services.common.validation import check_name
 from nanodist.services.lock.etcd_locks import Entry, EtcdLockTable
-from nanodist.services.lock.server import check_acquire, check_wait_timeout
+from nanodist.services.lock.server import check_acquire, check_lease_ids, check_wait_timeout
 from nanodist.v1 import lock_pb2 as pb
 from nanodist.v1 import lock_pb2_grpc
 
@@ -71,9 +71,7 @@ class EtcdLockService(lock_pb2_grpc.LockServicer):
 
     @unary("lock", "KeepAlive")
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext) -> pb.KeepAliveResponse:
-        check_count(len(request.lease_ids), "lease_ids", 10_000)
-        if not request.lease_ids:
-            raise invalid("lease_ids: name at least one lease")
+        check_lease_ids(request)
         ttls = [await self.table.renew(lease_id) for lease_id in request.lease_ids]
         return pb.KeepAliveResponse(ttl_ms=min(ttls))
 

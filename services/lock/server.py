@@ -56,6 +56,12 @@ def check_acquire(request: pb.AcquireRequest) -> None:
     _check_request_id(request.request_id)
 
 
+def check_lease_ids(request: pb.KeepAliveRequest) -> None:
+    check_count(len(request.lease_ids), "lease_ids", 10_000)
+    if not request.lease_ids:
+        raise invalid("lease_ids: name at least one lease")
+
+
 def check_wait_timeout(timeout_ms: int, field: str) -> float:
     if timeout_ms < 0:
         raise invalid(f"{field}: must be >= 0, got {timeout_ms}")
@@ -122,9 +128,7 @@ class LockService(lock_pb2_grpc.LockServicer):
 
     @unary("lock", "KeepAlive")
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext) -> pb.KeepAliveResponse:
-        check_count(len(request.lease_ids), "lease_ids", 10_000)
-        if not request.lease_ids:
-            raise invalid("lease_ids: name at least one lease")
+        check_lease_ids(request)
         leases = [self.table.leases.renew(lease_id) for lease_id in request.lease_ids]
         await self.synced()  # renewals are not logged, but the grant renewed may be that new
         return pb.KeepAliveResponse(ttl_ms=min(lease.ttl_ms for lease in leases))
