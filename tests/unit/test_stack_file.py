@@ -143,7 +143,10 @@ def test_the_tls_stack_gives_the_variables_of_the_compose_tls_file_as_secrets_of
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="the docker CLI parses stack files")
-@pytest.mark.parametrize("files", [["docker-stack.yml"], ["docker-stack.yml", "docker-stack.tls.yml"]])
+@pytest.mark.parametrize(
+    "files",
+    [["docker-stack.yml"], ["docker-stack.yml", "docker-stack.tls.yml"], ["docker-stack.yml", "docker-stack.ha.yml"]],
+)
 def test_docker_stack_accepts_the_files(files):
     # `docker stack config` runs the loader of `docker stack deploy` without a swarm.
     args = [arg for f in files for arg in ("-c", f)]
@@ -154,3 +157,35 @@ def test_docker_stack_accepts_the_files(files):
         pytest.skip("this docker CLI has no `docker stack config`")
     assert result.returncode == 0, result.stderr
     assert "ps-0:50051,ps-1:50051" in result.stdout
+
+
+@pytest.mark.parametrize("file", ["docker-compose.ha.yml", "docker-stack.ha.yml"])
+def test_the_ha_files_keep_the_coordination_state_on_three_etcd_members_with_two_replicas_each(file):
+    ha = services(file)
+    members = [f"etcd-{i}" for i in range(3)]
+    cluster = ",".join(f"{m}=http://{m}:2380" for m in members)
+    for member in members:
+        flags = dict(str(word).split("=", 1) for word in ha[member]["entrypoint"][1:])
+        assert ha[member]["entrypoint"][0] == "etcd" and flags["--name"] == member
+        assert flags["--initial-cluster"] == cluster
+        assert flags["--advertise-client-urls"] == f"http://{member}:2379"
+        assert under_volume(flags["--data-dir"], ha[member]), member  # its data outlives the container
+        if file == "docker-stack.ha.yml":  # pinned to its labelled node, where its volume is
+            assert ha[member]["deploy"]["placement"]["constraints"] == [f"node.labels.nanodist.{member} == true"]
+    store = "etcd://" + ",".join(f"{m}:2379" for m in members)
+    for name in ("lock", "barrier"):
+        assert ha[name]["environment"]["NANODIST_STORE"] == store, name
+        assert "--state-dir" not in ha[name].get("command", []), name
+    if file == "docker-compose.ha.yml":  # compose has no replicas of a name: a second service of each
+        for name, port in (("lock", "50071"), ("barrier", "50061")):
+            assert ha[f"{name}-2"]["environment"]["NANODIST_STORE"] == store
+            variable = f"NANODIST_{name.upper()}_ADDRESS"
+            for workers in ("worker", "mpi-group"):
+                assert ha[workers]["environment"][variable] == f"{name}:{port},{name}-2:{port}"
+    else:  # a swarm's name resolves to every replica (dnsrr), each on a node of its own
+        for name in ("lock", "barrier"):
+            assert ha[name]["deploy"]["replicas"] == 2 and ha[name]["deploy"]["placement"]["max_replicas_per_node"] == 1
+
+
+def under_volume(path: str, service: dict) -> bool:
+    return any(os.path.commonpath([path, mount]) == mount for mount in targets(service))
