@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -122,3 +123,31 @@ def nanodist_run(args: list[str]) -> dict[str, Any]:
     if result.returncode:
         raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
     return last_json(result.stdout)
+
+
+def start_etcd(directory: str, members: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """A local etcd cluster of Debian's etcd-server (`make etcd`): its processes and client endpoints,
+    once every member reports healthy."""
+    ports = [(free_port(), free_port()) for _ in range(members)]
+    cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
+    processes = []
+    for i, (client, peer) in enumerate(ports):
+        urls = {"client": f"http://127.0.0.1:{client}", "peer": f"http://127.0.0.1:{peer}"}
+        command = ["etcd", f"--name=m{i}", f"--data-dir={directory}/m{i}", f"--initial-cluster={cluster}",
+                   f"--listen-client-urls={urls['client']}", f"--advertise-client-urls={urls['client']}",
+                   f"--listen-peer-urls={urls['peer']}", f"--initial-advertise-peer-urls={urls['peer']}",
+                   "--logger=zap", "--log-level=error"]  # fmt: skip
+        processes.append(start(command))
+    endpoints = [f"127.0.0.1:{client}" for client, _ in ports]
+    deadline = time.monotonic() + 60
+    for endpoint in endpoints:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{endpoint}/health", timeout=2) as answer:
+                    if b'"true"' in answer.read():
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd at {endpoint} not healthy within 60 s") from None
+                time.sleep(0.2)
+    return processes, endpoints

@@ -1,6 +1,9 @@
-"""Barrier, lock and counter latency, each as a multiple of one gRPC Python echo round trip.
+"""Barrier, lock and counter latency on both coordination stores, side by side, and the time from the
+etcd leader's kill -9 to the next granted lock.
 
-Anchors in the same run: a 100-byte raw gRPC echo, mpi4py Barrier (mpiexec -n 2),
+The embedded store and etcd (three members of Debian's etcd-server on this machine, `make etcd`), each
+behind its own barrier and lock services. Anchors in the same run: a 100-byte raw gRPC echo, etcd's
+own put and transaction through the services' etcd client, mpi4py Barrier (mpiexec -n 2),
 a torch.distributed gloo barrier, redis-py SET NX PX + DEL against Debian's
 redis-server, and torch.distributed.TCPStore.add. An anchor whose software is
 missing is reported as skipped, with the reason.
@@ -21,9 +24,11 @@ import time
 import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port, median_us, serve, start, stop_all, table, wait_ready  # noqa: E402
+from common import free_port, median_us, serve, start, start_etcd, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import KVStore, LockClient  # noqa: E402
+from nanodist.etcd import rpc_pb2, rpc_pb2_grpc  # noqa: E402
+from nanodist.services.common.etcd import Etcd, EtcdAddress, absent, put_op  # noqa: E402
 from nanodist.v1 import barrier_pb2, barrier_pb2_grpc  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,6 +157,65 @@ def ratio(value: float | str, unit: float) -> str:
     return f"{value / unit:.2f}" if isinstance(value, float) else "-"
 
 
+def store_medians(barrier_address: str, lock_address: str, args: argparse.Namespace) -> dict[str, float]:
+    """The nanodist operations against one pair of services, in µs (medians; the 1,000 released: total)."""
+    found: dict[str, float] = {}
+    for members in (2, 8, 32):
+        rounds = args.rounds if members < 32 else args.rounds // 2
+        found[f"barrier round, {members} members"] = asyncio.run(barrier_rounds(barrier_address, members, rounds))
+        print(f"  barrier {members} done", file=sys.stderr)
+    found["1,000 waiters released (last arrival to all returned)"] = (
+        asyncio.run(release_thousand(barrier_address)) * 1e6
+    )
+    locks = LockClient(lock_address, "bench")
+    found["lock acquire+release"] = median_us(lambda: locks.release(locks.acquire("bench-lock", ttl=10)), args.calls)
+    store = KVStore(lock_address)
+    found["KV Add"] = median_us(lambda: store.add("bench-counter", 1), args.calls)
+    locks.close()
+    store.close()
+    return found
+
+
+async def etcd_anchor_us(endpoints: list[str], calls: int) -> tuple[float, float]:
+    """etcd's own put and compare-and-put transaction, through the services' client: medians in µs."""
+    etcd = Etcd(EtcdAddress(tuple(endpoints), "bench"))
+    key = etcd.address.prefix + b"anchor"
+    txn = rpc_pb2.TxnRequest(compare=[absent(etcd.address.prefix + b"never")], success=[put_op(key, b"1")])
+    medians = []
+    for operation in (lambda: etcd.put(key, b"1"), lambda: etcd.txn(txn)):
+        times = []
+        for _ in range(calls):
+            began = time.perf_counter()
+            await operation()
+            times.append(time.perf_counter() - began)
+        medians.append(statistics.median(times) * 1e6)
+    await etcd.close()
+    return medians[0], medians[1]
+
+
+async def leader_of(endpoints: list[str]) -> int:
+    """The index in endpoints of the etcd leader."""
+    for index, endpoint in enumerate(endpoints):
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            status = await rpc_pb2_grpc.MaintenanceStub(channel).Status(rpc_pb2.StatusRequest(), timeout=5)
+            if status.leader == status.header.member_id:
+                return index
+    raise RuntimeError("no etcd member says it leads")
+
+
+def lock_after_leader_kill(members: list[subprocess.Popen[bytes]], endpoints: list[str], lock_address: str) -> float:
+    """Seconds from the etcd leader's kill -9 to the next lock granted through the lock service."""
+    leader = asyncio.run(leader_of(endpoints))
+    locks = LockClient(lock_address, "after-kill")
+    locks.release(locks.acquire("warm", ttl=10))
+    members[leader].kill()
+    began = time.perf_counter()
+    locks.release(locks.acquire("after-kill", ttl=10, timeout=60))
+    took = time.perf_counter() - began
+    locks.close()
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000)
@@ -160,56 +224,51 @@ def main() -> None:
 
     echo_port = free_port()
     servers = [start([sys.executable, os.path.join(HERE, "raw_echo_server.py"), str(echo_port)])]
+    etcd_dir = tempfile.mkdtemp(prefix="nanodist-bench-etcd-")
     try:
-        barrier_server, barrier_address = serve("barrier")
-        servers.append(barrier_server)
-        lock_server, lock_address = serve("lock")
-        servers.append(lock_server)
         wait_ready(f"127.0.0.1:{echo_port}")
         channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
         echo = channel.unary_unary("/raw.Raw/Echo")
         payload = b"x" * 100
         echo_us = median_us(lambda: echo(payload), args.calls)
 
-        rows: list[list[object]] = [["gRPC Python echo, 100 B (the unit)", echo_us, "1.00"]]
-        for members in (2, 8, 32):
-            rounds = args.rounds if members < 32 else args.rounds // 2
-            us = asyncio.run(barrier_rounds(barrier_address, members, rounds))
-            rows.append([f"nanodist barrier round, {members} members", us, ratio(us, echo_us)])
-            print(f"  barrier {members} done", file=sys.stderr)
-        released = asyncio.run(release_thousand(barrier_address))
-        rows.append(["1,000 waiters released (last arrival to all returned)", released * 1e6, "-"])
-        for name, value in (
+        embedded = [serve("barrier"), serve("lock")]
+        servers += [process for process, _ in embedded]
+        print("embedded store", file=sys.stderr)
+        on_embedded = store_medians(embedded[0][1], embedded[1][1], args)
+        stop_all([process for process, _ in embedded])
+
+        members, endpoints = start_etcd(etcd_dir)
+        servers += members
+        store = "etcd://" + ",".join(endpoints) + "/bench"
+        on_etcd_servers = [serve("barrier", "--store", store), serve("lock", "--store", store)]
+        servers += [process for process, _ in on_etcd_servers]
+        print("etcd store, 3 members", file=sys.stderr)
+        on_etcd = store_medians(on_etcd_servers[0][1], on_etcd_servers[1][1], args)
+        put_us, txn_us = asyncio.run(etcd_anchor_us(endpoints, args.calls))
+        recovery = lock_after_leader_kill(members, endpoints, on_etcd_servers[1][1])
+
+        rows: list[list[object]] = [["gRPC Python echo, 100 B (the unit)", echo_us, "-", "-"]]
+        for operation, us in on_embedded.items():
+            rows.append([f"nanodist {operation}", us, on_etcd[operation], f"{on_etcd[operation] / us:.2f}"])
+        rows += [["etcd Put (anchor: the services' etcd client)", "-", put_us, "-"],
+                 ["etcd Txn, compare and put (anchor)", "-", txn_us, "-"]]  # fmt: skip
+        anchors = [
             ("mpi4py Barrier, 2 ranks", mpi_barrier_us()),
             ("torch gloo barrier, 2 ranks", torch_anchor("gloo-barrier")),
-        ):
-            rows.append([name, value, ratio(value, echo_us)])
-
-        locks = LockClient(lock_address, "bench")
-
-        def acquire_release() -> None:
-            locks.release(locks.acquire("bench-lock", ttl=10))
-
-        lock_us = median_us(acquire_release, args.calls)
-        rows.append(["nanodist acquire+release", lock_us, ratio(lock_us, echo_us)])
-        redis_us = redis_lock_us(args.calls)
-        rows.append(["redis-py SET NX PX + DEL", redis_us, ratio(redis_us, echo_us)])
-
-        store = KVStore(lock_address)
-        add_us = median_us(lambda: store.add("bench-counter", 1), args.calls)
-        rows.append(["nanodist KV Add", add_us, ratio(add_us, echo_us)])
-        tcp_add = torch_anchor("tcpstore-add")
-        rows.append(["torch TCPStore.add", tcp_add, ratio(tcp_add, echo_us)])
-
-        print("coordination latency (medians, µs), and as a multiple of one gRPC echo round trip")
-        print(
-            table(
-                ["operation", "µs", "× echo"],
-                [[r[0], r[1] if isinstance(r[1], float) else r[1], r[2]] for r in rows],
-            )
-        )
+            ("redis-py SET NX PX + DEL", redis_lock_us(args.calls)),
+            ("torch TCPStore.add", torch_anchor("tcpstore-add")),
+        ]
+        rows += [[name, value, "-", "-"] for name, value in anchors]
+        print("coordination latency (medians, µs): the embedded store and etcd (3 members, one machine)")
+        print(table(["operation", "embedded µs", "etcd µs", "etcd ÷ embedded"], rows))
+        print(f"echo unit {echo_us:.0f} µs; each embedded operation ÷ echo: "
+              + ", ".join(f"{op} {us / echo_us:.1f}" for op, us in on_embedded.items()))  # fmt: skip
+        print(f"etcd leader killed (kill -9) to the next lock granted: {recovery:.2f} s "
+              "(etcd's election timeout here: 1 s)")  # fmt: skip
     finally:
         stop_all(servers)
+        shutil.rmtree(etcd_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ of its first line is sent as `authorization: Bearer ...`).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from nanodist.client.errors import from_rpc_error
+from nanodist.client.replicas import ReplicaChannel
 from nanodist.client.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -142,39 +142,16 @@ RECONNECT_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def replica_target(address: str) -> tuple[str, list[tuple[str, Any]]]:
-    """The gRPC target for `address`, and the channel options it needs.
-
-    "HOST:PORT,HOST:PORT,..." names replicas of one service: the names are resolved now and the
-    channel takes the first replica that answers, moving to the next when it fails (gRPC's
-    pick_first); calls that fail meanwhile get UNAVAILABLE, which idempotent calls retry. The
-    authority stays the first name, which TLS checks the certificates against. One name that
-    resolves to several addresses (a headless Service) needs nothing of this: gRPC resolves it.
-    """
-    if "," not in address:
-        return address, []
-    resolved = []
-    for replica in (a.strip() for a in address.split(",")):
-        host, _, port = replica.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"address {address!r}: {replica!r} is not HOST:PORT")
-        try:
-            found = socket.getaddrinfo(host.strip("[]"), int(port), socket.AF_INET, socket.SOCK_STREAM)
-        except socket.gaierror as error:
-            raise ValueError(f"address {address!r}: cannot resolve {host!r} ({error.strerror})") from None
-        resolved += [f"{info[4][0]}:{port}" for info in found if f"{info[4][0]}:{port}" not in resolved]
-    first = address.split(",")[0].strip()
-    return "ipv4:" + ",".join(resolved), [("grpc.default_authority", first), ("grpc.lb_policy_name", "pick_first")]
-
-
 def open_channel(
     address: str, options: list[tuple[str, Any]] | None = None, security: ClientSecurity | None = None
 ) -> grpc.Channel:
-    """A channel to `address` (one, or several replicas: replica_target), secured by `security` (None:
-    from NANODIST_TLS_* and NANODIST_AUTH_TOKEN_FILE)."""
+    """A channel to `address`, secured by `security` (None: from NANODIST_TLS_* and
+    NANODIST_AUTH_TOKEN_FILE). "HOST:PORT,HOST:PORT" names replicas of one service (ReplicaChannel)."""
     security = security or ClientSecurity.from_env()
-    address, replica_options = replica_target(address)
-    options = [*RECONNECT_OPTIONS, *replica_options, *(options or [])]
+    if "," in address:
+        replicas = [a.strip() for a in address.split(",") if a.strip()]
+        return ReplicaChannel(replicas, lambda one: open_channel(one, options, security))
+    options = [*RECONNECT_OPTIONS, *(options or [])]
     if security.ca:
         credentials = grpc.ssl_channel_credentials(_read(security.ca), _read(security.key), _read(security.cert))
         if security.server_name:

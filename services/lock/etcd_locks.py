@@ -35,6 +35,10 @@ from nanodist.v1 import lock_pb2 as pb
 Compare = rpc_pb2.Compare
 
 
+class WaiterLapsed(ServiceError):
+    """A waiter's lease lapsed before its grant (the replica renewing it was frozen or cut off)."""
+
+
 @dataclass
 class Entry:
     """A holder or waiter as read from its key."""
@@ -141,7 +145,7 @@ class EtcdLockTable:
             queue, revision = await self.queue(name)
             current = next((e for e in queue if e.lease == mine.lease), None)
             if current is None:
-                raise ServiceError(
+                raise WaiterLapsed(
                     grpc.StatusCode.ABORTED, f"lock {name!r}: the lease of this request lapsed while it waited"
                 )
             if current.holds:

@@ -9,7 +9,7 @@ import grpc
 from nanodist.services.common.boundary import unary
 from nanodist.services.common.errors import ServiceError
 from nanodist.services.common.validation import check_name
-from nanodist.services.lock.etcd_locks import Entry, EtcdLockTable
+from nanodist.services.lock.etcd_locks import Entry, EtcdLockTable, WaiterLapsed
 from nanodist.services.lock.server import check_acquire, check_lease_ids, check_wait_timeout
 from nanodist.v1 import lock_pb2 as pb
 from nanodist.v1 import lock_pb2_grpc
@@ -42,9 +42,17 @@ class EtcdLockService(lock_pb2_grpc.LockServicer):
     @unary("lock", "Acquire")
     async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         timeout = check_wait_timeout(request.wait_timeout_ms, "wait_timeout_ms")
+        deadline = asyncio.get_running_loop().time() + timeout
         entry, _ = await self._enqueue(request)
+        while True:
+            try:
+                return _granted(await self._wait_for_grant(request, entry, deadline, timeout))
+            except WaiterLapsed:
+                # No one was granted on its behalf: it joins the queue again, at its end, for the time left.
+                entry, _ = await self._enqueue(request)
+
+    async def _wait_for_grant(self, request: pb.AcquireRequest, entry: Entry, deadline: float, timeout: float) -> Entry:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         async with self.table.kept_alive(entry.lease, entry.ttl_ms):
             try:
                 while (found := await self.table.try_grant(request.name, entry))[0] is not None:
@@ -62,7 +70,7 @@ class EtcdLockService(lock_pb2_grpc.LockServicer):
             except asyncio.CancelledError:
                 await self.table.withdraw(entry.lease)  # the caller went away: leave the queue
                 raise
-        return _granted(entry)
+        return entry
 
     @unary("lock", "Release")
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:

@@ -10,9 +10,10 @@ import time
 import uuid
 
 import grpc
+import numpy as np
 import pytest
 
-from nanodist.client import BarrierBroken, BarrierClient, KVStore, LockClient
+from nanodist.client import BarrierBroken, BarrierClient, FailedPrecondition, KVStore, LockClient, ParameterServerClient
 from nanodist.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import nanodist_command
 from tests.history import Arrival, History, Hold, check_barriers, check_linearizable, check_locks
@@ -268,3 +269,70 @@ def test_clients_given_every_replica_ride_through_a_kill_9_of_the_one_they_use(s
     assert all(not s.broken_reason and not s.lapsed_member for s in members[0].status())
     for member in members:
         member.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_freezing_an_etcd_member_and_a_lock_replica_past_the_lease_leaves_the_histories_clean(
+    start_server, etcd_cluster
+):
+    """SIGSTOP of the etcd member the replicas use first and of one lock replica, for longer than the
+    lock's lease, then SIGCONT, while four clients take turns at a lock and, holding it, push to a
+    parameter server with their fencing tokens. Holders on the frozen replica lose their leases; what
+    the records show: holds that were released never overlapped and their tokens grew, the counter
+    is linearizable, and the parameter server never accepted a token older than one it had accepted."""
+    store = "etcd://" + ",".join(m.endpoint for m in etcd_cluster) + "/test"
+    first, second = (start_server("lock", "--store", store) for _ in range(2))
+    ps = start_server("ps")
+    with ParameterServerClient([ps.address]) as client:
+        client.init({"w": np.zeros(4, np.float32)})
+    holds: list[Hold] = []
+    pushes: list[tuple[float, float, int]] = []  # (sent, answered, token) of each push the server accepted
+    refused: list[int] = []
+    history = History()
+    stop = threading.Event()
+    ttl = 2.0
+
+    def contend(name: str, address: str) -> None:
+        with (
+            LockClient(address, name, timeout=120) as locks,
+            KVStore(address, timeout=120) as kv,
+            ParameterServerClient([ps.address]) as shard,
+        ):
+            while not stop.is_set():
+                requested = time.monotonic()
+                held = locks.acquire("resource", ttl=ttl, timeout=120)
+                granted = sent = time.monotonic()
+                try:
+                    shard.push({"w": np.ones(4, np.float32)}, fencing_token=held.fencing_token)
+                    pushes.append((sent, time.monotonic(), held.fencing_token))
+                except FailedPrecondition:
+                    refused.append(held.fencing_token)  # a newer holder's token reached the server first
+                history.record(name, "add", "count", 1, lambda: kv.add("count", 1))  # noqa: B023
+                try:
+                    locks.release(held)
+                except FailedPrecondition:
+                    continue  # its lease lapsed while a replica or etcd member was frozen: it held no longer
+                holds.append(Hold(name, "resource", held.fencing_token, False, requested, granted, granted,
+                                  time.monotonic()))  # fmt: skip
+
+    both = [f"{first.address},{second.address}", f"{second.address},{first.address}"]
+    threads = [in_thread(contend, f"c{i}", both[i % 2]) for i in range(4)]
+    wait_until(lambda: len(holds) >= 20, 120)
+    frozen = [etcd_cluster[0].process, first.process]
+    for process in frozen:
+        process.send_signal(signal.SIGSTOP)
+    time.sleep(2.5 * ttl)  # the fault itself: frozen for longer than the lease
+    for process in frozen:
+        process.send_signal(signal.SIGCONT)
+    thawed = len(holds)
+    wait_until(lambda: len(holds) >= thawed + 20, 180)
+    stop.set()
+    for thread, outcome in threads:
+        thread.join(timeout=180)
+        assert "error" not in outcome, outcome.get("error")
+    assert check_locks(holds) == []
+    assert check_linearizable(history.operations) == []
+    stale = [(a, b) for a in pushes for b in pushes if a[1] < b[0] and b[2] < a[2]]
+    assert not stale, f"the server accepted token {stale[0][1][2]} after {stale[0][0][2]}"
+    print(f"\n{len(holds)} holds released, {len(pushes)} fenced pushes accepted, {len(refused)} refused")
