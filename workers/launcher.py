@@ -48,6 +48,13 @@ class LaunchConfig:
     startup_timeout: float = setting(
         30.0, flag="--startup-timeout", help="seconds for the services to turn healthy", env=False
     )
+    store: str = setting(
+        "embedded",
+        flag="--store",
+        help="the lock and barrier services' store: embedded, or etcd://HOST:PORT,... of a running etcd",
+        env=False,
+    )
+    replicas: int = setting(1, flag="--replicas", help="replicas of the lock and barrier services", env=False)
     max_restarts: int = setting(
         0,
         flag="--max-restarts",
@@ -146,6 +153,7 @@ class Child:
     server: bool
     argv: list[str]
     env: dict[str, str]
+    replica: bool = False  # one of several replicas of a service: the others serve while it restarts
 
 
 class Cluster:
@@ -163,9 +171,9 @@ class Cluster:
         self._scratch: str | None = None  # the servers' port files
         self._streams: list[threading.Thread] = []  # one per child process, forwarding its output
 
-    def serve(self, name: str, role: str, args: list[str], timeout: float) -> str:
+    def serve(self, name: str, role: str, args: list[str], timeout: float, replica: bool = False) -> str:
         """Start `nanodist serve ROLE` on a port it binds itself (so that no other process holds it);
-        return its address once it is healthy."""
+        return its address once it is healthy. A replica that exits is started again on that port."""
         if self._scratch is None:
             self._scratch = tempfile.mkdtemp(prefix="nanodist-ports-")
         port_file = os.path.join(self._scratch, f"{name}.port")
@@ -176,7 +184,16 @@ class Cluster:
             raise LaunchError(str(error)) from None
         address = f"127.0.0.1:{port}"
         self.wait_healthy(child, address, timeout)
+        child.replica, child.argv = replica, _nanodist("serve", role, "--port", str(port), *args)
         return address
+
+    def restarted_replica(self, child: Child, code: int) -> bool:
+        """Start a replica that exited again, saying so; False for any other server, whose exit ends the job."""
+        if not child.replica:
+            return False
+        print(f"nanodist: {child.name} exited with status {code}; starting it again (the others serve)", flush=True)
+        self.restart(child)
+        return True
 
     def spawn(self, name: str, argv: list[str], server: bool = False, env: dict[str, str] | None = None) -> Child:
         """Start `argv` with the caller's environment plus `env`."""
@@ -237,6 +254,8 @@ class Cluster:
         while True:
             for child in self.children:
                 code = child.process.poll()
+                if child.server and code is not None and self.restarted_replica(child, code):
+                    continue
                 if code is not None and (code != 0 or child.server):
                     time.sleep(0.2)  # let the output threads catch the children's last lines
                     exited = f"{child.name} exited with status {code}"
@@ -254,7 +273,7 @@ class Cluster:
         while True:
             for child in self.children:
                 code = child.process.poll()
-                if child.server and code is not None:
+                if child.server and code is not None and not self.restarted_replica(child, code):
                     raise LaunchError(f"{child.name} exited with status {code}")
                 if child.server or code in (None, 0) or child.process.pid in reported:
                     continue
@@ -316,6 +335,8 @@ def check_before_start(config: JobConfig, launch: LaunchConfig) -> None:
         raise LaunchError(str(error)) from None
     if launch.max_restarts and not config.elastic:
         raise LaunchError("--max-restarts needs --elastic: a group of fixed size cannot take a worker back")
+    if launch.replicas < 1 or (launch.replicas > 1 and launch.store == "embedded"):
+        raise LaunchError(f"--replicas {launch.replicas}: more than 1 needs --store etcd://... (the replicas share it)")
 
 
 def find_mpiexec() -> str:
@@ -335,8 +356,13 @@ def start_services(
     pushers = sum(size for _, size in groups) if job.flat else len(groups)
     ps = ["--mode", job.mode, "--num-workers", str(pushers), "--staleness", str(job.staleness)]
     shards = [cluster.serve(f"ps-{i}", "ps", ps, launch.startup_timeout) for i in range(launch.shards)]
-    barrier, lock = (cluster.serve(role, role, [], launch.startup_timeout) for role in ("barrier", "lock"))
-    return shards, barrier, lock
+
+    def replicas(role: str) -> str:  # "HOST:PORT,HOST:PORT": the workers' clients move between them
+        names = [role] if launch.replicas == 1 else [f"{role}-{i}" for i in range(launch.replicas)]
+        args, several = ["--store", launch.store], launch.replicas > 1
+        return ",".join(cluster.serve(n, role, args, launch.startup_timeout, replica=several) for n in names)
+
+    return shards, replicas("barrier"), replicas("lock")
 
 
 def launch(cluster: Cluster, launch: LaunchConfig, train: TrainConfig) -> dict[str, Any]:

@@ -3,6 +3,8 @@ and serve any client, whichever replica a call reaches. test_lock.py and test_ba
 guarantees on both stores."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import threading
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from nanodist.client import BarrierBroken, BarrierClient, FailedPrecondition, KVStore, LockClient, ParameterServerClient
+from nanodist.etcd import rpc_pb2, rpc_pb2_grpc
 from nanodist.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import nanodist_command
 from tests.history import Arrival, History, Hold, check_barriers, check_linearizable, check_locks
@@ -336,3 +339,57 @@ def test_freezing_an_etcd_member_and_a_lock_replica_past_the_lease_leaves_the_hi
     stale = [(a, b) for a in pushes for b in pushes if a[1] < b[0] and b[2] < a[2]]
     assert not stale, f"the server accepted token {stale[0][1][2]} after {stale[0][0][2]}"
     print(f"\n{len(holds)} holds released, {len(pushes)} fenced pushes accepted, {len(refused)} refused")
+
+
+def etcd_leader(members: list) -> object:
+    """The member that leads the etcd cluster now."""
+    for member in members:
+        if member.process.poll() is not None:
+            continue
+        with grpc.insecure_channel(member.endpoint) as channel:
+            status = rpc_pb2_grpc.MaintenanceStub(channel).Status(rpc_pb2.StatusRequest(), timeout=10)
+        if status.leader == status.header.member_id:
+            return member
+    raise AssertionError("no etcd member leads")
+
+
+def child_serving(parent: int, role: str) -> int:
+    """The pid of the first `nanodist serve ROLE` that process `parent` started."""
+    for pid in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f"serve\0{role}\0".encode() in f.read():
+                return int(pid)
+    raise AssertionError(f"no {role} replica under pid {parent}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_nanodist_up_on_etcd_trains_through_kill_9_of_the_etcd_leader_a_lock_replica_and_a_barrier_replica(
+    etcd_cluster, tmp_path
+):
+    store = "etcd://" + ",".join(m.endpoint for m in etcd_cluster) + "/up"
+    command = nanodist_command(
+        "up", "--store", store, "--replicas", "2", "--epochs", "10", "--slow-ms", "20",
+        "--run-id", "up-etcd", "--runs-dir", str(tmp_path),
+    )  # fmt: skip
+    up = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert up.stdout is not None
+    faults = {2: "etcd leader", 4: "lock", 6: "barrier"}  # at the end of these epochs, mid-run
+    done, output = 0, []
+    for line in up.stdout:
+        output.append(line)
+        if not re.search(r"epoch \d+: .*test accuracy", line):
+            continue
+        done += 1
+        if faults.get(done) == "etcd leader":
+            leader = etcd_leader(etcd_cluster)
+            leader.process.kill()  # type: ignore[attr-defined]
+        elif done in faults:
+            os.kill(child_serving(up.pid, faults[done]), signal.SIGKILL)
+    assert up.wait(timeout=60) == 0, "".join(output[-60:])
+    logged = "".join(output)
+    assert done == 10, logged[-3000:]
+    for role in ("lock", "barrier"):  # the launcher started the killed replica again; the job never waited on it
+        assert f"{role}-0 exited with status -9; starting it again" in logged, logged[-3000:]
+    metrics = json.loads((tmp_path / "up-etcd" / "metrics.json").read_text())
+    assert metrics["final_test_accuracy"] >= 0.95
