@@ -111,13 +111,12 @@ class EtcdLockTable:
             remembered = self._requests + request_id.encode()
             txn.compare.append(absent(remembered))
             txn.success.append(put_op(remembered, json.dumps([name, lease]).encode(), lease))
-        if not (await self.etcd.txn(txn)).succeeded:  # the same request id raced in through another replica
+        written = await self.etcd.txn(txn)
+        if not written.succeeded:  # the same request id raced in through another replica
             await self.etcd.revoke(lease)
             return await self.enqueue(name, owner, mode, ttl_ms, request_id)
-        entry = await self.etcd.get(key)
-        if entry is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"lock {name!r}: the new lease lapsed at once")
-        return self._entry(entry), True
+        # A transaction's writes all carry its revision: the key's create revision, its place in the queue.
+        return Entry(lease, owner, mode, ttl, 0, int(written.header.revision)), True
 
     async def _earlier(self, name: str, request_id: str) -> Entry | None:
         found = await self.etcd.get(self._requests + request_id.encode())
@@ -191,9 +190,11 @@ class EtcdLockTable:
     async def kept_alive(self, lease: int, ttl_ms: int) -> AsyncIterator[None]:
         """Renew a waiter's lease while its request is served here."""
 
-        async def renew() -> None:
-            while await self.etcd.keep_alive(lease) > 0:
+        async def renew() -> None:  # the lease was granted just now: the first renewal is a third of it away
+            while True:
                 await asyncio.sleep(ttl_ms / 3000)
+                if await self.etcd.keep_alive(lease) <= 0:
+                    return
 
         task = asyncio.create_task(renew())
         try:
