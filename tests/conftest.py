@@ -149,9 +149,6 @@ class EtcdMember:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def url(self, namespace: str = "test") -> str:
-        return f"etcd://{self.endpoint}/{namespace}"
-
 
 def _start_etcd(directory: str, members: int) -> list[EtcdMember]:
     ports = [(free_host_port(), free_host_port()) for _ in range(members)]
@@ -187,17 +184,14 @@ def _wait_etcd_healthy(member: EtcdMember, directory: str) -> None:
     raise RuntimeError(f"etcd did not become healthy on {member.endpoint}; see {directory}/etcd-{member.port}.log")
 
 
-@pytest.fixture
-def etcd(tmp_path) -> Iterator[EtcdMember]:
-    """A running single-member etcd; `make test` installs etcd-server (Debian's) when it is missing."""
-    members = _start_etcd(str(tmp_path), 1)
-    yield members[0]
-    _stop(members)
+def etcd_url(members: list[EtcdMember], namespace: str = "test") -> str:
+    """--store for every member of a cluster."""
+    return "etcd://" + ",".join(m.endpoint for m in members) + f"/{namespace}"
 
 
 @pytest.fixture
 def etcd_cluster(tmp_path) -> Iterator[list[EtcdMember]]:
-    """Three etcd members forming one cluster."""
+    """Three members of Debian's etcd-server forming one cluster (`make test` installs it when missing)."""
     members = _start_etcd(str(tmp_path), 3)
     yield members
     _stop(members)

@@ -18,7 +18,7 @@ import pytest
 from nanodist.client import BarrierBroken, BarrierClient, FailedPrecondition, KVStore, LockClient, ParameterServerClient
 from nanodist.etcd import rpc_pb2, rpc_pb2_grpc
 from nanodist.v1 import lock_pb2, lock_pb2_grpc
-from tests.conftest import nanodist_command
+from tests.conftest import etcd_url, nanodist_command
 from tests.history import Arrival, History, Hold, check_barriers, check_linearizable, check_locks
 from tests.integration.test_barrier import in_thread, wait_for_arrivals, worker
 from tests.integration.test_elastic import group_rank, kill_once_training
@@ -30,8 +30,8 @@ def kill(server) -> None:
     server.process.wait()
 
 
-def test_a_retried_add_swap_or_acquire_is_answered_once_by_another_replica(start_server, etcd):
-    first_replica, second_replica = (start_server("lock", "--store", etcd.url()) for _ in range(2))
+def test_a_retried_add_swap_or_acquire_is_answered_once_by_another_replica(start_server, etcd_cluster):
+    first_replica, second_replica = (start_server("lock", "--store", etcd_url(etcd_cluster)) for _ in range(2))
     add = lock_pb2.AddRequest(key="joined", delta=1, request_id="add-1")
     swap = lock_pb2.CompareAndSwapRequest(key="leader", expect_absent=True, desired=b"me", request_id="swap-1")
     acquire = lock_pb2.AcquireRequest(name="model", owner="me", ttl_ms=30_000, request_id="acquire-1")
@@ -54,11 +54,11 @@ def test_a_retried_add_swap_or_acquire_is_answered_once_by_another_replica(start
 
 
 @pytest.mark.slow
-def test_clients_of_two_replicas_share_one_lock_and_one_counter(start_server, etcd):
+def test_clients_of_two_replicas_share_one_lock_and_one_counter(start_server, etcd_cluster):
     """Clients split over two replicas contend for one lock and add to one counter: checked on their
     recorded calls, no two held the lock at once, every later grant had a larger token, and the
     counter's history is linearizable."""
-    replicas = [start_server("lock", "--store", etcd.url()) for _ in range(2)]
+    replicas = [start_server("lock", "--store", etcd_url(etcd_cluster)) for _ in range(2)]
     holds: list[Hold] = []
     history = History()
     stop = threading.Event()
@@ -86,10 +86,10 @@ def test_clients_of_two_replicas_share_one_lock_and_one_counter(start_server, et
         assert store.add("count", 0) == len(holds)
 
 
-def test_a_waiter_on_a_killed_replica_leaves_the_queue_within_its_lease(start_server, etcd):
+def test_a_waiter_on_a_killed_replica_leaves_the_queue_within_its_lease(start_server, etcd_cluster):
     """The replica serving a waiter renews its lease; when it dies, the lease lapses and the waiter no
     longer stands in the way of the next."""
-    serving, other = (start_server("lock", "--store", etcd.url()) for _ in range(2))
+    serving, other = (start_server("lock", "--store", etcd_url(etcd_cluster)) for _ in range(2))
     holder = LockClient(other.address, "holder")
     held = holder.acquire("model", ttl=30)
     thread, _ = in_thread(LockClient(serving.address, "doomed").acquire, "model", ttl=2, timeout=60)
@@ -117,7 +117,7 @@ def test_the_lock_service_rides_through_losing_the_etcd_member_it_talks_to(start
     """Three etcd members; the member the replica uses first is killed with kill -9 mid-run. The
     replica moves to the next, the clients' retries land there, a held lock keeps its lease, and
     every acknowledged add is counted once in a linearizable history."""
-    store = "etcd://" + ",".join(m.endpoint for m in etcd_cluster) + "/test"
+    store = etcd_url(etcd_cluster)
     replica = start_server("lock", "--store", store)
     history = History()
     stop = threading.Event()
@@ -146,8 +146,8 @@ def test_the_lock_service_rides_through_losing_the_etcd_member_it_talks_to(start
         assert kv.add("count", 0) == len(history.operations)
 
 
-def test_a_lapsed_member_of_one_replica_breaks_the_barrier_for_waiters_on_the_other(start_server, etcd):
-    near, far = (start_server("barrier", "--store", etcd.url()) for _ in range(2))
+def test_a_lapsed_member_of_one_replica_breaks_the_barrier_for_waiters_on_the_other(start_server, etcd_cluster):
+    near, far = (start_server("barrier", "--store", etcd_url(etcd_cluster)) for _ in range(2))
     doomed = worker("hold-session", near.address, "doomed", "step", "2")
     assert doomed.stdout.readline().strip() == "ready"
     a, b = BarrierClient(near.address, "a", session_ttl=2), BarrierClient(far.address, "b", session_ttl=2)
@@ -167,8 +167,8 @@ def test_a_lapsed_member_of_one_replica_breaks_the_barrier_for_waiters_on_the_ot
 
 
 @pytest.mark.slow
-def test_members_on_two_replicas_cycle_through_30_generations_none_released_early(start_server, etcd):
-    replicas = [start_server("barrier", "--store", etcd.url()) for _ in range(2)]
+def test_members_on_two_replicas_cycle_through_30_generations_none_released_early(start_server, etcd_cluster):
+    replicas = [start_server("barrier", "--store", etcd_url(etcd_cluster)) for _ in range(2)]
     procs = [worker("cycle", replicas[i % 2].address, f"w{i}", "4", "30") for i in range(4)]
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4
@@ -182,12 +182,12 @@ def test_members_on_two_replicas_cycle_through_30_generations_none_released_earl
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_an_elastic_job_on_replicas_of_both_services_survives_a_killed_worker(start_server, etcd, tmp_path):
+def test_an_elastic_job_on_replicas_of_both_services_survives_a_killed_worker(start_server, etcd_cluster, tmp_path):
     """Each worker names both replicas of the barrier and lock services, its own first, all on one etcd: the
     ranks, generations and decisions they share live there, and a worker killed mid-run is left behind."""
     ps = start_server("ps", "--mode", "bsp", "--num-workers", "1")
-    barriers = [start_server("barrier", "--store", etcd.url()) for _ in range(2)]
-    locks = [start_server("lock", "--store", etcd.url()) for _ in range(2)]
+    barriers = [start_server("barrier", "--store", etcd_url(etcd_cluster)) for _ in range(2)]
+    locks = [start_server("lock", "--store", etcd_url(etcd_cluster)) for _ in range(2)]
     run_id = f"elastic-{uuid.uuid4().hex[:8]}"
 
     def replicas(servers: list, i: int) -> str:
@@ -229,12 +229,12 @@ def test_an_elastic_job_on_replicas_of_both_services_survives_a_killed_worker(st
 
 
 @pytest.mark.slow
-def test_clients_given_every_replica_ride_through_a_kill_9_of_the_one_they_use(start_server, etcd):
+def test_clients_given_every_replica_ride_through_a_kill_9_of_the_one_they_use(start_server, etcd_cluster):
     """Clients name both replicas of each service; the replicas they use are killed with kill -9 mid-run.
     The clients move to the other replicas: their adds are counted once each, the held lock keeps its
     lease, and the barrier sessions live on, so the next wait is released with nothing broken."""
-    locks = [start_server("lock", "--store", etcd.url()) for _ in range(2)]
-    barriers = [start_server("barrier", "--store", etcd.url()) for _ in range(2)]
+    locks = [start_server("lock", "--store", etcd_url(etcd_cluster)) for _ in range(2)]
+    barriers = [start_server("barrier", "--store", etcd_url(etcd_cluster)) for _ in range(2)]
     lock_address = ",".join(s.address for s in locks)
     barrier_address = ",".join(s.address for s in barriers)
     history = History()
@@ -284,7 +284,7 @@ def test_freezing_an_etcd_member_and_a_lock_replica_past_the_lease_leaves_the_hi
     parameter server with their fencing tokens. Holders on the frozen replica lose their leases; what
     the records show: holds that were released never overlapped and their tokens grew, the counter
     is linearizable, and the parameter server never accepted a token older than one it had accepted."""
-    store = "etcd://" + ",".join(m.endpoint for m in etcd_cluster) + "/test"
+    store = etcd_url(etcd_cluster)
     first, second = (start_server("lock", "--store", store) for _ in range(2))
     ps = start_server("ps")
     with ParameterServerClient([ps.address]) as client:
@@ -367,7 +367,7 @@ def child_serving(parent: int, role: str) -> int:
 def test_nanodist_up_on_etcd_trains_through_kill_9_of_the_etcd_leader_a_lock_replica_and_a_barrier_replica(
     etcd_cluster, tmp_path
 ):
-    store = "etcd://" + ",".join(m.endpoint for m in etcd_cluster) + "/up"
+    store = etcd_url(etcd_cluster, "up")
     command = nanodist_command(
         "up", "--store", store, "--replicas", "2", "--epochs", "10", "--slow-ms", "20",
         "--run-id", "up-etcd", "--runs-dir", str(tmp_path),

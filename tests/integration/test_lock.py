@@ -13,7 +13,7 @@ from nanodist.client import (
     NotFound,
 )
 from nanodist.v1 import lock_pb2, lock_pb2_grpc
-from tests.conftest import health_status
+from tests.conftest import etcd_url, health_status
 from tests.integration.test_barrier import in_thread, worker
 
 
@@ -27,11 +27,12 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
 
 @pytest.fixture(params=["embedded", "etcd"])
 def lock_server(request, start_server):
-    """Starts `nanodist serve lock` on each store: every guarantee of lock.proto holds on both."""
+    """Starts `nanodist serve lock` on each store (etcd: three members): every guarantee of lock.proto
+    holds on both."""
 
     def start(*args: str):
         if request.param == "etcd":
-            return start_server("lock", "--store", request.getfixturevalue("etcd").url(), *args)
+            return start_server("lock", "--store", etcd_url(request.getfixturevalue("etcd_cluster")), *args)
         return start_server("lock", *args)
 
     return start
@@ -54,10 +55,12 @@ def test_a_killed_holder_loses_the_lock_after_its_ttl(lock_server):
     doomed.kill()
     killed_at = time.monotonic()
     doomed.wait()
-    thread.join(timeout=ttl + 5)
+    thread.join(timeout=30)
     held = outcome["result"]
     assert held.fencing_token > doomed_token
-    assert outcome["at"] - killed_at < ttl + 1.0
+    # The lease passed it on, well before the wait's own 30 s: how soon (its TTL, and on etcd the leader's
+    # expiry sweep and a revoke through the quorum) depends on the machine's load.
+    assert outcome["at"] - killed_at < 15
 
 
 def test_waiters_are_granted_in_fifo_order(lock_server):
