@@ -129,6 +129,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut barrier = BarrierClient::connect(format!("http://{barrier_address}")).await?;
     let released = barrier.wait(WaitRequest {
         name: "interop".into(), parties: 3, member_id: "rust".into(), timeout_ms: 30_000, session_id: String::new(),
+        request_id: "rust-wait-1".into(),
     }).await?.into_inner();
     println!("barrier {} {}", released.generation, released.arrival_index);
     Ok(())
