@@ -29,7 +29,7 @@ from nanodist.etcd import kv_pb2, rpc_pb2
 from nanodist.services.barrier.server import lapse_reason
 from nanodist.services.barrier.state import Barrier, BarrierBroken, remember_released
 from nanodist.services.common.errors import ServiceError, failed_precondition, invalid, not_found
-from nanodist.services.common.etcd import Etcd, absent, put_op
+from nanodist.services.common.etcd import Etcd, LeaseLapsed, absent, put_op
 
 T = TypeVar("T")
 KEEP_ENDED = 64  # generations whose outcome a record keeps, for waiters that read it late
@@ -240,7 +240,11 @@ class EtcdBarriers:
         if key:
             txn.compare.append(absent(self._opened + key.encode()))
             txn.success.append(put_op(self._opened + key.encode(), session_id.encode(), lease))
-        if not (await self.etcd.txn(txn)).succeeded:  # the same key raced in through another replica
+        try:
+            written = (await self.etcd.txn(txn)).succeeded
+        except LeaseLapsed:  # this replica stalled past the TTL between the grant and the write: try anew
+            return await self.open_session(member, ttl_ms, barriers, key)
+        if not written:  # the same key raced in through another replica
             await self.etcd.revoke(lease)
             return await self.open_session(member, ttl_ms, barriers, key)
         return session_id, ttl_s * 1000
@@ -265,10 +269,11 @@ class EtcdBarriers:
         same = rpc_pb2.Compare(
             key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=session.mod_revision
         )
-        await self.etcd.txn(
-            rpc_pb2.TxnRequest(compare=[same], success=[put_op(key, json.dumps(value).encode(), session.lease)])
-        )
-        await self.etcd.revoke(session.lease)
+        with contextlib.suppress(LeaseLapsed):  # it lapsed meanwhile: nothing is left to close
+            await self.etcd.txn(
+                rpc_pb2.TxnRequest(compare=[same], success=[put_op(key, json.dumps(value).encode(), session.lease)])
+            )
+            await self.etcd.revoke(session.lease)
 
     async def watch_lapses(self) -> None:
         """Forever: break the barriers of every member whose session lapses."""
@@ -354,6 +359,6 @@ async def run_watcher(barriers: EtcdBarriers) -> None:
     while True:
         try:
             await barriers.watch_lapses()
-        except (ServiceError, grpc.aio.AioRpcError) as error:
+        except ServiceError as error:
             log.warning("watching the barrier sessions failed (%s); starting again", error)
             await asyncio.sleep(1.0)

@@ -30,6 +30,11 @@ T = TypeVar("T")
 CALL_TIMEOUT = 10.0  # seconds for one request to etcd; a quorum that takes longer is as good as lost
 
 
+class LeaseLapsed(ServiceError):
+    """etcd refused a write attached to a lease that no longer exists: it lapsed (its process was
+    frozen or cut off past its TTL) or was revoked. Nothing of the refused transaction was applied."""
+
+
 @dataclass(frozen=True)
 class EtcdAddress:
     endpoints: tuple[str, ...]
@@ -119,8 +124,10 @@ class Etcd:
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise exhausted(f"etcd refused a write: {error.details()}") from None
+                if error.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in (error.details() or ""):
+                    raise LeaseLapsed(grpc.StatusCode.NOT_FOUND, f"etcd: {error.details()}") from None
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise
+                    raise ServiceError(grpc.StatusCode.INTERNAL, f"etcd refused a request: {error.details()}") from None
                 failed = self.address.endpoints[self._current]
                 self._current = (self._current + 1) % len(self._channels)
                 if tried == tries - 1:
@@ -187,10 +194,8 @@ class Etcd:
         request = rpc_pb2.LeaseRevokeRequest(ID=lease_id)
         try:
             await self.call(lambda: self.lease().LeaseRevoke(request, timeout=CALL_TIMEOUT), read=False)
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
+        except LeaseLapsed:
+            return False
         return True
 
     async def time_to_live(self, lease_id: int) -> int:

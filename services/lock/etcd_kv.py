@@ -14,7 +14,7 @@ import json
 
 from nanodist.etcd import rpc_pb2
 from nanodist.services.common.errors import invalid, not_found
-from nanodist.services.common.etcd import Etcd, absent, put_op, read_op
+from nanodist.services.common.etcd import Etcd, LeaseLapsed, absent, put_op, read_op
 from nanodist.services.lock.kv import counter_sum, reused_request_id
 
 REQUEST_ID_TTL_S = 3600
@@ -53,6 +53,19 @@ class EtcdKeyValueStore:
                 self._lease, _ = await self.etcd.grant(REQUEST_ID_TTL_S)
                 self._renewer = asyncio.create_task(self._renew(self._lease))
             return self._lease
+
+    async def _txn_with_request_id(self, txn: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        """Run a transaction that remembers a request id under the request lease (its last success
+        op), on a new lease if that one was lost (revoked, or lapsed while this replica was frozen)."""
+        try:
+            return await self.etcd.txn(txn)
+        except LeaseLapsed:
+            async with self._lease_lock:
+                self._lease = 0
+                if self._renewer is not None:
+                    self._renewer.cancel()
+            txn.success[-1].request_put.lease = await self._request_lease()
+            return await self.etcd.txn(txn)
 
     async def _renew(self, lease: int) -> None:
         while await self.etcd.keep_alive(lease) > 0:
@@ -102,7 +115,7 @@ class EtcdKeyValueStore:
             txn.compare.append(absent(remembered))
             txn.success.append(put_op(remembered, json.dumps([key, None]).encode(), await self._request_lease()))
             txn.failure.append(read_op(remembered))
-        response = await self.etcd.txn(txn)
+        response = await (self._txn_with_request_id(txn) if request_id else self.etcd.txn(txn))
         if response.succeeded:
             return True, desired
         if request_id and self._earlier(request_id, _found(response.responses[1]), key, adding=False)[0]:
@@ -130,7 +143,7 @@ class EtcdKeyValueStore:
             if request_id:
                 txn.compare.append(absent(remembered))
                 txn.success.append(put_op(remembered, json.dumps([key, value]).encode(), await self._request_lease()))
-            if (await self.etcd.txn(txn)).succeeded:
+            if (await (self._txn_with_request_id(txn) if request_id else self.etcd.txn(txn))).succeeded:
                 return value
             # another replica changed the key (or answered this request id) in between: read again
 

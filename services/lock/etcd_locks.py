@@ -29,7 +29,7 @@ import grpc
 
 from nanodist.etcd import kv_pb2, rpc_pb2
 from nanodist.services.common.errors import ServiceError, failed_precondition, invalid, not_found
-from nanodist.services.common.etcd import Etcd, absent, put_op
+from nanodist.services.common.etcd import Etcd, LeaseLapsed, absent, put_op
 from nanodist.v1 import lock_pb2 as pb
 
 Compare = rpc_pb2.Compare
@@ -111,7 +111,10 @@ class EtcdLockTable:
             remembered = self._requests + request_id.encode()
             txn.compare.append(absent(remembered))
             txn.success.append(put_op(remembered, json.dumps([name, lease]).encode(), lease))
-        written = await self.etcd.txn(txn)
+        try:
+            written = await self.etcd.txn(txn)
+        except LeaseLapsed:  # this replica stalled past the TTL between the grant and the write: try anew
+            return await self.enqueue(name, owner, mode, ttl_ms, request_id)
         if not written.succeeded:  # the same request id raced in through another replica
             await self.etcd.revoke(lease)
             return await self.enqueue(name, owner, mode, ttl_ms, request_id)
@@ -175,7 +178,11 @@ class EtcdLockTable:
             compare=[unchanged, still_queued],
             success=[put_op(token_key, str(token).encode()), put_op(key, value.encode(), entry.lease)],
         )
-        if not (await self.etcd.txn(txn)).succeeded:
+        try:
+            written = (await self.etcd.txn(txn)).succeeded
+        except LeaseLapsed:
+            written = False  # it lapsed after the compare was read true: its key is going
+        if not written:
             return False  # another grant took a token, or this lease lapsed: read the queue again
         entry.token = token
         return True

@@ -53,6 +53,25 @@ def test_a_retried_add_swap_or_acquire_is_answered_once_by_another_replica(start
         assert "already used by a CompareAndSwap of key 'leader'" in refused.value.details()
 
 
+def test_a_request_lease_revoked_behind_a_replica_is_replaced_and_the_retry_still_answered_once(
+    start_server, etcd_cluster
+):
+    """The lease that request ids live under is gone (revoked, or lapsed while the replica was frozen):
+    the next Add gets a new one instead of failing with etcd's 'requested lease not found'."""
+    replica = start_server("lock", "--store", etcd_url(etcd_cluster))
+    with grpc.insecure_channel(replica.address) as channel:
+        kv = lock_pb2_grpc.KeyValueStub(channel)
+        assert kv.Add(lock_pb2.AddRequest(key="n", delta=1, request_id="a-1"), timeout=10).value == 1
+        with grpc.insecure_channel(etcd_cluster[0].endpoint) as etcd:
+            leases = rpc_pb2_grpc.LeaseStub(etcd)
+            for lease in leases.LeaseLeases(rpc_pb2.LeaseLeasesRequest(), timeout=10).leases:
+                leases.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease.ID), timeout=10)
+        assert kv.Add(lock_pb2.AddRequest(key="n", delta=1, request_id="a-2"), timeout=10).value == 2
+        assert kv.Add(lock_pb2.AddRequest(key="n", delta=1, request_id="a-2"), timeout=10).value == 2
+        swap = lock_pb2.CompareAndSwapRequest(key="k", expect_absent=True, desired=b"v", request_id="s-1")
+        assert kv.CompareAndSwap(swap, timeout=10).swapped
+
+
 @pytest.mark.slow
 def test_clients_of_two_replicas_share_one_lock_and_one_counter(start_server, etcd_cluster):
     """Clients split over two replicas contend for one lock and add to one counter: checked on their
