@@ -14,6 +14,7 @@ import numpy as np
 
 from nanodist.client.errors import Aborted
 from nanodist.client.lane import LaneLink
+from nanodist.client.replicas import ReplicaChannel
 from nanodist.client.rpc import ClientSecurity, open_channel
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.wire import codec
@@ -38,7 +39,12 @@ class Shard:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self.channel = open_channel(address, options, security)
+        replicas = address.split("+")  # a replica set: its replicas, the primary found by trying them
+        self.channel = (
+            ReplicaChannel(replicas, lambda one: open_channel(one, options, security))
+            if len(replicas) > 1
+            else open_channel(address, options, security)
+        )
         channel = self.channel
         self.init = channel.unary_unary(
             SERVICE + "Init",
@@ -73,7 +79,7 @@ class Shard:
             request_serializer=ps.OpenLaneRequest.SerializeToString,
             response_deserializer=ps.OpenLaneResponse.FromString,
         )
-        self.lanes = LaneLink(address, open_lane, lanes)
+        self.lanes = LaneLink(address, open_lane, "off" if len(replicas) > 1 else lanes)
 
     def close(self) -> None:
         self.lanes.close()

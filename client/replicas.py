@@ -5,13 +5,14 @@ Each replica has a channel of its own, which resolves its name itself (again aft
 channel does), so a replica that is down or not yet resolvable when the client starts is no obstacle.
 A call that fails with UNAVAILABLE or DEADLINE_EXCEEDED (a replica gone or frozen) moves the next
 call to the next replica; the caller's retry policy retries the calls that are idempotent, so they
-land there. Only unary calls are spread this way: the coordination services have no other kind.
+land there. Unary calls and the streams of the parameter server's replica sets are spread this way; a
+bidirectional stream stays on the replica current when it was made.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -40,11 +41,11 @@ class ReplicaChannel(grpc.Channel):
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:  # a _ReplicaCall
         return _ReplicaCall(self, [channel.unary_unary(method, *args, **kwargs) for channel in self._channels])
 
-    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channels[self._current].unary_stream(method, *args, **kwargs)
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:  # a _ReplicaStream
+        return _ReplicaStream(self, [channel.unary_stream(method, *args, **kwargs) for channel in self._channels])
 
-    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channels[self._current].stream_unary(method, *args, **kwargs)
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:  # a _ReplicaCall
+        return _ReplicaCall(self, [channel.stream_unary(method, *args, **kwargs) for channel in self._channels])
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._channels[self._current].stream_stream(method, *args, **kwargs)
@@ -92,3 +93,22 @@ class _ReplicaCall:
         future = self._calls[index].future(request, *args, **kwargs)
         future.add_done_callback(lambda done: self._replicas.failed(index, done.exception()))
         return future
+
+
+class _ReplicaStream:
+    """A server-streaming method on every replica; a call goes to the current one, and a failure
+    while its answers are read moves the next call on, as for unary calls."""
+
+    def __init__(self, replicas: ReplicaChannel, calls: list[Any]) -> None:
+        self._replicas, self._calls = replicas, calls
+
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        index = self._replicas.current
+        return self._read(index, self._calls[index](request, *args, **kwargs))
+
+    def _read(self, index: int, answers: Iterator[Any]) -> Iterator[Any]:
+        try:
+            yield from answers
+        except grpc.RpcError as error:
+            self._replicas.failed(index, error)
+            raise

@@ -61,12 +61,14 @@ async def serve(
     register: Callable[[grpc.aio.Server], list[str]],
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     on_stopping: Callable[[], None] | None = None,
+    on_serving: Callable[[int], None] | None = None,
 ) -> None:
     """Run a service until SIGTERM or SIGINT, then drain calls and run `on_shutdown`.
 
     `register` adds the service's handlers and returns their full names, which
     health and reflection then advertise. `on_stopping` runs as shutdown begins, before
     in-flight calls drain: a service answers its long waits there rather than have them cancelled.
+    `on_serving` gets the bound port once the server serves.
     """
     security = config.security or SecurityConfig()
     interceptors = [TokenAuthInterceptor(load_tokens(security.auth_token_file))] if security.auth_token_file else []
@@ -92,6 +94,8 @@ async def serve(
         port,
         config.metrics_port or "off",
     )
+    if on_serving is not None:
+        on_serving(port)
     if config.port_file:
         write_port_file(config.port_file, port)
 

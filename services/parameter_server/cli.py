@@ -8,8 +8,11 @@ import asyncio
 import grpc
 
 from nanodist.services.common import config as common_config
+from nanodist.services.common.errors import ConfigurationError
 from nanodist.services.common.runtime import serve
+from nanodist.services.parameter_server.coordinator import Coordinator
 from nanodist.services.parameter_server.durability import Durability, Persistence
+from nanodist.services.parameter_server.replica_set import ReplicaSet
 from nanodist.services.parameter_server.server import SERVICE, ParameterServerService
 from nanodist.services.parameter_server.store import Limits, Mode, Store
 from nanodist.settings import env_default, env_optional
@@ -99,6 +102,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a firewall or a NetworkPolicy must name it; env NANODIST_LANE_PORT)",
     )
     parser.add_argument(
+        "--replica-set",
+        default=env_optional("replica_set"),
+        help="keep this shard on several replicas: the name they share; one is primary, the others back it up "
+        "(needs --coordinator; env NANODIST_REPLICA_SET; docs/durability.md)",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=env_optional("coordinator"),
+        help="the lock service (HOST:PORT, or replicas HOST:PORT,HOST:PORT) where a replica set elects its primary "
+        "(env NANODIST_COORDINATOR)",
+    )
+    parser.add_argument(
+        "--replica-ttl",
+        type=float,
+        default=env("replica_ttl", 3.0),
+        help="seconds a replica set's primary keeps its lease without renewing it; a backup takes over within "
+        "about this long after the primary dies (default 3; env NANODIST_REPLICA_TTL)",
+    )
+    parser.add_argument(
+        "--advertise",
+        default=env_optional("advertise"),
+        help="HOST:PORT at which clients and the other replicas reach this one (default: --host and the bound port)",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         type=int,
         default=env("checkpoint_every", 0),
@@ -113,6 +140,7 @@ def run(args: argparse.Namespace) -> None:
         store = Store(Mode(args.mode), args.num_workers, args.staleness, args.dedup_window, limits)
         config = common_config.server_config(args)
         durability = Durability(args.durability or ("checkpoint" if args.checkpoint_dir else "none"))
+        check_replica_set(args, durability, config)
         persistence = Persistence(
             store,
             durability,
@@ -124,6 +152,15 @@ def run(args: argparse.Namespace) -> None:
 
         async def main() -> None:
             service = ParameterServerService(store, config.max_message_bytes, persistence)
+            if args.replica_set:
+                service.replicas = ReplicaSet(
+                    args.replica_set,
+                    Coordinator(args.coordinator),
+                    args.replica_ttl,
+                    service,
+                    lambda: Store(Mode(args.mode), args.num_workers, args.staleness, args.dedup_window, limits),
+                    config.max_message_bytes,
+                )
             if args.lanes != "off":
                 tls = bool(config.security and config.security.tls_cert)
                 service.open_lanes(config.host, args.lane_port, tcp=not tls)
@@ -135,6 +172,28 @@ def run(args: argparse.Namespace) -> None:
                 return [SERVICE]
 
             role = f"parameter server ({args.mode}, durability {durability.value})"
-            await serve(role, config, register, persistence.close, service.stopping)
+
+            def start_replica(port: int) -> None:
+                if service.replicas is not None:
+                    service.replicas.start(args.advertise or f"{config.host}:{port}")
+
+            if args.replica_set:
+                role += f", replica set {args.replica_set}"
+            await serve(role, config, register, persistence.close, service.stopping, start_replica)
 
         asyncio.run(main())
+
+
+def check_replica_set(args: argparse.Namespace, durability: Durability, config: common_config.ServerConfig) -> None:
+    if not args.replica_set:
+        return
+    if not args.coordinator:
+        raise ConfigurationError("--replica-set needs --coordinator, the lock service that elects the primary")
+    if args.replica_ttl <= 0:
+        raise ConfigurationError(f"--replica-ttl must be > 0, got {args.replica_ttl}")
+    if durability is not Durability.NONE:
+        raise ConfigurationError(
+            "--replica-set keeps the shard on its replicas, not on disk: --durability must be none"
+        )
+    if config.security and (config.security.tls_cert or config.security.auth_token_file):
+        raise ConfigurationError("--replica-set does not run with TLS or tokens yet (the replicas talk in plaintext)")

@@ -104,8 +104,7 @@ class Persistence:
 
     def _replay(self, record: wal.Record, apply_push: Callable[[codec.PushMessage], bytes]) -> None:
         if record.kind == wal.INIT:
-            for i, entry in enumerate(ps.InitRequest.FromString(record.payload).entries):
-                self.store.init(*init_entry.prepare(entry, f"entries[{i}]"))
+            init_entry.apply_logged_init(self.store, record.payload)
         else:
             apply_push(codec.decode_push(record.payload))
 

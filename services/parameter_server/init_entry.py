@@ -10,6 +10,7 @@ from nanodist.services.common.errors import invalid
 from nanodist.services.common.validation import check_name
 from nanodist.services.parameter_server.optimizers import OptimizerConfig
 from nanodist.services.parameter_server.row_table import TableShape
+from nanodist.services.parameter_server.store import Store
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.wire import codec
 
@@ -65,3 +66,9 @@ def table_proto(shape: TableShape) -> ps.TableSpec:
         initializer=ps.RowInitializer(kind=shape.initializer, scale=shape.scale, seed=shape.seed),  # type: ignore[arg-type]
         first_row=shape.first_row,
     )
+
+
+def apply_logged_init(store: Store, payload: bytes) -> None:
+    """Apply an InitRequest as the write-ahead log or a primary's stream carries it (checked when it came)."""
+    for i, entry in enumerate(ps.InitRequest.FromString(payload).entries):
+        store.init(*prepare(entry, f"entries[{i}]"))

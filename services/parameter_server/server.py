@@ -25,6 +25,7 @@ from nanodist.services.parameter_server import init_entry
 from nanodist.services.parameter_server.durability import Durability, Persistence
 from nanodist.services.parameter_server.lane import LaneServer
 from nanodist.services.parameter_server.push_assembly import PushAssembly
+from nanodist.services.parameter_server.replica_set import ReplicaSet
 from nanodist.services.parameter_server.store import Slot, Store
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.wire import codec
@@ -79,6 +80,25 @@ class ParameterServerService:
         self.changed = Changes()
         self.assembling = 0
         self.lane: LaneServer | None = None  # the tensor lane, once the shard opens one
+        self.replicas: ReplicaSet | None = None  # set when this shard is one replica of a replica set
+
+    def _gate(self) -> None:
+        """A backup of a replica set (or a primary whose lease lapsed) serves no client call."""
+        if self.replicas is not None:
+            self.replicas.check_serving()
+
+    def _replicate(self, init: bytes = b"", push: bytes = b"") -> int:
+        """Queue an applied change for the backups, in the loop step that applied it (so in apply order);
+        its sequence number. With nothing to send, the last one's: a replayed answer waits for it too."""
+        if self.replicas is None:
+            return 0
+        replicator = self.replicas.replicator
+        return replicator.record(init=init, push=push) if init or push else replicator.seq
+
+    async def _acknowledged(self, seq: int) -> None:
+        """Until every in-sync backup has change `seq`."""
+        if self.replicas is not None:
+            await self.replicas.replicator.acknowledged(seq)
 
     def open_lanes(self, host: str, port: int, tcp: bool) -> None:
         """Serve Push and Pull on the tensor lane too (locally always, over TCP when `tcp`)."""
@@ -94,6 +114,7 @@ class ParameterServerService:
 
     @unary("ps", "Init")
     async def init(self, request: ps.InitRequest, context: grpc.aio.ServicerContext) -> ps.InitResponse:
+        self._gate()
         check_count(len(request.entries), "entries", MAX_ENTRIES)
         prepared = []
         names = set()
@@ -112,8 +133,11 @@ class ParameterServerService:
                 kind = "table" if slot.table else "key"
                 log.info("init %s %s %s %s", kind, key, slot.dtype.name, list(slot.shape))
         self.update_gauges()
-        durable = self.persistence.log_init(request) if any(r.created for r in response.results) else None
+        created = any(r.created for r in response.results)
+        replicated = self._replicate(init=request.SerializeToString() if created else b"")
+        durable = self.persistence.log_init(request) if created else None
         await (durable or self.persistence.synced())
+        await self._acknowledged(replicated)
         return response
 
     # --- Push -----------------------------------------------------------
@@ -135,8 +159,10 @@ class ParameterServerService:
                 BYTES.labels("ps", "in").inc(len(data))
                 message = codec.decode_push(data)
                 if assembly.header is None and message.request_id:
+                    self._gate()
                     replay = self.store.replay(message.request_id)
                     if replay is not None:
+                        await self._acknowledged(self._replicate())
                         return replay
                 assembly.add(message)
             return await self._commit(assembly.message(), None)
@@ -146,13 +172,15 @@ class ParameterServerService:
 
     async def _commit(self, message: codec.PushMessage, data: bytes | None) -> bytes:
         """Apply a push, log it (wal mode), and answer only once the log is durable."""
+        self._gate()
         replay = self.store.replay(message.request_id) if message.request_id else None
         if replay is not None:
             await self.persistence.synced()  # the first attempt's record may still be in flight
+            await self._acknowledged(self._replicate())
             return replay
         response = self.apply(message)
-        if self.persistence.log is not None and data is None:  # an assembled stream: log it as one push
-            data = codec.encode_push(
+        if (self.persistence.log is not None or self.replicas is not None) and data is None:
+            data = codec.encode_push(  # an assembled stream: logged and replicated as one push
                 message.entries,
                 message.worker_id,
                 message.step,
@@ -160,10 +188,12 @@ class ParameterServerService:
                 message.fencing_token,
                 message.membership,
             )
+        replicated = self._replicate(push=data or b"")
         durable = self.persistence.log_push(data or b"")
         self.changed.notify()
         if durable is not None:
             await durable
+        await self._acknowledged(replicated)
         return response
 
     def apply(self, message: codec.PushMessage) -> bytes:
@@ -189,6 +219,7 @@ class ParameterServerService:
     # --- Pull -----------------------------------------------------------
 
     async def _await_ready(self, request: ps.PullRequest, context: grpc.aio.ServicerContext) -> list[Slot]:
+        self._gate()
         check_count(len(request.entries), "entries", MAX_ENTRIES)
         if not request.entries:
             raise invalid("entries: a pull needs at least one key")
@@ -295,6 +326,7 @@ class ParameterServerService:
 
     @unary("ps", "OpenLane")
     async def open_lane(self, request: ps.OpenLaneRequest, context: grpc.aio.ServicerContext) -> ps.OpenLaneResponse:
+        self._gate()
         if self.lane is None:
             raise ServiceError(
                 grpc.StatusCode.UNIMPLEMENTED, "this shard serves no tensor lane (--lanes off): use Push and Pull"
@@ -305,6 +337,7 @@ class ParameterServerService:
 
     @unary("ps", "ListKeys")
     async def list_keys(self, request: ps.ListKeysRequest, context: grpc.aio.ServicerContext) -> ps.ListKeysResponse:
+        self._gate()
         response = ps.ListKeysResponse()
         for key in sorted(self.store.slots):
             slot = self.store.slots[key]
@@ -336,7 +369,17 @@ class ParameterServerService:
             durability=self.persistence.mode.value,
             wal_records=self.persistence.log.records if self.persistence.log else 0,
             wal_fsyncs=self.persistence.log.fsyncs if self.persistence.log else 0,
+            replicas=self.replicas.status() if self.replicas is not None else None,
         )
+
+    @server_stream("ps", "Follow")
+    async def follow(
+        self, requests: AsyncIterator[ps.FollowRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ps.FollowRecord]:
+        if self.replicas is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this shard is no replica set (--replica-set)")
+        async for record in self.replicas.replicator.follow(requests, context):
+            yield record
 
     def update_gauges(self) -> None:
         KEYS.set(len(self.store.slots))
@@ -367,5 +410,10 @@ class ParameterServerService:
                 "ListKeys": unary_handler(self.list_keys, ps.ListKeysRequest, ps.ListKeysResponse),
                 "Stats": unary_handler(self.stats, ps.StatsRequest, ps.StatsResponse),
                 "OpenLane": unary_handler(self.open_lane, ps.OpenLaneRequest, ps.OpenLaneResponse),
+                "Follow": grpc.stream_stream_rpc_method_handler(
+                    self.follow,
+                    request_deserializer=safe_parser(ps.FollowRequest),
+                    response_serializer=ps.FollowRecord.SerializeToString,
+                ),
             },
         )

@@ -227,7 +227,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("mode", "num_workers", "staleness", "num_keys", "total_bytes", "pushes_applied", "pushes_deduplicated", "worker_clocks", "durability", "wal_records", "wal_fsyncs")
+    __slots__ = ("mode", "num_workers", "staleness", "num_keys", "total_bytes", "pushes_applied", "pushes_deduplicated", "worker_clocks", "durability", "wal_records", "wal_fsyncs", "replicas")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,7 @@ class StatsResponse(_message.Message):
     DURABILITY_FIELD_NUMBER: _ClassVar[int]
     WAL_RECORDS_FIELD_NUMBER: _ClassVar[int]
     WAL_FSYNCS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     num_workers: int
     staleness: int
@@ -250,7 +251,68 @@ class StatsResponse(_message.Message):
     durability: str
     wal_records: int
     wal_fsyncs: int
-    def __init__(self, mode: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., num_keys: _Optional[int] = ..., total_bytes: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_deduplicated: _Optional[int] = ..., worker_clocks: _Optional[_Iterable[int]] = ..., durability: _Optional[str] = ..., wal_records: _Optional[int] = ..., wal_fsyncs: _Optional[int] = ...) -> None: ...
+    replicas: ReplicaSetStatus
+    def __init__(self, mode: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., num_keys: _Optional[int] = ..., total_bytes: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_deduplicated: _Optional[int] = ..., worker_clocks: _Optional[_Iterable[int]] = ..., durability: _Optional[str] = ..., wal_records: _Optional[int] = ..., wal_fsyncs: _Optional[int] = ..., replicas: _Optional[_Union[ReplicaSetStatus, _Mapping]] = ...) -> None: ...
+
+class ReplicaSetStatus(_message.Message):
+    __slots__ = ("name", "role", "primary", "epoch", "seq", "followers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    primary: str
+    epoch: int
+    seq: int
+    followers: _containers.RepeatedCompositeFieldContainer[FollowerStatus]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., primary: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., followers: _Optional[_Iterable[_Union[FollowerStatus, _Mapping]]] = ...) -> None: ...
+
+class FollowerStatus(_message.Message):
+    __slots__ = ("address", "in_sync", "behind")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    in_sync: bool
+    behind: int
+    def __init__(self, address: _Optional[str] = ..., in_sync: _Optional[bool] = ..., behind: _Optional[int] = ...) -> None: ...
+
+class FollowRequest(_message.Message):
+    __slots__ = ("address", "incarnation", "acked_seq")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    incarnation: str
+    acked_seq: int
+    def __init__(self, address: _Optional[str] = ..., incarnation: _Optional[str] = ..., acked_seq: _Optional[int] = ...) -> None: ...
+
+class FollowRecord(_message.Message):
+    __slots__ = ("epoch", "seq", "snapshot_file", "snapshot_done", "init", "push")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FILE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_DONE_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    seq: int
+    snapshot_file: SnapshotFile
+    snapshot_done: bool
+    init: bytes
+    push: bytes
+    def __init__(self, epoch: _Optional[int] = ..., seq: _Optional[int] = ..., snapshot_file: _Optional[_Union[SnapshotFile, _Mapping]] = ..., snapshot_done: _Optional[bool] = ..., init: _Optional[bytes] = ..., push: _Optional[bytes] = ...) -> None: ...
+
+class SnapshotFile(_message.Message):
+    __slots__ = ("name", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OpenLaneRequest(_message.Message):
     __slots__ = ()

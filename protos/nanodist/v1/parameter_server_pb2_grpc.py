@@ -71,6 +71,11 @@ class ParameterServerStub:
                 request_serializer=nanodist_dot_v1_dot_parameter__server__pb2.StatsRequest.SerializeToString,
                 response_deserializer=nanodist_dot_v1_dot_parameter__server__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Follow = channel.stream_stream(
+                '/nanodist.v1.ParameterServer/Follow',
+                request_serializer=nanodist_dot_v1_dot_parameter__server__pb2.FollowRequest.SerializeToString,
+                response_deserializer=nanodist_dot_v1_dot_parameter__server__pb2.FollowRecord.FromString,
+                _registered_method=True)
         self.OpenLane = channel.unary_unary(
                 '/nanodist.v1.ParameterServer/OpenLane',
                 request_serializer=nanodist_dot_v1_dot_parameter__server__pb2.OpenLaneRequest.SerializeToString,
@@ -156,6 +161,20 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Follow(self, request_iterator, context):
+        """Follow is how a backup replica of a shard (`nanodist serve ps
+        --replica-set`) copies its primary: the backup opens it and sends one
+        FollowRequest naming itself, then one per record it applied; the primary
+        answers with a snapshot of its state, then every change it applies, in
+        sequence order, each tagged with its epoch. A primary acknowledges a push
+        only once every in-sync backup acknowledged its record.
+        Errors: UNAVAILABLE from a replica that is not the primary (the message
+        names the primary); FAILED_PRECONDITION for a follower of an older epoch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenLane(self, request, context):
         """OpenLane tells a client how to reach this shard's tensor lane: a faster
         carrier of the same Push and Pull messages, over a TCP connection of its
@@ -206,6 +225,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=nanodist_dot_v1_dot_parameter__server__pb2.StatsRequest.FromString,
                     response_serializer=nanodist_dot_v1_dot_parameter__server__pb2.StatsResponse.SerializeToString,
+            ),
+            'Follow': grpc.stream_stream_rpc_method_handler(
+                    servicer.Follow,
+                    request_deserializer=nanodist_dot_v1_dot_parameter__server__pb2.FollowRequest.FromString,
+                    response_serializer=nanodist_dot_v1_dot_parameter__server__pb2.FollowRecord.SerializeToString,
             ),
             'OpenLane': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenLane,
@@ -404,6 +428,33 @@ class ParameterServer:
             '/nanodist.v1.ParameterServer/Stats',
             nanodist_dot_v1_dot_parameter__server__pb2.StatsRequest.SerializeToString,
             nanodist_dot_v1_dot_parameter__server__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Follow(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/nanodist.v1.ParameterServer/Follow',
+            nanodist_dot_v1_dot_parameter__server__pb2.FollowRequest.SerializeToString,
+            nanodist_dot_v1_dot_parameter__server__pb2.FollowRecord.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,171 @@
+"""Replicated parameter-server shards (`nanodist serve ps --replica-set`): a primary and a backup per
+shard, elected on the lock service. Workers push integer gradients under SGD at learning rate 1, so
+each key ends at minus the sum of the pushes applied to it: every acknowledged push must be in it,
+exactly once, whichever replica died or froze on the way."""
+
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from nanodist.client import NanodistError, ParameterServerClient, sgd
+from nanodist.v1 import parameter_server_pb2 as ps
+from nanodist.v1 import parameter_server_pb2_grpc
+from tests.integration.test_lock import wait_until
+
+KEYS = [f"w{i}" for i in range(4)]
+TTL = "2"
+
+
+def replica(start_server, lock, name: str, port: int | None = None):
+    return start_server("ps", "--replica-set", name, "--coordinator", lock.address, "--replica-ttl", TTL, port=port)
+
+
+def status(server) -> ps.ReplicaSetStatus | None:
+    """The replica set as `server` sees it; None if it does not answer."""
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stats = parameter_server_pb2_grpc.ParameterServerStub(channel).Stats(ps.StatsRequest(), timeout=5)
+    except grpc.RpcError:
+        return None
+    return stats.replicas
+
+
+def primary_with_backup_in_sync(replicas: list) -> object | None:
+    """The replica that is primary with every other one in sync behind it, if any."""
+    for server in replicas:
+        seen = status(server)
+        if seen is not None and seen.role == "primary":
+            in_sync = {f.address for f in seen.followers if f.in_sync}
+            if in_sync >= {r.address for r in replicas if r is not server}:
+                return server
+    return None
+
+
+def settled(replicas: list, timeout: float = 60) -> object:
+    wait_until(lambda: primary_with_backup_in_sync(replicas) is not None, timeout)
+    return primary_with_backup_in_sync(replicas)
+
+
+class Pushers:
+    """Threads that push +1s and +2s to every key, each push retried with its request id until it is
+    acknowledged; `acked` sums what the shards acknowledged."""
+
+    def __init__(self, addresses: list[str], threads: int = 3) -> None:
+        self.addresses = addresses
+        self.acked = {k: 0 for k in KEYS}
+        self.count = 0
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._push, args=(i,), daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _push(self, worker: int) -> None:
+        try:
+            with ParameterServerClient(self.addresses, worker_id=worker, timeout=10) as client:
+                n = 0
+                while not self._stop.is_set():
+                    n += 1
+                    grads = {k: np.full(3, 1 + (n + worker) % 2, np.float32) for k in KEYS}
+                    request_id = f"w{worker}-{n}"
+                    while True:
+                        try:
+                            client.push(grads, request_id=request_id)
+                            break
+                        except NanodistError:
+                            time.sleep(0.2)  # a failover under way: the same request id again
+                    with self._lock:
+                        self.count += 1
+                        for k in KEYS:
+                            self.acked[k] += int(grads[k][0])
+        except BaseException as error:  # noqa: BLE001 - reported by stop()
+            self.errors.append(error)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+        assert not self.errors, self.errors
+        assert not any(t.is_alive() for t in self._threads), "a pusher is stuck"
+
+
+def check_history(addresses: list[str], pushers: Pushers) -> None:
+    with ParameterServerClient(addresses, timeout=30) as client:
+        values = client.pull(KEYS)
+    for key in KEYS:
+        assert values[key].tolist() == [-pushers.acked[key]] * 3, (key, pushers.acked[key])
+
+
+def two_shards(start_server, lock) -> tuple[list, list]:
+    first = [replica(start_server, lock, "s0") for _ in range(2)]
+    second = [replica(start_server, lock, "s1") for _ in range(2)]
+    settled(first)
+    settled(second)
+    return first, second
+
+
+def test_a_backup_refuses_client_calls_naming_the_primary(start_server):
+    lock = start_server("lock")
+    replicas = [replica(start_server, lock, "s0") for _ in range(2)]
+    primary = settled(replicas)
+    backup = next(r for r in replicas if r is not primary)
+    with grpc.insecure_channel(backup.address) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            parameter_server_pb2_grpc.ParameterServerStub(channel).ListKeys(ps.ListKeysRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"the primary is {primary.address}" in refused.value.details()
+    with ParameterServerClient(f"{backup.address}+{primary.address}", timeout=10) as client:
+        client.init({"w": np.zeros(2, np.float32)}, sgd(1.0))
+        client.push({"w": np.ones(2, np.float32)})
+        assert client.pull(["w"])["w"].tolist() == [-1, -1]
+
+
+@pytest.mark.slow
+def test_killing_the_primary_twice_under_load_loses_no_acknowledged_push(start_server):
+    """kill -9 of shard 0's primary mid-run (a replica set keeps nothing on disk, so its state goes with
+    it); the backup takes over, the killed one starts again empty and is rebuilt from a snapshot while
+    the pushes go on, then the new primary is killed too and the rebuilt replica takes over."""
+    lock = start_server("lock")
+    first, second = two_shards(start_server, lock)
+    addresses = ["+".join(r.address for r in first), "+".join(r.address for r in second)]
+    with ParameterServerClient(addresses) as client:
+        client.init({k: np.zeros(3, np.float32) for k in KEYS}, sgd(1.0))
+    pushers = Pushers(addresses)
+    for _ in range(2):
+        victim = primary_with_backup_in_sync(first)
+        wait_until(lambda: pushers.count >= 30, 120)  # noqa: B023
+        before = pushers.count
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait()
+        wait_until(lambda: pushers.count >= before + 30, 120)  # noqa: B023 - the survivor took over
+        first[first.index(victim)] = replica(start_server, lock, "s0", port=victim.port)
+        settled(first)  # rebuilt from a snapshot while the pushes go on
+    wait_until(lambda: pushers.count >= before + 60, 120)
+    pushers.stop()
+    check_history(addresses, pushers)
+
+
+@pytest.mark.slow
+def test_a_primary_frozen_past_its_lease_is_replaced_and_acknowledges_nothing_after(start_server):
+    lock = start_server("lock")
+    first, second = two_shards(start_server, lock)
+    addresses = ["+".join(r.address for r in first), "+".join(r.address for r in second)]
+    with ParameterServerClient(addresses) as client:
+        client.init({k: np.zeros(3, np.float32) for k in KEYS}, sgd(1.0))
+    pushers = Pushers(addresses)
+    frozen = primary_with_backup_in_sync(first)
+    wait_until(lambda: pushers.count >= 30, 120)
+    frozen.process.send_signal(signal.SIGSTOP)
+    survivor = next(r for r in first if r is not frozen)
+    wait_until(lambda: (status(survivor) or ps.ReplicaSetStatus()).role == "primary", 60)
+    before = pushers.count
+    wait_until(lambda: pushers.count >= before + 30, 120)
+    frozen.process.send_signal(signal.SIGCONT)
+    assert frozen.process.wait(timeout=60) == 3  # it found its lease lapsed and stepped down
+    pushers.stop()
+    check_history(addresses, pushers)
