@@ -48,8 +48,10 @@ def wait_serving(
     """
     began = time.monotonic()
     deadline = began + timeout
-    # Each replica of a service on its own (HOST:PORT,HOST:PORT): a client resolves them all when it starts.
-    waiting = dict.fromkeys((r.strip() for a in addresses for r in a.split(",")), "not checked")
+    # Each replica of a service on its own (HOST:PORT,HOST:PORT; a shard's replica set A+B): a client
+    # resolves them all when it starts.
+    replicas = (r.strip() for a in addresses for r in a.replace("+", ",").split(","))
+    waiting = dict.fromkeys(replicas, "not checked")
     pause, reported = FIRST_PAUSE, None
     while True:
         for address in list(waiting):

@@ -21,7 +21,9 @@ class Endpoints:
     """Where the services of a cluster listen."""
 
     ps: tuple[str, ...] = setting(
-        ("127.0.0.1:50051",), flag="--ps", help="comma-separated parameter-server shard addresses"
+        ("127.0.0.1:50051",),
+        flag="--ps",
+        help="comma-separated parameter-server shard addresses; a replicated shard names its replicas A+B",
     )
     barrier: str = setting(
         "127.0.0.1:50061",

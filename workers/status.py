@@ -10,6 +10,7 @@ import grpc
 
 from nanodist.client import BarrierClient, ClientSecurity, LockClient, NanodistError, ParameterServerClient
 from nanodist.client.health import check
+from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.workers.config import Endpoints, SecurityFlags
 from nanodist.workers.settings import add_flags, from_args
 
@@ -36,26 +37,41 @@ def _size(count: int) -> str:
     return f"{size:.1f} GB"
 
 
+def _shard_state(s: ps.StatsResponse) -> str:
+    r = s.replicas
+    if r.name and r.role != "primary":
+        return (
+            f"  replica set {r.name}: {r.role} of {r.primary or '(no primary known)'}  epoch {r.epoch}  change {r.seq}"
+        )
+    line = (
+        f"  mode {s.mode}  workers {s.num_workers}  keys {s.num_keys}  {_size(s.total_bytes)}  "
+        f"pushes {s.pushes_applied} (duplicates {s.pushes_deduplicated})  clocks {list(s.worker_clocks)}  "
+        f"durability {s.durability}"
+        + (f" ({s.wal_records} log records, {s.wal_fsyncs} fsyncs)" if s.durability == "wal" else "")
+    )
+    if r.name:
+        followers = [
+            f"{f.address} ({'in sync' if f.in_sync else 'catching up'}, {f.behind} behind)" for f in r.followers
+        ]
+        line += f"\n    replica set {r.name}: primary  epoch {r.epoch}  change {r.seq}  backups {followers or '-'}"
+    return line
+
+
 def report(
     ps: Sequence[str], barrier: str, lock: str, security: ClientSecurity | None = None
 ) -> tuple[list[str], bool]:
     """The status lines, and whether every service is serving."""
     lines, healthy = [], True
     lines.append("parameter servers")
-    for address in ps:
-        status = _health(address, security)
-        healthy &= status == "SERVING"
-        line = f"  {address}  {status}"
-        if status == "SERVING":
-            with ParameterServerClient([address], timeout=5, security=security) as client:
-                s = client.stats()[0]
-            line += (
-                f"  mode {s.mode}  workers {s.num_workers}  keys {s.num_keys}  {_size(s.total_bytes)}  "
-                f"pushes {s.pushes_applied} (duplicates {s.pushes_deduplicated})  clocks {list(s.worker_clocks)}  "
-                f"durability {s.durability}"
-                + (f" ({s.wal_records} log records, {s.wal_fsyncs} fsyncs)" if s.durability == "wal" else "")
-            )
-        lines.append(line)
+    for shard in ps:
+        for address in shard.split("+"):  # a replica set names each of its replicas
+            status = _health(address, security)
+            healthy &= status == "SERVING"
+            line = f"  {address}  {status}"
+            if status == "SERVING":
+                with ParameterServerClient([address], timeout=5, security=security) as client:
+                    line += _shard_state(client.stats()[0])
+            lines.append(line)
     status = _health(barrier, security)
     healthy &= status == "SERVING"
     lines.append(f"barrier {barrier}  {status}")

@@ -199,7 +199,7 @@ class ReplicaSet:
             if state is None or state["incarnation"] == self.incarnation:
                 await asyncio.sleep(0.2)
                 continue
-            self.primary = state["primary"]
+            self.primary, self.epoch = state["primary"], state["epoch"]
             self._following = asyncio.get_running_loop().create_task(self._follow(state["primary"], state["epoch"]))
             with contextlib.suppress(asyncio.CancelledError):
                 try:

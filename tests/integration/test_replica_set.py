@@ -3,7 +3,11 @@ shard, elected on the lock service. Workers push integer gradients under SGD at 
 each key ends at minus the sum of the pushes applied to it: every acknowledged push must be in it,
 exactly once, whichever replica died or froze on the way."""
 
+import json
+import os
+import re
 import signal
+import subprocess
 import threading
 import time
 
@@ -11,9 +15,11 @@ import grpc
 import numpy as np
 import pytest
 
-from nanodist.client import NanodistError, ParameterServerClient, sgd
+from nanodist.client import NanodistError, ParameterServerClient, Unavailable, sgd
+from nanodist.client.retry import NO_RETRY
 from nanodist.v1 import parameter_server_pb2 as ps
 from nanodist.v1 import parameter_server_pb2_grpc
+from tests.conftest import nanodist_command
 from tests.integration.test_lock import wait_until
 
 KEYS = [f"w{i}" for i in range(4)]
@@ -169,3 +175,87 @@ def test_a_primary_frozen_past_its_lease_is_replaced_and_acknowledges_nothing_af
     assert frozen.process.wait(timeout=60) == 3  # it found its lease lapsed and stepped down
     pushers.stop()
     check_history(addresses, pushers)
+
+
+def test_a_backup_that_fell_behind_never_takes_over(start_server, tmp_path):
+    """A backup frozen while a push is acknowledged leaves the in-sync set first (the push waits for
+    that); when the primary then dies, the woken backup holds less than was acknowledged, so it must
+    not serve: the set stays unavailable, and says why, rather than lose the push."""
+    lock = start_server("lock")
+    replicas = [replica(start_server, lock, "s0") for _ in range(2)]
+    primary = settled(replicas)
+    backup = next(r for r in replicas if r is not primary)
+    with ParameterServerClient(f"{primary.address}+{backup.address}", timeout=30) as client:
+        client.init({"w": np.zeros(2, np.float32)}, sgd(1.0))
+        client.push({"w": np.ones(2, np.float32)})
+        backup.process.send_signal(signal.SIGSTOP)
+        client.push({"w": np.ones(2, np.float32)})  # acknowledged once the frozen backup was dropped
+    primary.process.send_signal(signal.SIGKILL)
+    primary.process.wait()
+    backup.process.send_signal(signal.SIGCONT)
+    log = tmp_path / f"ps-{backup.port}.log"
+    wait_until(lambda: "which is not in sync" in log.read_text(), 60)  # the lock came to it, and it passed
+    seen = status(backup)
+    assert seen is not None and seen.role != "primary"
+    with ParameterServerClient(backup.address, timeout=5, retry=NO_RETRY) as client, pytest.raises(Unavailable):
+        client.pull(["w"])
+
+
+def test_status_shows_each_shard_s_primary_backups_epoch_and_lag(start_server):
+    lock, barrier = start_server("lock"), start_server("barrier")
+    replicas = [replica(start_server, lock, "s0") for _ in range(2)]
+    primary = settled(replicas)
+    backup = next(r for r in replicas if r is not primary)
+    shard = f"{backup.address}+{primary.address}"
+    with ParameterServerClient(shard) as client:
+        client.init({"w": np.zeros(2, np.float32)}, sgd(1.0))
+        client.push({"w": np.ones(2, np.float32)})
+    shown = subprocess.run(
+        nanodist_command("status", "--ps", shard, "--barrier", barrier.address, "--lock", lock.address),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    epoch = status(primary).epoch
+    assert f"replica set s0: backup of {primary.address}  epoch {epoch}  change 2" in shown.stdout, shown.stdout
+    assert f"replica set s0: primary  epoch {epoch}  change 2  backups ['{backup.address} (in sync, 0 behind)']" in (
+        shown.stdout
+    )
+
+
+def child_with(parent: int, text: str) -> int:
+    """The pid of a child of `parent` whose command line holds `text`."""
+    for pid in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if text.encode() in f.read():
+                return int(pid)
+    raise AssertionError(f"no child of {parent} runs with {text!r}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("mode", "accuracy"), [("bsp", 0.95), ("asp", 0.93)])
+def test_up_with_replicated_shards_trains_through_kill_9_of_a_primary(tmp_path, mode, accuracy):
+    command = nanodist_command(
+        "up", "--ps-replicas", "2", "--mode", mode, "--slow-ms", "20",
+        "--run-id", "replicated", "--runs-dir", str(tmp_path),
+    )  # fmt: skip
+    up = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert up.stdout is not None
+    output, primary, killed = [], "", False
+    for line in up.stdout:
+        output.append(line)
+        took_over = re.match(r"\[(ps-0-\d)\] .* is primary of replica set 'shard-0'", line)
+        if took_over:
+            primary = took_over.group(1)
+        if not killed and primary and re.search(r"epoch \d+: .*test accuracy", line):  # mid-run
+            os.kill(child_with(up.pid, f"{primary}.port"), signal.SIGKILL)
+            killed = True
+            victim = primary
+    logged = "".join(output)
+    assert up.wait(timeout=60) == 0, logged[-4000:]
+    assert killed, logged[-4000:]
+    assert f"{victim} exited with status -9; starting it again" in logged
+    assert primary != victim, "the backup took over"
+    assert re.search(rf"\[{victim}\] .* follows 127\.0\.0\.1:\d+ from change", logged), "the restarted replica rejoined"
+    metrics = json.loads((tmp_path / "replicated" / "metrics.json").read_text())
+    assert metrics["final_test_accuracy"] >= accuracy
