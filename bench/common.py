@@ -60,6 +60,40 @@ def serve(role: str, *args: str, env: dict[str, str] | None = None) -> tuple[sub
     return process, f"127.0.0.1:{port}"
 
 
+def replica_set(
+    name: str, coordinator: str, replicas: int = 2, *args: str, env: dict[str, str] | None = None
+) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """`replicas` shards of replica set `name`; their processes and addresses once one is primary
+    with every other in sync behind it."""
+    started = [
+        serve("ps", "--replica-set", name, "--coordinator", coordinator, *args, env=env) for _ in range(replicas)
+    ]
+    addresses = [address for _, address in started]
+    deadline = time.monotonic() + 60
+    while primary_of(addresses, in_sync=replicas - 1) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replica set {name}: no primary with {replicas - 1} backups in sync within 60 s")
+        time.sleep(0.05)
+    return [process for process, _ in started], addresses
+
+
+def primary_of(addresses: list[str], in_sync: int = 0) -> str | None:
+    """The replica of `addresses` that is primary with at least `in_sync` backups in sync, if any."""
+    from nanodist.v1 import parameter_server_pb2 as ps
+    from nanodist.v1 import parameter_server_pb2_grpc
+
+    for address in addresses:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                stub = parameter_server_pb2_grpc.ParameterServerStub(channel)
+                replicas = stub.Stats(ps.StatsRequest(), timeout=2).replicas
+        except grpc.RpcError:
+            continue
+        if replicas.role == "primary" and sum(f.in_sync for f in replicas.followers) >= in_sync:
+            return address
+    return None
+
+
 def wait_ready(address: str, timeout: float = 30.0) -> None:
     with grpc.insecure_channel(address) as channel:
         grpc.channel_ready_future(channel).result(timeout=timeout)

@@ -4,7 +4,8 @@ Anchors, measured in the same run: memcpy (np.copyto), a TCP socket between two
 processes (bench/socket_sink.py: sendall / recv_into, no protocol), and raw gRPC
 bytes (bench/raw_echo_server.py, identity serializers). The shard is pushed to
 and pulled from, from this process, over plain gRPC (lanes off), the TCP lane
-and the local (shared-memory) lane. Calls alternate within each round so that
+and the local (shared-memory) lane, and a replica set of --replicas shards (a primary whose every
+push waits for its backups; over gRPC). Calls alternate within each round so that
 machine noise hits all alike. Prints GB/s (medians) and each path's ratio to
 the socket and to raw gRPC.
 """
@@ -25,7 +26,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MALLOC_ENV, serve, start, stop_all, table, wait_ready  # noqa: E402
+from common import MALLOC_ENV, replica_set, serve, start, stop_all, table, wait_ready  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 from nanodist.ports import read_port_file  # noqa: E402
@@ -77,7 +78,8 @@ def measure(
     out = np.empty_like(payload)
     blob = payload.tobytes()
     key = f"bench/{mb}mb"
-    next(iter(clients.values())).init({key: payload}, sgd(1e-9))
+    for client in clients.values():  # one init per shard: the others find the key there
+        client.init({key: payload}, sgd(1e-9))
     raw_push = channel.unary_unary("/raw.Raw/Push")
     raw_pull = channel.unary_unary("/raw.Raw/Pull")
     pull_request = str(size).encode()
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-malloc-env", action="store_true", help="run without the allocator settings")
+    parser.add_argument("--replicas", type=int, default=2, help="also measure a replica set of this many (1: none)")
     args = parser.parse_args()
     env = {} if args.no_malloc_env else MALLOC_ENV
     if any(os.environ.get(k) != v for k, v in env.items()):
@@ -132,6 +135,12 @@ def main() -> None:
         channel = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=options)
         anchor = SocketAnchor(sink_port)
         clients = {name: ParameterServerClient([ps_address], lanes=lanes) for name, lanes in CARRIERS.items()}
+        if args.replicas > 1:  # a replica set: every push waits for its backups (gRPC only, no lane)
+            lock, lock_address = serve("lock", env=env)
+            servers.append(lock)
+            replicas, addresses = replica_set("bench", lock_address, args.replicas, env=env)
+            servers += replicas
+            clients[f"replica set k={args.replicas}"] = ParameterServerClient(["+".join(addresses)])
         rows = []
         for mb in args.sizes_mb:
             rounds = args.rounds if mb <= 64 else max(3, args.rounds // 3)
@@ -140,6 +149,14 @@ def main() -> None:
         print(f"one shard (ASP, SGD) from another process, GB/s; allocator env: {env or 'glibc default'}")
         headers = ["MB", "path", "push", "pull", "push/socket", "pull/socket", "push/raw gRPC", "pull/raw gRPC"]
         print(table(headers, rows))
+        if args.replicas > 1:
+            replicated = {row[0]: row for row in rows if str(row[1]).startswith("replica set")}
+            plain = {row[0]: row for row in rows if row[1] == "gRPC"}
+            for mb, row in replicated.items():
+                print(
+                    f"{mb} MB, replica set k={args.replicas} / one shard over gRPC (target >= 0.8): "
+                    f"push {row[2] / plain[mb][2]:.2f}x, pull {row[3] / plain[mb][3]:.2f}x"
+                )
     finally:
         stop_all(servers)
 

@@ -20,6 +20,10 @@ restart policy does); the clock runs from the kill to the first push it
 acknowledges. Anchor, in the same run: a fresh shard with no state, from its
 start to its first acknowledged push. The OSDI'14 parameter server recovers a
 server in under 1 s; the target here is 2 s with a 100 MB log.
+
+Replica set: a shard kept by a primary and a backup (--replica-set); the primary is killed with kill -9
+while pushes go on, and the clock runs to the first push acknowledged after it (by the backup, which
+took over). Target: the lease TTL (--replica-ttl) plus 1 s.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from collections.abc import Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import nanodist, serve, start, stop_all, table  # noqa: E402
+from common import nanodist, primary_of, replica_set, serve, start, stop_all, table  # noqa: E402
 
 from nanodist.client import ParameterServerClient, sgd  # noqa: E402
 from nanodist.client.retry import RetryPolicy  # noqa: E402
@@ -163,12 +167,34 @@ def shard_restart(log_mib: int, workdir: str) -> tuple[float, float]:
         stop_all(processes)
 
 
+def replica_failover(ttl: float) -> float:
+    """Seconds from kill -9 of a replica set's primary (pushes going on) to the first push acknowledged
+    after it: the backup's takeover, the client finding it."""
+    lock, lock_address = serve("lock")
+    processes, addresses = replica_set("recovery", lock_address, 2, "--replica-ttl", str(ttl))
+    gradient = np.full((PUSH_MIB << 20) // 4, 1e-3, np.float32)
+    try:
+        with ParameterServerClient(["+".join(addresses)], retry=RetryPolicy(total_seconds=120)) as ps:
+            ps.init({"w": np.zeros_like(gradient)}, sgd(1e-6))
+            for _ in range(20):
+                ps.push({"w": gradient})
+            primary = processes[addresses.index(primary_of(addresses, in_sync=1) or "")]
+            primary.send_signal(signal.SIGKILL)
+            primary.wait()
+            killed = time.monotonic()
+            ps.push({"w": gradient})
+            return time.monotonic() - killed
+    finally:
+        stop_all([*processes, lock])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--log-mib", type=int, nargs="+", default=[0, 100, 1000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the shards' logs go (default: the temp dir)")
+    parser.add_argument("--replica-ttl", type=float, default=3.0, help="the replica set's lease (serve ps default)")
     args = parser.parse_args()
     target = JobConfig.session_ttl + 1.0  # the default lease, and a second of watching
     rows = []
@@ -198,11 +224,22 @@ def main() -> None:
             ]
         )
         print(f"shard, {mib} MiB log: {[round(r[0], 2) for r in runs]} s", flush=True)
+    runs = [replica_failover(args.replica_ttl) for _ in range(args.rounds)]
+    failover, goal = statistics.median(runs), args.replica_ttl + 1.0
+    rows.append(
+        [
+            f"replica set primary kill -9 (TTL {args.replica_ttl:g} s)",
+            f"{failover:.2f} s",
+            "-",
+            f"{failover / goal:.2f}",
+        ]
+    )
+    print(f"replica set failover: {[round(r, 2) for r in runs]} s", flush=True)
     print()
     print(
         table(["failure", "until the next step / push", "anchor (same run)", "ratio to target"], rows)
         + f"\n\ntargets: a worker loss within the session TTL + 1 s = {target:g} s; a shard with a 100 MiB "
-        "log serving within 2 s (OSDI'14: under 1 s)"
+        "log serving within 2 s (OSDI'14: under 1 s); a replica set's backup serving within its lease TTL + 1 s"
     )
 
 

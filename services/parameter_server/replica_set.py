@@ -69,6 +69,7 @@ class ReplicaSet:
         self.replicator = Replicator(lambda: service.store, self._publish, self.check_serving, lag_limit=ttl)
         self._record: bytes | None = None  # the set's record as this primary last wrote it
         self._following: asyncio.Task[None] | None = None
+        self._promoting = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, advertise: str) -> None:
@@ -110,16 +111,13 @@ class ReplicaSet:
         logging.shutdown()
         os._exit(DEPOSED_EXIT_CODE)
 
+    def _new_record(self, in_sync: list[str]) -> bytes:
+        record = {"epoch": self.epoch, "primary": self.advertise, "incarnation": self.incarnation}
+        return json.dumps({**record, "in_sync": [self.incarnation, *in_sync]}).encode()
+
     async def _publish(self, in_sync: list[str]) -> None:
         """Write the set's record with this primary and `in_sync`; a record changed by another deposes it."""
-        record = json.dumps(
-            {
-                "epoch": self.epoch,
-                "primary": self.advertise,
-                "incarnation": self.incarnation,
-                "in_sync": [self.incarnation, *in_sync],
-            }  # fmt: skip
-        ).encode()
+        record = self._new_record(in_sync)
         if not await self.coordinator.compare_and_swap(self.key, self._record, record):
             self._deposed("the replica set's record was changed by another replica")
         self._record = record
@@ -152,13 +150,17 @@ class ReplicaSet:
                 await self.coordinator.release(self.key, lease)
                 await asyncio.sleep(self.ttl)
                 continue
-            self._record = found
             self.epoch = epoch
-            await self._publish([])
+            record = self._new_record([])
+            if not await self.coordinator.compare_and_swap(self.key, found, record):
+                await self.coordinator.release(self.key, lease)  # the record moved meanwhile: read it again
+                continue
+            self._record = record
             await self._promote()
             await self._renew(lease, granted.ttl_ms / 1000)
 
     async def _promote(self) -> None:
+        self._promoting = True  # the follow loop stops rather than start again
         if self._following is not None:
             self._following.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -188,7 +190,7 @@ class ReplicaSet:
     # --- the backup's side ------------------------------------------------------------------------
 
     async def _follow_while_backup(self) -> None:
-        while self.role != "primary":
+        while not self._promoting:
             try:
                 found = await self.coordinator.get(self.key)
             except (grpc.aio.AioRpcError, ServiceError) as error:
@@ -206,7 +208,7 @@ class ReplicaSet:
                     await self._following
                 except (grpc.aio.AioRpcError, ServiceError, OSError, ValueError) as error:
                     log.info("following %s (epoch %d) ended: %s", state["primary"], state["epoch"], _short(error))
-            if self.role != "primary":
+            if not self._promoting:
                 self.role = "joining"
                 await asyncio.sleep(0.2)
 

@@ -2,10 +2,11 @@
 a change is acknowledged to its client only once every in-sync backup acknowledged it.
 
 A backup opens Follow and gets a snapshot (a checkpoint, sent file by file) taken at the same loop
-instant it was registered, then every later change. It joins the in-sync set once it has caught
-up; the primary starts waiting for it before the set is published, and stops waiting for a backup
-only after the set without it is published, so the published set never names a backup that misses
-an acknowledged change. Only a member of the published set may take over (replica_set.py).
+instant it was registered, then every later change. Once it is close behind, acknowledgements start
+to wait for it; once it has every change made before that, it is published in sync. The primary
+stops waiting for a backup only after the set without it is published. So the published set never
+names a backup that misses an acknowledged change, and only a member of that set may take over
+(replica_set.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from nanodist.services.parameter_server.store import Store
 from nanodist.v1 import parameter_server_pb2 as ps
 
 FILE_PIECE_BYTES = 1 << 20
+CATCH_UP_WINDOW = 256  # changes a follower may be behind when acknowledgements start to wait for it
 log = logging.getLogger("nanodist.ps.replication")
 
 
@@ -36,7 +38,9 @@ class Follower:
     incarnation: str
     records: asyncio.Queue[ps.FollowRecord | None] = field(default_factory=asyncio.Queue)  # None: stop
     acked: int = 0
-    in_sync: bool = False
+    waited: bool = False  # acknowledgements wait for it
+    waited_from: int = 0  # the sequence number at which they began to
+    in_sync: bool = False  # named in the published in-sync set
     gone: bool = False
 
 
@@ -63,6 +67,7 @@ class Replicator:
         self.followers: dict[str, Follower] = {}
         self._changed = asyncio.Event()
         self._publishing = asyncio.Lock()
+        self._dropping: set[asyncio.Task[None]] = set()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -79,13 +84,13 @@ class Replicator:
         return self.seq
 
     async def acknowledged(self, seq: int) -> None:
-        """Until every in-sync follower acknowledged `seq`; one gone, or behind for lag_limit seconds,
+        """Until every follower waited for acknowledged `seq`; one gone, or behind for lag_limit seconds,
         is first dropped from the published in-sync set."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lag_limit
         while True:
             self.check_primary()
-            behind = [f for f in self.followers.values() if f.in_sync and f.acked < seq]
+            behind = [f for f in self.followers.values() if f.waited and f.acked < seq]
             if not behind:
                 return
             lost = [f for f in behind if f.gone or loop.time() >= deadline]
@@ -95,30 +100,35 @@ class Replicator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
 
-    async def _in_sync_changed(self) -> None:
+    async def _publish_in_sync(self) -> None:
         async with self._publishing:
             await self.publish([f.incarnation for f in self.followers.values() if f.in_sync])
 
     async def _drop(self, lost: list[Follower]) -> None:
         for follower in lost:
-            log.warning(
-                "backup %s leaves the in-sync set (%s)", follower.address, "gone" if follower.gone else "behind"
-            )
+            if follower.in_sync or not follower.gone:
+                reason = "gone" if follower.gone else "behind"
+                log.warning("backup %s leaves the in-sync set (%s)", follower.address, reason)
             follower.in_sync = False
             follower.gone = True
             follower.records.put_nowait(None)
-        async with self._publishing:
-            # Published first: until then, the set may still name them, so they stay waited for.
-            await self.publish([f.incarnation for f in self.followers.values() if f.in_sync])
+        # Published first: until then the published set may still name them, so they are still waited for.
+        await self._publish_in_sync()
         for follower in lost:
+            follower.waited = False
             if self.followers.get(follower.incarnation) is follower:
                 del self.followers[follower.incarnation]
         self._notify()
 
-    async def _admit(self, follower: Follower) -> None:
-        follower.in_sync = True  # waited for from now on, before the set that names it is published
-        await self._in_sync_changed()
-        log.info("backup %s is in sync at change %d (epoch %d)", follower.address, follower.acked, self.epoch)
+    async def _catch_up(self, follower: Follower) -> None:
+        """Once a follower is close behind, acknowledgements wait for it; once it has every change made
+        before they began to, it is published in sync: it then holds every acknowledged change."""
+        if not follower.waited and self.seq - follower.acked <= CATCH_UP_WINDOW:
+            follower.waited, follower.waited_from = True, self.seq
+        if follower.waited and not follower.in_sync and follower.acked >= follower.waited_from:
+            follower.in_sync = True
+            await self._publish_in_sync()
+            log.info("backup %s is in sync at change %d (epoch %d)", follower.address, follower.acked, self.epoch)
 
     async def _read_acks(self, requests: AsyncIterator[ps.FollowRequest], follower: Follower) -> None:
         try:
@@ -127,8 +137,8 @@ class Replicator:
                     return  # malformed: this follower starts again from a snapshot
                 follower.acked = max(follower.acked, request.acked_seq)
                 self._notify()
-                if not follower.in_sync and not follower.gone and follower.acked >= self.seq:
-                    await self._admit(follower)
+                if not follower.gone:
+                    await self._catch_up(follower)
         finally:
             follower.gone = True
             self._notify()
@@ -165,6 +175,12 @@ class Replicator:
             acks.cancel()
             follower.gone = True
             shutil.rmtree(directory, ignore_errors=True)
+            if follower.waited:  # out of the published set now, not at the next push
+                task = asyncio.get_running_loop().create_task(self._drop([follower]))
+                self._dropping.add(task)
+                task.add_done_callback(self._dropping.discard)
+            elif self.followers.get(follower.incarnation) is follower:
+                del self.followers[follower.incarnation]
             self._notify()
 
     def status(self) -> list[ps.FollowerStatus]:

@@ -1,5 +1,6 @@
 """docker-compose.ha.yml: the coordination state on three etcd members, two replicas of the lock and
-barrier services, and workers that name both; one of each is killed mid-training."""
+barrier services, each shard a replica set of two, and workers that name every replica; one of each
+(shard 0's primary) is killed mid-training."""
 
 import json
 import time
@@ -23,11 +24,14 @@ def test_training_goes_on_through_losing_an_etcd_member_a_lock_replica_and_a_bar
         time.sleep(0.5)
     # Their processes, from the host, as a machine's loss or the OOM killer would end them: the job
     # must not wait for them to come back (they do, later, through their restart policy).
-    restarts = {service: kill_9(c, service) for service in ("etcd-0", "lock", "barrier")}
+    primary = next(s for s in ("ps-0", "ps-0-b") if "is primary of replica set 'shard-0'" in c.logs(c.containers(s)[0]))
+    restarts = {service: kill_9(c, service) for service in ("etcd-0", "lock", "barrier", primary)}
     c.wait_exited(workers, timeout=600)
     for container in workers:
         assert c.state(container)["State"]["ExitCode"] == 0, c.logs(container)[-3000:]
     for service, before in restarts.items():  # each was killed mid-run, not merely stopped
         assert c.state(c.containers(service)[0])["RestartCount"] > before, service
+    backup = "ps-0-b" if primary == "ps-0" else "ps-0"
+    assert "is primary of replica set 'shard-0'" in c.logs(c.containers(backup)[0]), "the backup took over"
     metrics = json.loads((c.runs / c.run_id / "metrics.json").read_text())
     assert metrics["final_test_accuracy"] >= 0.95 and len(metrics["epochs"]) == epochs

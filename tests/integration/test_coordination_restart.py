@@ -130,7 +130,9 @@ def test_contended_grants_stay_exclusive_and_fenced_across_a_kill_9(start_server
         with LockClient(server.address, name) as client:
             while not stop.is_set():
                 requested = time.monotonic()
-                held = client.acquire("resource", ttl=5, timeout=60)
+                # A long lease: under test are the grants across the restart, not a lease that a loaded
+                # machine lets lapse between the restart and the retried release.
+                held = client.acquire("resource", ttl=60, timeout=60)
                 granted = time.monotonic()
                 time.sleep(0.002)  # the critical section
                 holds.append(Hold(name, "resource", held.fencing_token, False, requested, granted, granted,

@@ -129,7 +129,8 @@ def test_every_container_runs_the_nanodist_image_as_its_non_root_user(path):
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         image = f"nanodist:{tomllib.load(f)['project']['version']}"
     workloads = of_kind(render(path), *WORKLOADS)
-    expected = {"ps", "barrier", "lock", "worker", "mpi-group"} | ({"etcd"} if path == HA else set())
+    shards = {"ps-0", "ps-1"} if path == HA else {"ps"}  # HA: a StatefulSet per shard, of its replicas
+    expected = shards | {"barrier", "lock", "worker", "mpi-group"} | ({"etcd"} if path == HA else set())
     assert {w["metadata"]["name"] for w in workloads} == expected
     for w in workloads:
         for c in containers(w):
@@ -342,3 +343,44 @@ def test_the_ha_overlay_keeps_the_coordination_state_on_three_etcd_members_and_r
     client, peer = policy["spec"]["ingress"]
     assert [p["podSelector"]["matchLabels"] for p in client["from"]] == [{"app.kubernetes.io/component": "server"}]
     assert [p["podSelector"]["matchLabels"] for p in peer["from"]] == [{"app.kubernetes.io/name": "etcd"}]
+    # Each shard is a replica set of two pods that elect their primary on the lock service the workers use,
+    # keep nothing on disk, and advertise their own stable names; the workers name both, shard by shard.
+    assert not [s for s in of_kind(docs, "StatefulSet") if s["metadata"]["name"] == "ps"]
+    workers = environment(docs, containers(named(docs, "Job", "worker"))[0])
+    lock = template_labels(named(docs, "Deployment", "lock"))
+    shards = []
+    for i in range(2):
+        replicas = named(docs, "StatefulSet", f"ps-{i}")
+        service = named(docs, "Service", replicas["spec"]["serviceName"])
+        assert replicas["spec"]["replicas"] == 2
+        assert service["spec"]["selector"].items() <= template_labels(replicas).items()
+        (server,) = containers(replicas)
+        port = flag(server, "--port")
+        assert flag(server, "--replica-set") == f"shard-{i}"
+        assert flag(server, "--coordinator") == workers["NANODIST_LOCK_ADDRESS"]
+        assert flag(server, "--durability") == "none" and "--checkpoint-dir" not in argv(server)
+        assert not replicas["spec"].get("volumeClaimTemplates") and not list(mounts(replicas, server))
+        # $(POD_NAME) is the pod's own name, under the headless Service that publishes it.
+        (pod_name,) = [v for v in server["env"] if v["name"] == "POD_NAME"]
+        assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert flag(server, "--advertise") == f"$(POD_NAME).{service['metadata']['name']}:{port}"
+        assert int(port) in [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]
+        pods = [f"{replicas['metadata']['name']}-{r}" for r in range(replicas["spec"]["replicas"])]
+        shards.append("+".join(f"{name}.{service['metadata']['name']}:{port}" for name in pods))
+        # A backup streams from its primary's gRPC port, and every replica elects on the lock service.
+        labels = template_labels(replicas)
+        assert admits(docs, labels, labels, "grpc") and admits(docs, labels, lock, "grpc"), replicas["metadata"]["name"]
+    assert workers["NANODIST_PS"] == ",".join(shards)
+
+
+def admits(docs: tuple[dict, ...], source: dict[str, str], target: dict[str, str], port: str) -> bool:
+    """Whether a NetworkPolicy lets pods labelled `source` reach the named port of pods labelled `target`."""
+    for policy in of_kind(docs, "NetworkPolicy"):
+        if not policy["spec"]["podSelector"]["matchLabels"].items() <= target.items():
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            peers = [peer["podSelector"]["matchLabels"] for peer in rule["from"] if "podSelector" in peer]
+            opened = {"protocol": "TCP", "port": port} in rule["ports"]
+            if opened and any(peer.items() <= source.items() for peer in peers):
+                return True
+    return False

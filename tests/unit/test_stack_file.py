@@ -156,7 +156,12 @@ def test_docker_stack_accepts_the_files(files):
     if "unknown command" in result.stderr or "is not a docker command" in result.stderr:
         pytest.skip("this docker CLI has no `docker stack config`")
     assert result.returncode == 0, result.stderr
-    assert "ps-0:50051,ps-1:50051" in result.stdout
+    merged = yaml.safe_load(result.stdout)["services"]
+    if "docker-stack.ha.yml" in files:  # the override's commands replace the shards', its variables win
+        assert merged["worker"]["environment"]["NANODIST_PS"] == "ps-0:50051+ps-0-b:50051,ps-1:50051+ps-1-b:50051"
+        assert "--checkpoint-dir" not in merged["ps-0"]["command"]
+    else:
+        assert merged["worker"]["environment"]["NANODIST_PS"] == "ps-0:50051,ps-1:50051"
 
 
 @pytest.mark.parametrize("file", ["docker-compose.ha.yml", "docker-stack.ha.yml"])
@@ -185,6 +190,31 @@ def test_the_ha_files_keep_the_coordination_state_on_three_etcd_members_with_two
     else:  # a swarm's name resolves to every replica (dnsrr), each on a node of its own
         for name in ("lock", "barrier"):
             assert ha[name]["deploy"]["replicas"] == 2 and ha[name]["deploy"]["placement"]["max_replicas_per_node"] == 1
+    # Each shard is a replica set of two that elects its primary on the lock service the workers use, keeps
+    # nothing on disk, and is reached at each replica's own name; the workers name both, shard by shard.
+    base = services(file.replace(".ha", ""))
+    workers = {**base["worker"]["environment"], **ha["worker"]["environment"]}
+    shards = []
+    for shard in ("ps-0", "ps-1"):
+        advertised = []
+        for name in (shard, f"{shard}-b"):
+            command = [str(word) for word in ha[name]["command"]]
+            assert option(command, "--replica-set") == f"shard-{shard[-1]}", name
+            assert option(command, "--advertise") == f"{name}:{option(command, '--port')}", name
+            assert option(command, "--coordinator") == workers["NANODIST_LOCK_ADDRESS"], name
+            assert option(command, "--durability") == "none" and "--checkpoint-dir" not in command, name
+            service = {**base.get(name, {}), **ha[name]}  # the override's keys over the base file's
+            # A deposed primary exits to rejoin as a backup: the orchestrator must start it again.
+            assert (service.get("restart") or service["deploy"]["restart_policy"]["condition"]) == "on-failure", name
+            assert service["healthcheck"]["test"] == ["CMD", "nanodist", "health", "127.0.0.1:50051"], name
+            advertised.append(option(command, "--advertise"))
+        shards.append("+".join(advertised))
+    for name in ("worker", "mpi-group"):
+        assert ha[name]["environment"]["NANODIST_PS"] == ",".join(shards), name
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
 
 
 def under_volume(path: str, service: dict) -> bool:
