@@ -163,8 +163,7 @@ class ReplicaSet:
         self._promoting = True  # the follow loop stops rather than start again
         if self._following is not None:
             self._following.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._following
+            await asyncio.gather(self._following, return_exceptions=True)  # its end, however it ended
         self.role = "primary"
         self.primary = self.advertise
         self.replicator.epoch = self.epoch
@@ -203,11 +202,14 @@ class ReplicaSet:
                 continue
             self.primary, self.epoch = state["primary"], state["epoch"]
             self._following = asyncio.get_running_loop().create_task(self._follow(state["primary"], state["epoch"]))
-            with contextlib.suppress(asyncio.CancelledError):
-                try:
-                    await self._following
-                except (grpc.aio.AioRpcError, ServiceError, OSError, ValueError) as error:
-                    log.info("following %s (epoch %d) ended: %s", state["primary"], state["epoch"], _short(error))
+            try:
+                await self._following
+            except asyncio.CancelledError:
+                if self._promoting:  # the stream was ended for the takeover, not this loop
+                    return
+                raise
+            except (grpc.aio.AioRpcError, ServiceError, OSError, ValueError) as error:
+                log.info("following %s (epoch %d) ended: %s", state["primary"], state["epoch"], _short(error))
             if not self._promoting:
                 self.role = "joining"
                 await asyncio.sleep(0.2)
