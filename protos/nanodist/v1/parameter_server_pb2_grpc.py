@@ -167,7 +167,8 @@ class ParameterServerServicer:
         FollowRequest naming itself, then one per record it applied; the primary
         answers with a snapshot of its state, then every change it applies, in
         sequence order, each tagged with its epoch. A primary acknowledges a push
-        only once every in-sync backup acknowledged its record.
+        only once every in-sync backup acknowledged its record. Idempotent in
+        effect: a backup that opens it again starts over from a new snapshot.
         Errors: UNAVAILABLE from a replica that is not the primary (the message
         names the primary); FAILED_PRECONDITION for a follower of an older epoch.
         """
