@@ -107,12 +107,16 @@ def check_history(addresses: list[str], pushers: Pushers) -> None:
         assert values[key].tolist() == [-pushers.acked[key]] * 3, (key, pushers.acked[key])
 
 
-def two_shards(start_server, lock) -> tuple[list, list]:
+def two_shards(start_server, lock) -> tuple[list, list[str]]:
+    """Two replica sets of 2, settled, with KEYS initialised: shard 0's replicas and both shards' addresses."""
     first = [replica(start_server, lock, "s0") for _ in range(2)]
     second = [replica(start_server, lock, "s1") for _ in range(2)]
     settled(first)
     settled(second)
-    return first, second
+    addresses = ["+".join(r.address for r in first), "+".join(r.address for r in second)]
+    with ParameterServerClient(addresses) as client:
+        client.init({k: np.zeros(3, np.float32) for k in KEYS}, sgd(1.0))
+    return first, addresses
 
 
 def test_a_backup_refuses_client_calls_naming_the_primary(start_server):
@@ -139,10 +143,7 @@ def test_killing_the_primary_twice_under_load_loses_no_acknowledged_push(start_s
     it); the backup takes over, the killed one starts again empty and is rebuilt from a snapshot while
     the pushes go on, then the new primary is killed too and the rebuilt replica takes over."""
     lock = start_server("lock")
-    first, second = two_shards(start_server, lock)
-    addresses = ["+".join(r.address for r in first), "+".join(r.address for r in second)]
-    with ParameterServerClient(addresses) as client:
-        client.init({k: np.zeros(3, np.float32) for k in KEYS}, sgd(1.0))
+    first, addresses = two_shards(start_server, lock)
     pushers = Pushers(addresses)
     for _ in range(2):
         victim = primary_with_backup_in_sync(first)
@@ -161,10 +162,7 @@ def test_killing_the_primary_twice_under_load_loses_no_acknowledged_push(start_s
 @pytest.mark.slow
 def test_a_primary_frozen_past_its_lease_is_replaced_and_acknowledges_nothing_after(start_server):
     lock = start_server("lock")
-    first, second = two_shards(start_server, lock)
-    addresses = ["+".join(r.address for r in first), "+".join(r.address for r in second)]
-    with ParameterServerClient(addresses) as client:
-        client.init({k: np.zeros(3, np.float32) for k in KEYS}, sgd(1.0))
+    first, addresses = two_shards(start_server, lock)
     pushers = Pushers(addresses)
     frozen = primary_with_backup_in_sync(first)
     wait_until(lambda: pushers.count >= 30, 120)
