@@ -234,3 +234,45 @@ class Etcd:
         finally:
             task.cancel()
             call.cancel()
+
+
+class LongLease:
+    """One lease of `ttl_s` seconds that this replica renews in the background, for records that must
+    outlive a call but not the replica's need of them (request ids, released leases): granted on first
+    need, and again if it was lost (revoked, or lapsed while this replica was frozen)."""
+
+    def __init__(self, etcd: Etcd, ttl_s: int) -> None:
+        self.etcd = etcd
+        self.ttl_s = ttl_s
+        self._lease = 0
+        self._lock = asyncio.Lock()
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def _id(self) -> int:
+        async with self._lock:
+            if not self._lease or self._renewer is None or self._renewer.done():
+                self._lease, _ = await self.etcd.grant(self.ttl_s)
+                self._renewer = asyncio.create_task(self._renew(self._lease))
+            return self._lease
+
+    async def _renew(self, lease: int) -> None:
+        while await self.etcd.keep_alive(lease) > 0:
+            await asyncio.sleep(self.ttl_s / 6)
+
+    async def txn(self, txn: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        """Run `txn`, whose last success op is a put under this lease."""
+        txn.success[-1].request_put.lease = await self._id()
+        try:
+            return await self.etcd.txn(txn)
+        except LeaseLapsed:
+            await self.close()
+            txn.success[-1].request_put.lease = await self._id()
+            return await self.etcd.txn(txn)
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._lease = 0
+            if self._renewer is not None:
+                self._renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ServiceError):
+                    await self._renewer

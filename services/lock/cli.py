@@ -91,11 +91,12 @@ def run(args: argparse.Namespace) -> None:
 
             async def on_etcd() -> None:
                 etcd = Etcd(address)
-                store = EtcdKeyValueStore(etcd, args.max_value_bytes)
-                register = _register(EtcdLockService(EtcdLockTable(etcd)), KeyValueService(store))
+                store, table = EtcdKeyValueStore(etcd, args.max_value_bytes), EtcdLockTable(etcd)
+                register = _register(EtcdLockService(table), KeyValueService(store))
 
                 async def close() -> None:
                     await store.close()
+                    await table.close()
                     await etcd.close()
 
                 await serve("lock", config, register, close)

@@ -14,7 +14,7 @@ import json
 
 from nanodist.etcd import rpc_pb2
 from nanodist.services.common.errors import invalid, not_found
-from nanodist.services.common.etcd import Etcd, LeaseLapsed, absent, put_op, read_op
+from nanodist.services.common.etcd import Etcd, LongLease, absent, put_op, read_op
 from nanodist.services.lock.kv import counter_sum, reused_request_id
 
 REQUEST_ID_TTL_S = 3600
@@ -34,9 +34,7 @@ class EtcdKeyValueStore:
         self.max_value_bytes = max_value_bytes
         self._values = etcd.address.prefix + b"kv/"
         self._requests = etcd.address.prefix + b"kv-request/"
-        self._lease = 0
-        self._lease_lock = asyncio.Lock()
-        self._renewer: asyncio.Task[None] | None = None
+        self.request_lease = LongLease(etcd, REQUEST_ID_TTL_S)
 
     def _key(self, key: str) -> bytes:
         return self._values + key.encode()
@@ -46,36 +44,8 @@ class EtcdKeyValueStore:
             raise invalid(f"{field}: {len(value)} bytes, at most {self.max_value_bytes} allowed")
         return value
 
-    async def _request_lease(self) -> int:
-        """The lease that request ids live under, granted on first need and renewed in the background."""
-        async with self._lease_lock:
-            if not self._lease or self._renewer is None or self._renewer.done():
-                self._lease, _ = await self.etcd.grant(REQUEST_ID_TTL_S)
-                self._renewer = asyncio.create_task(self._renew(self._lease))
-            return self._lease
-
-    async def _txn_with_request_id(self, txn: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
-        """Run a transaction that remembers a request id under the request lease (its last success
-        op), on a new lease if that one was lost (revoked, or lapsed while this replica was frozen)."""
-        try:
-            return await self.etcd.txn(txn)
-        except LeaseLapsed:
-            async with self._lease_lock:
-                self._lease = 0
-                if self._renewer is not None:
-                    self._renewer.cancel()
-            txn.success[-1].request_put.lease = await self._request_lease()
-            return await self.etcd.txn(txn)
-
-    async def _renew(self, lease: int) -> None:
-        while await self.etcd.keep_alive(lease) > 0:
-            await asyncio.sleep(REQUEST_ID_TTL_S / 6)
-
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        await self.request_lease.close()
 
     @staticmethod
     def _earlier(request_id: str, raw: bytes | None, key: str, adding: bool) -> tuple[bool, int | None]:
@@ -113,9 +83,9 @@ class EtcdKeyValueStore:
         if request_id:
             remembered = self._requests + request_id.encode()
             txn.compare.append(absent(remembered))
-            txn.success.append(put_op(remembered, json.dumps([key, None]).encode(), await self._request_lease()))
+            txn.success.append(put_op(remembered, json.dumps([key, None]).encode()))  # under the request lease
             txn.failure.append(read_op(remembered))
-        response = await (self._txn_with_request_id(txn) if request_id else self.etcd.txn(txn))
+        response = await (self.request_lease.txn(txn) if request_id else self.etcd.txn(txn))
         if response.succeeded:
             return True, desired
         if request_id and self._earlier(request_id, _found(response.responses[1]), key, adding=False)[0]:
@@ -142,8 +112,8 @@ class EtcdKeyValueStore:
             txn = rpc_pb2.TxnRequest(compare=[unchanged], success=[put_op(stored, str(value).encode())])
             if request_id:
                 txn.compare.append(absent(remembered))
-                txn.success.append(put_op(remembered, json.dumps([key, value]).encode(), await self._request_lease()))
-            if (await (self._txn_with_request_id(txn) if request_id else self.etcd.txn(txn))).succeeded:
+                txn.success.append(put_op(remembered, json.dumps([key, value]).encode()))  # under the request lease
+            if (await (self.request_lease.txn(txn) if request_id else self.etcd.txn(txn))).succeeded:
                 return value
             # another replica changed the key (or answered this request id) in between: read again
 

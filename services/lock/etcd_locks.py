@@ -5,7 +5,9 @@ another's prefix):
 - q#<lease>: one key per holder or waiter, attached to its etcd lease (the lock's lease), valued
   {owner, mode, ttl_ms, token}; token 0 while it waits. Its create revision is its place in the queue.
 - token: the last fencing token granted for the name; never deleted.
-A request id maps to its lease under <prefix>lock-request/<id>, attached to the same lease.
+A request id maps to its lease under <prefix>lock-request/<id>, attached to the same lease. A lease its
+holder released is remembered under <prefix>lock-released/<lease> for an hour, so that a Release
+retried after its answer was lost is answered OK.
 
 A waiter is granted once no key ahead of it excludes it (every key ahead for an exclusive waiter,
 the exclusive ones for a shared waiter). It watches only the nearest such key and reads again when
@@ -29,10 +31,11 @@ import grpc
 
 from nanodist.etcd import kv_pb2, rpc_pb2
 from nanodist.services.common.errors import ServiceError, failed_precondition, invalid, not_found
-from nanodist.services.common.etcd import Etcd, LeaseLapsed, absent, put_op
+from nanodist.services.common.etcd import Etcd, LeaseLapsed, LongLease, absent, put_op
 from nanodist.v1 import lock_pb2 as pb
 
 Compare = rpc_pb2.Compare
+RELEASED_TTL_S = 3600  # how long a released lease is remembered, for a retried Release
 
 
 class WaiterLapsed(ServiceError):
@@ -64,6 +67,8 @@ class EtcdLockTable:
         self.etcd = etcd
         self._locks = etcd.address.prefix + b"lock/"
         self._requests = etcd.address.prefix + b"lock-request/"
+        self._released = etcd.address.prefix + b"lock-released/"
+        self.released_lease = LongLease(etcd, RELEASED_TTL_S)
 
     def _prefix(self, name: str) -> bytes:
         return self._locks + name.encode() + b"#/"
@@ -217,8 +222,18 @@ class EtcdLockTable:
         lease = parse_lease(lease_id)
         found = await self.etcd.get(self._entry_key(name, lease)) if lease is not None else None
         if found is None or not self._entry(found).holds:
+            earlier = await self.etcd.get(self._released + lease_id.encode()) if lease is not None else None
+            if earlier is not None and earlier.value == name.encode():
+                return  # released by an earlier try of this call
             raise failed_precondition(f"lease {lease_id!r} does not hold lock {name!r}")
+        # Remembered for an hour, so that a retry whose first answer was lost is answered as it was.
+        await self.released_lease.txn(
+            rpc_pb2.TxnRequest(success=[put_op(self._released + lease_id.encode(), name.encode())])
+        )
         await self.etcd.revoke(lease)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self.released_lease.close()
 
     async def withdraw(self, lease: int) -> None:
         with contextlib.suppress(ServiceError):

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +21,7 @@ log = logging.getLogger("nanodist.lock")
 TOKEN_BLOCK = 1_000_000
 MAX_LOCKS = 100_000  # lock names
 MAX_PER_OWNER = 1_000  # locks one owner holds or waits for
+KEEP_RELEASED = 4096  # released leases remembered, so that a retried Release is answered OK
 
 
 class FencingTokens:
@@ -124,6 +125,9 @@ class LockTable:
         self.tokens = tokens
         self.per_owner: Counter[str] = Counter()  # grants held plus requests queued
         self.journal: records.Journal = records.unlogged
+        # Leases their holders released, newest last: a Release retried after its answer was lost (the
+        # service restarted in between) is answered as the first was, not as a lapse.
+        self.released: OrderedDict[str, str] = OrderedDict()
 
     def lock(self, name: str) -> NamedLock:
         lock = self.locks.get(name)
@@ -208,10 +212,19 @@ class LockTable:
     def release(self, name: str, lease_id: str) -> None:
         lock = self.locks.get(name)
         if lock is None or lease_id not in lock.holders:
+            if self.released.get(lease_id) == name:
+                return  # released by an earlier try of this call
             raise failed_precondition(f"lease {lease_id!r} does not hold lock {name!r}")
         self._end(lock, lease_id)
         self.leases.revoke(lease_id)
+        self._remember_release(lease_id, name)
+        self.journal(records.RELEASED, pb.ReleaseRequest(name=name, lease_id=lease_id).SerializeToString())
         self._advance(lock)
+
+    def _remember_release(self, lease_id: str, name: str) -> None:
+        self.released[lease_id] = name
+        if len(self.released) > KEEP_RELEASED:
+            self.released.popitem(last=False)
 
     def _lapsed(self, lease: Lease) -> None:
         holding = self.holdings.get(lease.lease_id)
@@ -223,7 +236,7 @@ class LockTable:
             self._advance(lock)
 
     def replay(self, kind: int, payload: bytes) -> None:
-        """Apply a logged grant or lease end again. A restored lease gets its whole TTL from now:
+        """Apply a logged grant, lease end or release again. A restored lease gets its whole TTL from now:
         its holder could not renew it while the service was down."""
         if kind == records.GRANT:
             grant: dict[str, Any] = records.from_json(payload)
@@ -231,6 +244,9 @@ class LockTable:
             holding = Holding(lease, grant["lock"], grant["owner"], grant["mode"], grant["token"], grant["request_id"])
             self._hold(self.lock(holding.lock), holding)
             self.tokens.at_least(holding.token)
+        elif kind == records.RELEASED:
+            released = pb.ReleaseRequest.FromString(payload)
+            self._remember_release(released.lease_id, released.name)
         elif kind == records.RELEASE:
             end = pb.ReleaseRequest.FromString(payload)
             lock = self.locks.get(end.name)
@@ -240,7 +256,12 @@ class LockTable:
 
     def snapshot(self) -> Iterator[tuple[int, bytes]]:
         """The held locks as GRANT records, encoded now (holdings change after a snapshot is taken)."""
-        return iter([(records.GRANT, holding.record()) for holding in self.holdings.values()])
+        grants = [(records.GRANT, holding.record()) for holding in self.holdings.values()]
+        releases = [
+            (records.RELEASED, pb.ReleaseRequest(name=name, lease_id=lease_id).SerializeToString())
+            for lease_id, name in self.released.items()
+        ]
+        return iter(grants + releases)
 
     def _advance(self, lock: NamedLock) -> None:
         """Grant queued requests in order while they are compatible with the holders."""

@@ -93,7 +93,7 @@ class Persistence:
 
     def _apply(self, kind: int, payload: bytes, where: str) -> None:
         try:
-            if kind in (records.GRANT, records.RELEASE):
+            if kind in (records.GRANT, records.RELEASE, records.RELEASED):
                 self.table.replay(kind, payload)
             elif kind == records.REMEMBERED:
                 self.store.remember(*records.from_json(payload))

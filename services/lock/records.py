@@ -20,9 +20,10 @@ GRANT = 5  # JSON: a lock granted under a lease (see locks.Holding.record)
 RELEASE = 6  # ReleaseRequest: a lease ended (released, lapsed or given up)
 REMEMBERED = 7  # snapshots only, JSON [request_id, key, counter or null]: one entry of the dedup window
 END = 8  # snapshots only, decimal text: the number of records before it, so a cut snapshot is seen
+RELEASED = 9  # ReleaseRequest: its holder released the lease, so a retry of that Release is answered OK
 
-LOGGED = (SET, DELETE, SWAP, ADD, GRANT, RELEASE)
-IN_SNAPSHOTS = (SET, GRANT, REMEMBERED, END)
+LOGGED = (SET, DELETE, SWAP, ADD, GRANT, RELEASE, RELEASED)
+IN_SNAPSHOTS = (SET, GRANT, REMEMBERED, RELEASED, END)
 
 # Called with every change as it is made, on the event loop.
 Journal = Callable[[int, bytes], None]

@@ -117,6 +117,20 @@ def test_a_retried_add_swap_or_acquire_is_applied_once_across_a_restart(start_se
         assert [h.fencing_token for h in state.holders] == [first[2].fencing_token]
 
 
+def test_a_release_whose_answer_was_lost_is_answered_after_a_restart(start_server, tmp_path):
+    args = ("--state-dir", str(tmp_path / "lock-state"))
+    server = start_server("lock", *args)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = lock_pb2_grpc.LockStub(channel)
+        granted = stub.Acquire(lock_pb2.AcquireRequest(name="r", owner="me", ttl_ms=30_000), timeout=10)
+        release = lock_pb2.ReleaseRequest(name="r", lease_id=granted.lease_id)
+        stub.Release(release, timeout=10)  # its answer is taken as lost: the caller retries after the restart
+    kill(server)
+    restarted = start_server("lock", *args, port=server.port)
+    with grpc.insecure_channel(restarted.address) as channel:
+        lock_pb2_grpc.LockStub(channel).Release(release, timeout=10)
+
+
 @pytest.mark.slow
 def test_contended_grants_stay_exclusive_and_fenced_across_a_kill_9(start_server, tmp_path):
     """Three clients take turns at one lock while the service is killed and restarted: checked on their

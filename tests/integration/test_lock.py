@@ -138,6 +138,20 @@ def test_acquire_timeout_names_the_holder(lock_server):
         LockClient(server.address, "bob").acquire("busy", timeout=0.3)
 
 
+def test_a_repeated_release_is_answered_as_the_first_but_not_for_another_lock(lock_server):
+    """A Release retried after its answer was lost (a replica gone, a timeout) must not read as a lapse."""
+    server = lock_server()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = lock_pb2_grpc.LockStub(channel)
+        granted = stub.Acquire(lock_pb2.AcquireRequest(name="r", owner="me", ttl_ms=30_000), timeout=10)
+        release = lock_pb2.ReleaseRequest(name="r", lease_id=granted.lease_id)
+        stub.Release(release, timeout=10)
+        stub.Release(release, timeout=10)  # the repeat: answered, not FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Release(lock_pb2.ReleaseRequest(name="other", lease_id=granted.lease_id), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def test_releasing_with_the_wrong_lease_is_a_failed_precondition(lock_server):
     server = lock_server()
     client = LockClient(server.address)

@@ -91,9 +91,11 @@ class LockServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Release ends a lease and grants the lock to the next waiters. Not
-        idempotent: a repeat gets FAILED_PRECONDITION, as does any lease that does
-        not hold the lock.
+        """Release ends a lease and grants the lock to the next waiters. Idempotent:
+        a repeat of a Release that ended the lease is answered as the first was
+        (the last 4096 releases, or an hour on etcd), also across a restart of the
+        service. Errors: FAILED_PRECONDITION for a lease that does not hold the
+        lock (it lapsed, or never held it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
