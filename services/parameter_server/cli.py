@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> None:
                     lambda: Store(Mode(args.mode), args.num_workers, args.staleness, args.dedup_window, limits),
                     config.max_message_bytes,
                 )
-            if args.lanes != "off":
+            if args.lanes != "off" and not args.replica_set:
                 tls = bool(config.security and config.security.tls_cert)
                 service.open_lanes(config.host, args.lane_port, tcp=not tls)
             await persistence.start(service.apply)

@@ -327,6 +327,8 @@ class ParameterServerService:
     @unary("ps", "OpenLane")
     async def open_lane(self, request: ps.OpenLaneRequest, context: grpc.aio.ServicerContext) -> ps.OpenLaneResponse:
         self._gate()
+        if self.replicas is not None:  # its pushes must reach the backups, which the lane does not carry
+            raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "a replica set serves no tensor lane: use Push and Pull")
         if self.lane is None:
             raise ServiceError(
                 grpc.StatusCode.UNIMPLEMENTED, "this shard serves no tensor lane (--lanes off): use Push and Pull"

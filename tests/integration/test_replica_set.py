@@ -133,6 +133,10 @@ def test_a_backup_refuses_client_calls_naming_the_primary(start_server):
         client.init({"w": np.zeros(2, np.float32)}, sgd(1.0))
         client.push({"w": np.ones(2, np.float32)})
         assert client.pull(["w"])["w"].tolist() == [-1, -1]
+    with ParameterServerClient(primary.address, lanes="on") as direct:  # no lane: its pushes must reach the backup
+        direct.push({"w": np.ones(2, np.float32)})
+    with ParameterServerClient(backup.address + "+" + primary.address) as client:
+        assert client.pull(["w"])["w"].tolist() == [-2, -2]
     for server in (backup, primary):  # SIGTERM stops a replica, whatever it was waiting for
         assert server.stop() == 0
 
